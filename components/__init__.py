@@ -1,0 +1,1 @@
+"""visionflow components: everything that computes, importable and testable without Prefect."""

@@ -1,0 +1,498 @@
+"""Typed schema of params.yaml: strict loader, ``--set`` overrides, per-stage sections.
+
+Config is data, validated once at the edge: :func:`load_params` reads the YAML, applies
+``key.path=value`` overrides, and validates the whole tree into frozen pydantic records
+that reject unknown keys, wrong types and out-of-range values with the key path and the
+allowed values. Below the edge, functions take plain typed arguments or one section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys rejected, no coercion of str to numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+
+
+# --------------------------------------------------------------------------- shared records
+
+
+class EarlyStopping(Section):
+    monitor: str | None = None  # a validation metric name, e.g. "accuracy", "map_50", "miou", "loss"
+    mode: Literal["min", "max"] = "max"
+    patience: PositiveInt = 5
+
+
+class TrainConfig(Section):
+    """Settings of the one training engine, shared by every stage."""
+
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 16
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: NonNegativeFloat = 0.0
+    step_size: PositiveInt = 10
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    grad_clip: NonNegativeFloat = 0.0  # 0 disables clipping
+    amp: bool = True  # used only on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: NonNegativeInt = 0
+    seed: int = 0
+    max_steps_per_epoch: PositiveInt | None = None
+    nprocs: PositiveInt = 1  # >1 launches torchrun (DDP: gloo on CPU, nccl on CUDA)
+    early_stopping: EarlyStopping = EarlyStopping()
+
+
+class BackboneRef(Section):
+    """Which backbone a model starts from.
+
+    ``weights`` is ``null`` (random init), a torchvision weights enum name such as
+    ``IMAGENET1K_V1`` (loaded through torchvision's weights API from its cache), or the path
+    of a checkpoint (e.g. the pretrain stage's ``outputs/pretrain/backbone.pt``).
+    """
+
+    arch: str = "vfnet_small"
+    weights: str | None = None
+    trainable_layers: NonNegativeInt | None = None  # None = all
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShapesConfig(Section):
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 128
+    num_train: PositiveInt = 320
+    num_val: PositiveInt = 64
+    num_test: PositiveInt = 64
+    min_objects: PositiveInt = 1
+    max_objects: PositiveInt = 4
+    min_size: Annotated[int, Field(ge=4)] = 20
+    max_size: Annotated[int, Field(ge=4)] = 60
+    classes: list[Literal["circle", "square", "triangle", "star", "hexagon", "cross", "ellipse", "diamond"]] = [
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "hexagon",
+        "cross",
+    ]
+    occlusion: Probability = 0.3  # chance that an object may overlap earlier ones
+    texture: bool = True
+    crop_size: Annotated[int, Field(ge=8)] = 32  # size of the ImageFolder view's crops
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ShapesConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must be <= max_size")
+        if self.max_size > self.image_size:
+            raise ValueError("max_size must be <= image_size")
+        if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise ValueError("classes must be at least 2 distinct shape names")
+        return self
+
+
+class SplitConfig(Section):
+    """Seeded split used when the source gives none."""
+
+    train: Fraction = 0.8
+    val: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1 (got {self.train + self.val + self.test:g})")
+        return self
+
+
+class DataConfig(Section):
+    source: str = "shapes"  # shapes | coco:FILE | voc:DIR | yolo:DIR | imagefolder:DIR | masks:DIR
+    out: str = "data/shapes"
+    images: str | None = None  # images folder for coco: sources
+    strict: bool = False
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    shapes: ShapesConfig = ShapesConfig()
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class AugmentConfig(Section):
+    """Named transforms.v2 presets per task, and the knobs of the YOLO-style recipe."""
+
+    classification: Literal["none", "basic", "strong"] = "basic"
+    detection: Literal["none", "basic", "yolo"] = "yolo"
+    segmentation: Literal["none", "basic", "elastic"] = "basic"
+    hflip: Probability = 0.5
+    vflip: Probability = 0.0
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.75, 1.25)
+    translate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    hsv_h: Annotated[float, Field(ge=0.0, le=0.5)] = 0.015
+    hsv_s: Probability = 0.5
+    hsv_v: Probability = 0.3
+    crop_scale: tuple[Fraction, Fraction] = (0.5, 1.0)
+    elastic_alpha: NonNegativeFloat = 34.0
+    elastic_sigma: PositiveFloat = 4.0
+    min_box_size: NonNegativeFloat = 2.0  # boxes smaller than this after a transform are dropped
+    seed: int = 0
+    preview_samples: PositiveInt = 8
+    out: str = "outputs/augment"
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class PretrainConfig(Section):
+    """Produce the backbone checkpoint that finetune, detect and segment load."""
+
+    source: Literal["imagenet", "dataset"] = "dataset"
+    dataset: str = "data/cifar10"  # canonical dataset whose classification view trains the backbone
+    backbone: BackboneRef = BackboneRef()
+    image_size: Annotated[int, Field(ge=16)] = 32
+    out: str = "outputs/pretrain"
+    train: TrainConfig = TrainConfig(epochs=4, batch_size=128, lr=3e-3)
+
+
+class FinetuneConfig(Section):
+    dataset: str = "data/hymenoptera"
+    label_fraction: Fraction = 1.0
+    image_size: Annotated[int, Field(ge=16)] = 160
+    imagenet_backbone: BackboneRef = BackboneRef(arch="mobilenet_v2", weights="IMAGENET1K_V1")
+    own_backbone: str = "outputs/pretrain/backbone.pt"
+    strategies: list[Literal["scratch", "feature_extraction", "fine_tuning", "own_fine_tuning"]] = [
+        "scratch",
+        "feature_extraction",
+        "fine_tuning",
+        "own_fine_tuning",
+    ]
+    unfreeze_last_k: NonNegativeInt | None = None  # None = all blocks
+    backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    out: str = "outputs/finetune"
+    train: TrainConfig = TrainConfig(epochs=3, batch_size=16, lr=1e-3)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+class DetectorConfig(Section):
+    """Settings common to every detector; each architecture's section extends it."""
+
+    backbone: BackboneRef = BackboneRef(arch="vfnet_small", weights="outputs/pretrain/backbone.pt")
+    image_size: Annotated[int, Field(ge=32)] = 128
+    score_threshold: Probability = 0.05
+    nms_iou: Probability = 0.5
+    max_detections: PositiveInt = 100
+    train: TrainConfig = TrainConfig(epochs=10, batch_size=8, lr=1e-3)
+
+
+class SlidingWindowConfig(DetectorConfig):
+    window_sizes: list[PositiveInt] = [24, 40, 64]
+    stride_fraction: Fraction = 0.5
+    negatives_per_image: PositiveInt = 8
+
+
+class OverFeatConfig(DetectorConfig):
+    scales: list[PositiveFloat] = [1.0, 1.5]
+    merge_iou: Probability = 0.3
+    hard_negative_ratio: NonNegativeFloat = 3.0
+
+
+class YoloConfig(DetectorConfig):
+    S: Annotated[int, Field(ge=1, le=64)] = 7
+    B: Annotated[int, Field(ge=1, le=10)] = 2
+    lambda_coord: NonNegativeFloat = 5.0
+    lambda_obj: NonNegativeFloat = 1.0
+    lambda_noobj: NonNegativeFloat = 0.5
+    lambda_classes: NonNegativeFloat = 1.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+
+class SSDConfig(DetectorConfig):
+    pass
+
+
+class FasterRCNNConfig(DetectorConfig):
+    rpn_pre_nms_top_n: PositiveInt = 500
+    rpn_post_nms_top_n: PositiveInt = 200
+    box_batch_size_per_image: PositiveInt = 128
+
+
+class RetinaNetConfig(DetectorConfig):
+    pass
+
+
+class RCNNConfig(DetectorConfig):
+    proposals_per_image: PositiveInt = 200
+    ss_scale: PositiveFloat = 100.0
+    ss_sigma: NonNegativeFloat = 0.8
+    ss_min_size: PositiveInt = 20
+    crop_size: PositiveInt = 64
+
+
+DETECTOR_ARCHS = ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "retinanet", "rcnn", "fast_rcnn")
+
+
+class DetectConfig(Section):
+    dataset: str = "data/shapes"
+    architectures: list[Literal[DETECTOR_ARCHS]] = list(DETECTOR_ARCHS)  # type: ignore[valid-type]
+    out: str = "outputs/detect"
+    sliding_window: SlidingWindowConfig = SlidingWindowConfig()
+    overfeat: OverFeatConfig = OverFeatConfig()
+    yolo: YoloConfig = YoloConfig()
+    ssd: SSDConfig = SSDConfig()
+    faster_rcnn: FasterRCNNConfig = FasterRCNNConfig()
+    retinanet: RetinaNetConfig = RetinaNetConfig()
+    rcnn: RCNNConfig = RCNNConfig()
+    fast_rcnn: RCNNConfig = RCNNConfig()
+
+    def arch(self, name: str) -> DetectorConfig:
+        """The section of one architecture, e.g. ``cfg.detect.arch("yolo")``."""
+        if name not in DETECTOR_ARCHS:
+            raise ConfigError(f"unknown detector {name!r}", record="detect", fix=f"use one of {list(DETECTOR_ARCHS)}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+class SegmenterConfig(Section):
+    backbone: BackboneRef = BackboneRef(arch="vfnet_small", weights="outputs/pretrain/backbone.pt")
+    image_size: Annotated[int, Field(ge=16)] = 128
+    train: TrainConfig = TrainConfig(epochs=10, batch_size=8, lr=1e-3)
+
+
+class FCNConfig(SegmenterConfig):
+    skips: Literal["32s", "16s", "8s"] = "8s"
+
+
+class UNetConfig(SegmenterConfig):
+    base_channels: PositiveInt = 16
+    depth: Annotated[int, Field(ge=1, le=6)] = 4
+    pretrained_encoder: bool = False
+
+
+class MaskRCNNConfig(SegmenterConfig):
+    score_threshold: Probability = 0.05
+    mask_threshold: Probability = 0.5
+
+
+SEGMENTER_ARCHS = ("fcn", "unet", "mask_rcnn")
+
+
+class SegmentConfig(Section):
+    dataset: str = "data/shapes"
+    architectures: list[Literal[SEGMENTER_ARCHS]] = list(SEGMENTER_ARCHS)  # type: ignore[valid-type]
+    out: str = "outputs/segment"
+    ignore_index: int = 255
+    fcn: FCNConfig = FCNConfig()
+    unet: UNetConfig = UNetConfig()
+    mask_rcnn: MaskRCNNConfig = MaskRCNNConfig()
+
+    def arch(self, name: str) -> SegmenterConfig:
+        if name not in SEGMENTER_ARCHS:
+            raise ConfigError(f"unknown segmenter {name!r}", record="segment", fix=f"use one of {list(SEGMENTER_ARCHS)}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------- evaluation, registry, tracking
+
+
+class EvaluateConfig(Section):
+    iou_type: Literal["bbox", "segm"] = "bbox"
+    pr_iou_thresholds: list[Probability] = [0.5, 0.75]
+    confusion_iou: Probability = 0.5
+    confusion_score: Probability = 0.25
+    voc_interpolation: Literal["all_point", "11_point"] = "all_point"
+    out: str = "outputs/evaluate"
+
+
+class Gate(Section):
+    metric: str
+    margin: NonNegativeFloat = 0.0
+    higher_is_better: bool = True
+
+
+class RegisterConfig(Section):
+    enabled: bool = True
+    prefix: str = "visionflow"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    classifier: Gate = Gate(metric="accuracy", margin=0.0)
+    detector: Gate = Gate(metric="map_50", margin=0.0)
+    segmenter: Gate = Gate(metric="miou", margin=0.0)
+    backbone: Gate = Gate(metric="accuracy", margin=0.0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo
+    experiment: str = "visionflow"
+    artifact_location: str | None = None  # None: ./mlartifacts beside the database
+
+
+class OrchestrationConfig(Section):
+    task_runner: Literal["sequential", "threads"] = "threads"
+    max_workers: PositiveInt = 2
+    retries: NonNegativeInt = 2
+    retry_delay_seconds: NonNegativeFloat = 5.0
+    cache: bool = True
+    force: bool = False
+
+
+with warnings.catch_warnings():
+    # "register" is the stage's name in params.yaml; pydantic warns that it shadows BaseModel.register.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Params(Section):
+        """The whole params.yaml."""
+
+        data: DataConfig = DataConfig()
+        augment: AugmentConfig = AugmentConfig()
+        pretrain: PretrainConfig = PretrainConfig()
+        finetune: FinetuneConfig = FinetuneConfig()
+        detect: DetectConfig = DetectConfig()
+        segment: SegmentConfig = SegmentConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        register: RegisterConfig = RegisterConfig()
+        tracking: TrackingConfig = TrackingConfig()
+        orchestration: OrchestrationConfig = OrchestrationConfig()
+
+        def digest(self, *sections: str) -> str:
+            """A content hash of the given sections (all when none), stable across runs."""
+            data = self.model_dump(mode="json")
+            if sections:
+                data = {s: _get_path(data, s.split("."), s) for s in sections}
+            blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+            return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _get_path(tree: dict[str, Any], keys: list[str], full: str) -> Any:
+    node: Any = tree
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"no key {full!r}", record=full, fix="check the key path against params.yaml")
+        node = node[key]
+    return node
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.path=value``; the value is parsed as YAML (so ``0.5``, ``true``, ``[a, b]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key.path=value", record=text, fix="write e.g. --set detect.yolo.S=7")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not k for k in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key", record=text, fix="write e.g. --set detect.yolo.S=7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"value of override {key!r} is not valid YAML: {err}", record=key) from None
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``key.path=value`` applied (new keys are left for validation to reject)."""
+    out = json.loads(json.dumps(tree))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {key!r} is a value, not a section", record=".".join(keys))
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    path = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _submodel(model, [p for p in error["loc"][:-1] if isinstance(p, str)])
+        allowed = sorted(parent.model_fields) if parent is not None else []
+        return f"{path}: unknown key (allowed keys: {', '.join(allowed)})"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{path}: got {error.get('input')!r}, allowed values: {expected}"
+    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _submodel(model: type[BaseModel], keys: list[str]) -> type[BaseModel] | None:
+    current: Any = model
+    for key in keys:
+        field = getattr(current, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        current = field.annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def validate_params(tree: dict[str, Any], *, source: str = "params.yaml") -> Params:
+    """Validate a plain tree into :class:`Params`, raising one :class:`ConfigError` listing every problem."""
+    if not isinstance(tree, dict):
+        raise ConfigError("the top level must be a mapping of sections", file=source)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        problems = [_describe(e, Params) for e in err.errors()]
+        first_key = ".".join(str(p) for p in err.errors()[0]["loc"]) or None
+        raise ConfigError(
+            "invalid params: " + "; ".join(problems),
+            file=source,
+            record=first_key,
+            fix="correct the key(s) named above in the file or in --set",
+        ) from None
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml (or ``path``), apply ``--set`` overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown, mistyped or out of range.
+    """
+    path = Path(path) if path is not None else DEFAULT_PARAMS
+    if not path.exists():
+        raise ConfigError("params file not found", file=path, fix="run from the repository root or pass --params FILE")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        raise ConfigError(f"not valid YAML: {getattr(err, 'problem', err)}", file=path, record=where) from None
+    if not isinstance(tree, dict):
+        raise ConfigError("the top level must be a mapping of sections", file=path)
+    tree = apply_overrides(tree, overrides or [])
+    return validate_params(tree, source=str(path))

@@ -1,0 +1,1 @@
+"""Stage entry points: one function per pipeline stage, called by the CLI, dvc.yaml and the Prefect flows."""

@@ -1,0 +1,205 @@
+"""The ``visionflow`` command line: one sub-command per stage, plus run/serve/predict/evaluate.
+
+Stage commands call the same component functions as the Prefect flows and ``dvc repro``
+(``dvc.yaml``'s ``cmd`` lines are these commands). Imports are lazy so that light commands
+(``visionflow evaluate``) never import torch training code, MLflow or Prefect.
+
+Every user-facing error is a :class:`components.errors.VisionflowError`: printed as one line
+naming the file, the record and the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from components.config import load_params
+
+    return load_params(args.params, args.set)
+
+
+def _print(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(result)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_ingest(args: argparse.Namespace) -> Any:
+    from components.data.ingest import ingest
+
+    params = _params(args)
+    cfg = params.data
+    return ingest(
+        args.source or cfg.source,
+        Path(args.out or cfg.out),
+        cfg=cfg,
+        images=args.images or cfg.images,
+        strict=args.strict or cfg.strict,
+        tracking=params.tracking if args.track else None,
+    )
+
+
+def cmd_augment(args: argparse.Namespace) -> Any:
+    from components.augment import write_preview
+
+    params = _params(args)
+    return write_preview(Path(args.dataset or params.detect.dataset), params.augment, Path(args.out or params.augment.out))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> Any:
+    from components.stages.pretrain import run_pretrain
+
+    params = _params(args)
+    return run_pretrain(params.pretrain, params.augment, params.tracking, resume=args.resume)
+
+
+def cmd_finetune(args: argparse.Namespace) -> Any:
+    from components.stages.finetune import run_finetune
+
+    params = _params(args)
+    return run_finetune(params.finetune, params.augment, params.tracking, resume=args.resume)
+
+
+def cmd_detect(args: argparse.Namespace) -> Any:
+    from components.stages import detect
+
+    params = _params(args)
+    if args.compare:
+        return detect.compare_detectors(params.detect)
+    return detect.run_detect(params.detect, args.arch, params.augment, params.evaluate, params.tracking, resume=args.resume)
+
+
+def cmd_segment(args: argparse.Namespace) -> Any:
+    from components.stages import segment
+
+    params = _params(args)
+    if args.compare:
+        return segment.compare_segmenters(params.segment)
+    return segment.run_segment(params.segment, args.arch, params.augment, params.tracking, resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> Any:
+    from components.metrics.cli import evaluate_files
+
+    evaluate_files(Path(args.gt), Path(args.pred), iou_type=args.iou_type, out=Path(args.out) if args.out else None)
+    return None
+
+
+def cmd_register(args: argparse.Namespace) -> Any:
+    from components.stages.register import run_register
+
+    return run_register(_params(args))
+
+
+def cmd_predict(args: argparse.Namespace) -> Any:
+    from components.stages.predict import predict_files
+
+    return predict_files(args.model, [Path(p) for p in args.images], out=Path(args.out) if args.out else None, draw=Path(args.draw) if args.draw else None)
+
+
+def cmd_run(args: argparse.Namespace) -> Any:
+    from flows.retrain import run_pipeline
+
+    return run_pipeline(args.params, args.set, force=args.force)
+
+
+def cmd_serve(args: argparse.Namespace) -> Any:
+    from flows.retrain import serve_pipeline
+
+    return serve_pipeline(args.params, args.set, cron=args.cron, name=args.name)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a param (repeatable)")
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("ingest", cmd_ingest, "convert a source dataset to the canonical layout, validating every record")
+    p.add_argument("--source", help="shapes | coco:FILE.json | voc:DIR | yolo:DIR | imagefolder:DIR | masks:DIR (default: data.source)")
+    p.add_argument("--out", help="output folder (default: data.out)")
+    p.add_argument("--images", help="images folder for coco: sources (default: images/ beside the JSON)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2) on the first problem instead of repairing/skipping")
+    p.add_argument("--track", action="store_true", help="log dataset statistics to MLflow")
+
+    p = add("augment", cmd_augment, "draw a preview grid of augmented samples and record the policy")
+    p.add_argument("--dataset", help="canonical dataset folder (default: detect.dataset)")
+    p.add_argument("--out", help="output folder (default: augment.out)")
+
+    for name, fn, text in (
+        ("pretrain", cmd_pretrain, "produce the backbone checkpoint (ImageNet weights or our own pretraining)"),
+        ("finetune", cmd_finetune, "transfer learning: scratch vs feature extraction vs fine-tuning"),
+    ):
+        p = add(name, fn, text)
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    for name, fn, text in (
+        ("detect", cmd_detect, "train and evaluate one detector architecture"),
+        ("segment", cmd_segment, "train and evaluate one segmentation architecture"),
+    ):
+        p = add(name, fn, text)
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--arch", help="architecture name (see params)")
+        group.add_argument("--compare", action="store_true", help="write the comparison table of the trained architectures")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    p = add("evaluate", cmd_evaluate, "COCO/VOC metrics of a COCO results file against COCO ground truth")
+    p.add_argument("--gt", required=True, help="COCO instances JSON")
+    p.add_argument("--pred", required=True, help="COCO results JSON (list of detections)")
+    p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    p.add_argument("--out", help="write the metrics JSON here")
+
+    add("register", cmd_register, "register trained models in MLflow and move `champion` through the gate")
+
+    p = add("predict", cmd_predict, "run a registered model (models:/...) or a checkpoint on image files")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/..., or a checkpoint path")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", help="write predictions JSON here")
+    p.add_argument("--draw", help="write images with predictions drawn into this folder")
+
+    p = add("run", cmd_run, "run the whole retrain flow once (Prefect)")
+    p.add_argument("--force", action="store_true", help="retrain even if the data is unchanged since the last successful run")
+
+    p = add("serve", cmd_serve, "serve the retrain flow as a scheduled Prefect deployment")
+    p.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * 1"')
+    p.add_argument("--name", default="visionflow-retrain", help="deployment name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from components.errors import VisionflowError
+
+    args = build_parser().parse_args(argv)
+    try:
+        _print(args.func(args))
+    except VisionflowError as err:
+        print(f"visionflow {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"visionflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
