@@ -64,7 +64,8 @@ class TrainConfig(Section):
     seed: int = 0
     max_steps_per_epoch: PositiveInt | None = None
     nprocs: PositiveInt = 1  # >1 launches torchrun (DDP: gloo on CPU, nccl on CUDA)
-    early_stopping: EarlyStopping = EarlyStopping()
+    threads: PositiveInt | None = None  # CPU intra-op threads during fit (None: torch's default); 1 is fastest on a shared CPU
+    early_stopping: EarlyStopping = EarlyStopping()  # monitor also picks best.pt (None: best = last epoch)
 
 
 class BackboneRef(Section):
@@ -138,6 +139,9 @@ class DataConfig(Section):
     strict: bool = False
     seed: int = 0
     split: SplitConfig = SplitConfig()
+    duplicate_iou: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # same-category boxes overlapping this much are duplicates
+    masks_category: str | None = None  # masks: sources: category name (None: pedestrian / membrane / object by layout)
+    masks_foreground: Literal["auto", "dark", "bright"] = "auto"  # binary masks: which pixels are category 1
     shapes: ShapesConfig = ShapesConfig()
 
 
@@ -249,12 +253,31 @@ class RetinaNetConfig(DetectorConfig):
     pass
 
 
-class RCNNConfig(DetectorConfig):
-    proposals_per_image: PositiveInt = 200
-    ss_scale: PositiveFloat = 100.0
+class SelectiveSearchDetectorConfig(DetectorConfig):
+    """Detectors whose regions come from selective search (R-CNN, Fast R-CNN); keys = builder arguments."""
+
+    # the CPU demo searches one strategy (HSV, k=100, all four similarities): recall 0.99 at IoU 0.7 with 50
+    # proposals on shapes; the paper's "fast" mode is ss_scales [50, 100], ss_color_spaces [hsv, lab], ss_similarities [ctsf, tsf]
+    proposals_per_image: PositiveInt = 100
+    ss_scales: list[PositiveFloat] = [100.0]  # Felzenszwalb k, one over-segmentation each
     ss_sigma: NonNegativeFloat = 0.8
     ss_min_size: PositiveInt = 20
-    crop_size: PositiveInt = 64
+    ss_color_spaces: list[Literal["rgb", "hsv", "lab", "gray"]] = ["hsv"]
+    ss_similarities: list[Annotated[str, Field(pattern=r"^[ctsf]+$")]] = ["ctsf"]  # colour, texture, size, fill
+    proposal_cache: str | None = "outputs/detect/proposals"  # on-disk cache keyed by image content + search params
+
+
+class RCNNConfig(SelectiveSearchDetectorConfig):
+    crop_size: PositiveInt = 32  # side of the warped region fed to the CNN (the pretrain stage's image size)
+    rois_per_image: PositiveInt = 32
+    classifier_loss: Literal["hinge", "logistic"] = "hinge"  # linear SVMs or logistic regression, one-vs-rest
+
+
+class FastRCNNConfig(SelectiveSearchDetectorConfig):
+    roi_output_size: PositiveInt = 7
+    feature_stride: PositiveInt = 8  # the backbone stage nearest this stride is RoI-pooled
+    representation_size: PositiveInt = 256
+    rois_per_image: PositiveInt = 64
 
 
 DETECTOR_ARCHS = ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "retinanet", "rcnn", "fast_rcnn")
@@ -271,7 +294,7 @@ class DetectConfig(Section):
     faster_rcnn: FasterRCNNConfig = FasterRCNNConfig()
     retinanet: RetinaNetConfig = RetinaNetConfig()
     rcnn: RCNNConfig = RCNNConfig()
-    fast_rcnn: RCNNConfig = RCNNConfig()
+    fast_rcnn: FastRCNNConfig = FastRCNNConfig()
 
     def arch(self, name: str) -> DetectorConfig:
         """The section of one architecture, e.g. ``cfg.detect.arch("yolo")``."""
@@ -300,8 +323,9 @@ class UNetConfig(SegmenterConfig):
 
 
 class MaskRCNNConfig(SegmenterConfig):
-    score_threshold: Probability = 0.05
-    mask_threshold: Probability = 0.5
+    score_threshold: Probability = 0.05  # detections kept for COCO AP
+    mask_threshold: Probability = 0.5  # mask probability that makes a pixel foreground
+    semantic_score_threshold: Probability = 0.5  # instances painted into the semantic map (mIoU)
 
 
 SEGMENTER_ARCHS = ("fcn", "unet", "mask_rcnn")
@@ -312,6 +336,7 @@ class SegmentConfig(Section):
     architectures: list[Literal[SEGMENTER_ARCHS]] = list(SEGMENTER_ARCHS)  # type: ignore[valid-type]
     out: str = "outputs/segment"
     ignore_index: int = 255
+    overlays: PositiveInt = 8  # test images drawn with their true and predicted masks
     fcn: FCNConfig = FCNConfig()
     unet: UNetConfig = UNetConfig()
     mask_rcnn: MaskRCNNConfig = MaskRCNNConfig()
@@ -357,13 +382,30 @@ class TrackingConfig(Section):
     artifact_location: str | None = None  # None: ./mlartifacts beside the database
 
 
+class SourceDataset(Section):
+    """A dataset the pipeline ingests besides ``data``: ``visionflow ingest --source FORMAT:PATH --out OUT``."""
+
+    format: Literal["coco", "voc", "yolo", "imagefolder", "masks"] = "imagefolder"
+    path: str  # the source folder (or annotation file for coco), relative to the repository root
+    out: str
+
+    @property
+    def source(self) -> str:
+        return f"{self.format}:{self.path}"
+
+
 class OrchestrationConfig(Section):
-    task_runner: Literal["sequential", "threads"] = "threads"
+    task_runner: Literal["sequential", "threads"] = "threads"  # threads: detectors/segmenters run concurrently
     max_workers: PositiveInt = 2
-    retries: NonNegativeInt = 2
+    retries: NonNegativeInt = 2  # for transient errors only (I/O, tracking server), never ConfigError/DataError/...
     retry_delay_seconds: NonNegativeFloat = 5.0
-    cache: bool = True
-    force: bool = False
+    cache: bool = True  # task results cached by the DVC hashes of each stage's deps and params
+    results: str = ".prefect/results"  # persisted task results and cache keys (repo-relative)
+    force: bool = False  # retrain even when the data and params are unchanged since the last successful run
+    datasets: dict[str, SourceDataset] = {
+        "hymenoptera": SourceDataset(path="../shared/data/hymenoptera_data", out="data/hymenoptera"),
+        "cifar10": SourceDataset(path="../shared/data/cifar10_subset", out="data/cifar10"),
+    }
 
 
 with warnings.catch_warnings():

@@ -1,23 +1,51 @@
-"""The only module that imports mlflow: runs, lineage tags, metrics, artifacts (and, later, pyfunc and registry).
+"""The only module that imports mlflow: runs, lineage, pyfunc models, the registry and the promotion gate.
 
-Stages open a run with :func:`start_run` and log through the returned :class:`RunLogger`;
-the training engine never imports mlflow, it receives ``logger.log_metrics`` as a callback.
-The tracking URI comes from params (``tracking.uri``), else ``$MLFLOW_TRACKING_URI``, else a
-local sqlite database ``mlflow.db`` in the working directory (MLflow 3's file store is deprecated).
+Stages open a run with :func:`start_run` and log through the returned :class:`RunLogger`; the
+training engine never imports mlflow, it receives ``logger.log_metrics`` as a callback. The
+tracking URI comes from params (``tracking.uri``), else ``$MLFLOW_TRACKING_URI``, else a local
+sqlite database ``mlflow.db`` in the working directory (MLflow 3's file store is deprecated).
+
+Lineage (the link between MLflow, DVC, git and Prefect) is a set of run and model-version tags:
+
+* ``visionflow.git_commit`` (also ``mlflow.source.git.commit``) and ``visionflow.git_dirty``;
+* ``visionflow.data_hash``: the DVC hash (``md5`` of a directory, ``.dir`` suffix, as ``dvc.lock``
+  records it) of the dataset the run read; the same value is the digest of the run's MLflow
+  dataset input (:meth:`RunLogger.log_dataset`);
+* ``visionflow.params_hash``: a content hash of the params section the stage read;
+* ``visionflow.prefect_flow_run_id``: the Prefect flow run that started it (``$VISIONFLOW_FLOW_RUN_ID``,
+  set by ``flows/``), and ``mlflow.parentRunId`` for the pipeline's parent run
+  (``$VISIONFLOW_PARENT_RUN_ID``), also when a stage runs in another process (``dvc repro``).
+
+Registered models are MLflow *pyfunc* models logged "from code" (no pickle: a consumer loads
+them without ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``), carrying the checkpoint as an artifact
+and the ``components`` package as code, so ``mlflow.pyfunc.load_model("models:/NAME@champion")``
+works in a process without this repository and ``mlflow models serve`` answers HTTP requests.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import importlib.metadata
+import math
 import os
-from collections.abc import Iterator, Mapping
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import TrackingConfig
+from components.config import Gate, TrackingConfig
 from components.errors import TrackingError
 
 DEFAULT_DB = "mlflow.db"
+COMPONENTS_DIR = Path(__file__).resolve().parent
+TAG_PREFIX = "visionflow."
+PARENT_RUN_ENV = "VISIONFLOW_PARENT_RUN_ID"
+FLOW_RUN_ENV = "VISIONFLOW_FLOW_RUN_ID"
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -42,6 +70,107 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def connect(cfg: TrackingConfig) -> str:
+    """Point MLflow (tracking and registry) at the configured store and make sure the experiment exists.
+
+    Returns:
+        The tracking URI in use.
+
+    Raises:
+        TrackingError: the store or server cannot be reached or used.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+            location = cfg.artifact_location
+            if location is None and uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+            try:
+                mlflow.create_experiment(cfg.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                if mlflow.get_experiment_by_name(cfg.experiment) is None:  # not a lost race with a parallel task
+                    raise
+        mlflow.set_experiment(cfg.experiment)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise TrackingError(
+            f"tracking store unusable: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=uri,
+            fix="start the server or set tracking.uri / MLFLOW_TRACKING_URI",
+        ) from None
+    return uri
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+@functools.lru_cache(maxsize=8)
+def git_revision(root: str = ".") -> tuple[str, bool]:
+    """``(commit sha, dirty)`` of the repository holding ``root``; ``("unknown", False)`` outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, bool(status.strip())
+
+
+def dvc_hash(path: str | Path) -> str:
+    """The DVC hash of a file or directory, exactly as ``dvc.lock`` records it for an ``outs``/``deps`` entry.
+
+    A file's hash is its md5; a directory's is the md5 of DVC's sorted JSON listing of
+    ``{relpath, md5}`` entries, suffixed ``.dir`` (``dvc_data``'s own tree builder computes it).
+
+    Raises:
+        TrackingError: the path does not exist.
+    """
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
+
+    path = Path(path).resolve()
+    if not path.exists():
+        raise TrackingError("cannot hash a missing path", file=path, fix="run the stage that writes it first")
+    odb = HashFileDB(MemoryFileSystem(), "memory://visionflow-dvc-hash")
+    _, _, obj = build(odb, str(path), LocalFileSystem(), "md5", dry_run=True)
+    return str(obj.hash_info.value)
+
+
+def section_hash(section: Any) -> str:
+    """A content hash of one params section (a pydantic record or a mapping), stable across runs."""
+    import hashlib
+    import json
+
+    data = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
+
+
+def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None, root: str | Path = ".") -> dict[str, str]:
+    """The lineage tags of a run or model version: git commit, DVC data hash, params hash, Prefect flow run."""
+    commit, dirty = git_revision(str(Path(root).resolve()))
+    tags = {
+        f"{TAG_PREFIX}git_commit": commit,
+        f"{TAG_PREFIX}git_dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+    }
+    if params_hash:
+        tags[f"{TAG_PREFIX}params_hash"] = params_hash
+    if data_hash:
+        tags[f"{TAG_PREFIX}data_hash"] = data_hash
+    flow_run = os.environ.get(FLOW_RUN_ENV)
+    if flow_run:
+        tags[f"{TAG_PREFIX}prefect_flow_run_id"] = flow_run
+    return tags
+
+
+# --------------------------------------------------------------------------- runs
+
+
 class RunLogger:
     """Thin handle on an active MLflow run; every stage logs through it."""
 
@@ -58,56 +187,87 @@ class RunLogger:
         flat = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i : i + 100]))
+            mlflow.log_params(dict(items[i : i + 100]), run_id=self.run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import math
-
         import mlflow
 
-        clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+        clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         clean = {k: v for k, v in clean.items() if math.isfinite(v)}
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path, run_id=self.run_id)
         elif path.exists():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         import mlflow
 
-        mlflow.log_dict(dict(data), name)
+        mlflow.log_dict(dict(data), name, run_id=self.run_id)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        import mlflow
+        from mlflow import MlflowClient
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, str(value))
 
-    def log_dataset(self, *, name: str, digest: str, source: str, profile: Mapping[str, Any] | None = None, context: str = "training") -> None:
-        """Record the dataset as an MLflow dataset input whose digest is the DVC hash of the data."""
+    def log_dataset(
+        self, *, name: str, digest: str | None = None, source: str | Path, profile: Mapping[str, Any] | None = None, context: str = "training"
+    ) -> str:
+        """Record a dataset folder as an MLflow dataset input whose digest is its DVC hash.
+
+        Args:
+            name: the dataset's name (e.g. ``shapes``).
+            digest: its DVC hash; computed with :func:`dvc_hash` when omitted.
+            source: the dataset folder.
+            profile: statistics shown with the input (images, objects per class, ...).
+            context: ``training``, ``validation`` or ``test``.
+
+        Returns:
+            The digest (also set as the run's ``visionflow.data_hash`` tag).
+        """
+        import json
+
         import mlflow
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401 - registers sources
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.tracking import MlflowClient
 
+        digest = digest or dvc_hash(source)
+        uri = Path(source).resolve().as_uri()
         try:
-            src = resolve_dataset_source(str(Path(source).resolve()))
-        except Exception:  # noqa: BLE001 - no local source type on this install: fall back to a plain meta dataset
-            src = None
-        dataset = MetaDataset(source=src, name=name, digest=digest, schema=None) if src is not None else None
-        if dataset is None:
-            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-            dataset = MetaDataset(source=CodeDatasetSource(tags={"path": str(source)}), name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+            src = resolve_dataset_source(uri)
+        except Exception:  # noqa: BLE001 - mlflow raises its own error when no registered source type accepts the URI
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+            src = HTTPDatasetSource(uri)
+        dataset = MetaDataset(source=src, name=name, digest=digest[:36])
+        entity = dataset._to_mlflow_entity()
+        if profile:
+            entity.profile = json.dumps(dict(profile), default=str)[:5000]
+        MlflowClient().log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+        self.set_tags({f"{TAG_PREFIX}data_hash": digest, f"{TAG_PREFIX}data_path": str(source)})
         if profile:
             self.log_dict(dict(profile), f"datasets/{name}_profile.json")
+        _ = mlflow  # the import registers mlflow's dataset sources
+        return digest
+
+    def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
+        """Tag the run with the params hash of ``section`` and the DVC hash of ``dataset`` (logged as input)."""
+        tags = lineage_tags(params_hash=section_hash(section) if section is not None else None)
+        self.set_tags(tags)
+        if dataset is not None and Path(dataset).exists():
+            tags[f"{TAG_PREFIX}data_hash"] = self.log_dataset(name=dataset_name or Path(dataset).name, source=dataset)
+        return tags
 
 
 @contextmanager
@@ -121,28 +281,324 @@ def start_run(
 ) -> Iterator[RunLogger]:
     """Open (or resume, with ``run_id``) an MLflow run in the configured experiment.
 
+    The run is tagged with the git commit and, when set by the flows, the Prefect flow-run id.
     A parent run id in ``$VISIONFLOW_PARENT_RUN_ID`` (set by the retrain flow) makes the stage's
     run a child of the pipeline run, also when the stage runs in another process (``dvc repro``).
+    A run that raises ends ``FAILED`` (MLflow's context manager), which the registry respects.
 
     Raises:
         TrackingError: the tracking server cannot be reached.
     """
     import mlflow
 
-    uri = resolve_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    try:
-        if mlflow.get_experiment_by_name(cfg.experiment) is None:
-            location = cfg.artifact_location
-            if location is None and uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=location)
-        mlflow.set_experiment(cfg.experiment)
-    except mlflow.exceptions.MlflowException as err:
-        raise TrackingError(f"tracking server unusable: {err}", file=uri, fix="start the server or set tracking.uri / MLFLOW_TRACKING_URI") from None
-    all_tags = dict(tags or {})
-    parent = os.environ.get("VISIONFLOW_PARENT_RUN_ID")
-    if parent and run_id is None and not nested:
+    connect(cfg)
+    all_tags: dict[str, Any] = {**lineage_tags(), **dict(tags or {})} if run_id is None else dict(tags or {})
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent and run_id is None and not nested and mlflow.active_run() is None:
         all_tags.setdefault("mlflow.parentRunId", parent)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=all_tags or None) as run:
+    try:
+        run_ctx = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else run_name, nested=nested or mlflow.active_run() is not None, tags={k: str(v) for k, v in all_tags.items()} or None
+        )
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"cannot open run {run_name!r}: {str(err).splitlines()[0]}", file=resolve_tracking_uri(cfg), fix="check tracking.uri") from None
+    with run_ctx as run:
         yield RunLogger(run)
+
+
+def find_runs(cfg: TrackingConfig, *, filter_string: str, max_results: int = 10) -> list[dict[str, Any]]:
+    """Runs of the experiment matching an MLflow filter, newest first, as plain dicts (id, status, tags, metrics)."""
+    import mlflow
+
+    connect(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=max_results)
+    return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics), "name": r.info.run_name} for r in runs]
+
+
+def run_status(cfg: TrackingConfig, run_id: str) -> str | None:
+    """``FINISHED``, ``FAILED``, ``KILLED``, ``RUNNING`` of a run, or None when it does not exist."""
+    import mlflow
+
+    connect(cfg)
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+# --------------------------------------------------------------------------- pyfunc models
+
+PYFUNC_CODE = '''"""visionflow pyfunc model, logged as code (MLflow models-from-code: nothing is pickled).
+
+Input: a DataFrame with a column ``image``: per row encoded PNG/JPEG bytes, their base64 text (what
+JSON carries), or a pixel array [H, W] / [H, W, 3]. Output: one row per image (see
+components/stages/predict.py for the columns of each task).
+"""
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class VisionflowModel(PythonModel):
+    def load_context(self, context):
+        from components.stages.predict import ImagePredictor
+
+        config = context.model_config or {}
+        self.predictor = ImagePredictor.from_checkpoint(context.artifacts["checkpoint"], device=config.get("device", "auto"))
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
+        elif isinstance(model_input, dict):
+            images = list(model_input["image"])
+        else:
+            images = list(model_input)
+        return pd.DataFrame(self.predictor.predict(images))
+
+
+mlflow.models.set_model(VisionflowModel())
+'''
+
+
+def _output_schema(task: str, instance: bool) -> Any:
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+
+    if task == "backbone":
+        return Schema([ColSpec(Array(DataType.double), "embedding")])
+    if task == "classification":
+        return Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score"), ColSpec(Array(DataType.double), "probabilities")])
+    if task == "segmentation" and not instance:
+        return Schema([ColSpec(Array(Array(DataType.long)), "mask")])
+    cols = [ColSpec(Array(Array(DataType.double)), "boxes"), ColSpec(Array(DataType.string), "labels"), ColSpec(Array(DataType.double), "scores")]
+    if instance:
+        rle = Object([Property("size", Array(DataType.long)), Property("counts", DataType.string)])
+        cols.append(ColSpec(Array(rle), "masks"))
+    return Schema(cols)
+
+
+def pyfunc_signature(task: str, *, instance: bool = False) -> Any:
+    """The model signature: input column ``image`` (any: bytes, base64 text or array), task-specific outputs."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]), outputs=_output_schema(task, instance))
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the served model (the versions this environment runs)."""
+    reqs = []
+    for dist in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "pycocotools", "pydantic", "pyyaml"):
+        try:
+            reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_pyfunc_model(
+    *,
+    checkpoint: str | Path,
+    task: str,
+    example_images: Sequence[bytes],
+    name: str = "model",
+    instance: bool = False,
+    model_config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Log a checkpoint as a pyfunc model (in the active run) that predicts on images.
+
+    The model is logged from code with ``artifacts={"checkpoint": ...}`` and
+    ``code_paths=[components]``, so loading needs neither pickle nor this repository.
+
+    Args:
+        checkpoint: the stage's checkpoint file (rebuilt by ``components.engine.load_model``).
+        task: ``backbone``, ``classification``, ``detection`` or ``segmentation``.
+        example_images: encoded images (PNG/JPEG bytes) for the input example (base64 in the model).
+        name: the logged model's name.
+        instance: the model predicts instance masks (Mask R-CNN).
+        model_config: passed to the model on load (``device``).
+        metadata: stored in the MLmodel file (categories, metrics, recipe).
+
+    Returns:
+        The logged model's URI (``models:/m-...``).
+
+    Raises:
+        TrackingError: MLflow refused the model.
+    """
+    import mlflow
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="visionflow-pyfunc-") as tmp:
+        code = Path(tmp) / "visionflow_model.py"
+        code.write_text(PYFUNC_CODE)
+        example = pd.DataFrame({"image": [base64.b64encode(b).decode("ascii") for b in example_images]})
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(code),
+                artifacts={"checkpoint": str(Path(checkpoint).resolve())},
+                code_paths=[str(COMPONENTS_DIR)],
+                signature=pyfunc_signature(task, instance=instance),
+                input_example=example,
+                pip_requirements=_requirements(),
+                model_config=dict(model_config or {"device": "auto"}),
+                metadata=dict(metadata or {}),
+            )
+        except mlflow.exceptions.MlflowException as err:
+            raise TrackingError(f"cannot log model: {str(err).splitlines()[0]}", file=checkpoint, fix="check the checkpoint loads with `visionflow predict`") from None
+    return info.model_uri
+
+
+def load_pyfunc(model_uri: str, cfg: TrackingConfig | None = None) -> Any:
+    """``mlflow.pyfunc.load_model`` with a one-line error naming the URI.
+
+    Raises:
+        TrackingError: no such model, alias or version.
+    """
+    import mlflow
+
+    if cfg is not None:
+        connect(cfg)
+    elif os.environ.get("MLFLOW_TRACKING_URI") is None and mlflow.get_tracking_uri().startswith("file:"):
+        mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig()))
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise TrackingError(
+            f"cannot load model: {str(err).splitlines()[0]}", file=model_uri, fix="list versions with the MLflow UI or `mlflow models` and check the alias"
+        ) from None
+
+
+# --------------------------------------------------------------------------- registry and gate
+
+
+def register_version(
+    model_uri: str,
+    registered_name: str,
+    *,
+    version_description: str,
+    model_description: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    alias: str = "candidate",
+) -> str:
+    """Create a version of ``registered_name`` from a logged model, set ``alias`` on it, return its number.
+
+    Raises:
+        TrackingError: the registry refused the version.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        try:
+            client.get_registered_model(registered_name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(registered_name, description=model_description)
+        mv = mlflow.register_model(model_uri, registered_name, tags={k: str(v) for k, v in (tags or {}).items()})
+        client.update_model_version(registered_name, mv.version, description=version_description)
+        if model_description:
+            client.update_registered_model(registered_name, description=model_description)
+        client.set_registered_model_alias(registered_name, alias, mv.version)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"cannot register {registered_name}: {str(err).splitlines()[0]}", record=registered_name, fix="check the registry URI") from None
+    return str(mv.version)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The outcome of the promotion gate for one candidate version.
+
+    The candidate is promoted when its metric beats the champion's by at least ``margin``
+    (``candidate - champion >= margin`` and ``> 0`` for higher-is-better metrics, mirrored
+    otherwise), or when there is no champion yet; a missing or non-finite metric never promotes.
+    """
+
+    model: str
+    candidate_version: str
+    champion_version: str | None
+    metric: str
+    candidate_value: float | None
+    champion_value: float | None
+    margin: float
+    higher_is_better: bool
+    promoted: bool
+    reason: str
+
+    def as_tags(self) -> dict[str, str]:
+        return {f"gate.{k}": ("" if v is None else str(v)) for k, v in asdict(self).items() if k != "model"}
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def decide_promotion(
+    *, model: str, candidate_version: str, candidate_value: Any, champion_version: str | None, champion_value: Any, gate: Gate
+) -> GateDecision:
+    """Pure gate logic (no registry access): see :class:`GateDecision`."""
+    cand, champ = _finite(candidate_value), _finite(champion_value)
+    common = dict(model=model, candidate_version=candidate_version, champion_version=champion_version, metric=gate.metric,
+                  candidate_value=cand, champion_value=champ, margin=gate.margin, higher_is_better=gate.higher_is_better)
+    if cand is None:
+        return GateDecision(**common, promoted=False, reason=f"candidate has no finite {gate.metric}")  # type: ignore[arg-type]
+    if champion_version is None:
+        return GateDecision(**common, promoted=True, reason="no champion yet")  # type: ignore[arg-type]
+    if champ is None:
+        return GateDecision(**common, promoted=True, reason=f"champion v{champion_version} has no finite {gate.metric}")  # type: ignore[arg-type]
+    gain = cand - champ if gate.higher_is_better else champ - cand
+    if gain > 0 and gain >= gate.margin:
+        reason = f"{gate.metric} {cand:.4f} beats champion v{champion_version} ({champ:.4f}) by {gain:.4f} >= margin {gate.margin}"
+        return GateDecision(**common, promoted=True, reason=reason)  # type: ignore[arg-type]
+    reason = f"{gate.metric} {cand:.4f} vs champion v{champion_version} ({champ:.4f}): gain {gain:.4f} below margin {gate.margin}"
+    return GateDecision(**common, promoted=False, reason=reason)  # type: ignore[arg-type]
+
+
+def apply_gate(registered_name: str, version: str, *, gate: Gate, value: Any, champion_alias: str = "champion") -> GateDecision:
+    """Compare ``version`` with the version holding ``champion_alias``; move the alias only if the gate passes.
+
+    The candidate's value is stored as the version tag ``metric.<name>`` (the champion's is read
+    from the same tag), and the decision is written as ``gate.*`` tags on the candidate version.
+
+    Raises:
+        TrackingError: the registry is unusable.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.set_model_version_tag(registered_name, version, f"metric.{gate.metric}", str(value))
+        try:
+            champion = client.get_model_version_by_alias(registered_name, champion_alias)
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        champ_version = None if champion is None else str(champion.version)
+        champ_value = None if champion is None else champion.tags.get(f"metric.{gate.metric}")
+        decision = decide_promotion(
+            model=registered_name, candidate_version=str(version), candidate_value=value, champion_version=champ_version, champion_value=champ_value, gate=gate
+        )
+        if decision.promoted:
+            client.set_registered_model_alias(registered_name, champion_alias, str(version))
+        for key, tag in {**decision.as_tags(), "gate.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+            client.set_model_version_tag(registered_name, version, key, tag)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"gate failed for {registered_name} v{version}: {str(err).splitlines()[0]}", record=registered_name, fix="check the registry URI") from None
+    return decision
+
+
+def alias_version(registered_name: str, alias: str) -> str | None:
+    """The version number holding ``alias``, or None."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(registered_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None

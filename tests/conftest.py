@@ -9,6 +9,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -29,3 +31,57 @@ def tracking_cfg(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
     return TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="test", artifact_location=(tmp_path / "mlartifacts").as_uri())
+
+
+def write_tiny_checkpoint(path, *, task: str, model_name: str, model_args: dict, categories: list[str], **extra):
+    """A checkpoint in the engine's format (``{task, model_name, model_args, state_dict, categories}``), random weights."""
+    import torch
+
+    from components.engine import save_checkpoint
+    from components.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(task, model_name, **model_args)
+    return save_checkpoint(path, {"task": task, "model_name": model_name, "model_args": model_args, "state_dict": model.state_dict(), "categories": categories, **extra})
+
+
+@pytest.fixture(scope="session")
+def registry_store(tmp_path_factory):
+    """A sqlite MLflow store with ``champion`` versions of a tiny classifier, detector and segmenter.
+
+    Built once per session through the real ``register`` stage (``run_register``) from checkpoints in
+    the engine's format; yields ``(TrackingConfig, uri, workdir)``.
+    """
+    import json
+
+    from components.config import load_params
+
+    work = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    old_cwd, old_uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(work)
+    try:
+        cats = ["circle", "square"]
+        write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
+                              model_args={"num_classes": 2, "backbone": "vfnet_small", "weights": None}, categories=["ants", "bees"], image_size=32)
+        write_tiny_checkpoint(work / "outputs/detect/yolo/best.pt", task="detection", model_name="yolo",
+                              model_args={"num_classes": 2, "image_size": 64, "S": 4, "hidden": 32}, categories=cats, image_size=64)
+        write_tiny_checkpoint(work / "outputs/segment/fcn/best.pt", task="segmentation", model_name="fcn",
+                              model_args={"num_classes": 2}, categories=cats, image_size=64)
+        (work / "metrics").mkdir()
+        (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": {"accuracy": 0.8}}}))
+        (work / "metrics/detect_yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5, "map": 0.3}}}))
+        (work / "metrics/segment_fcn.json").write_text(json.dumps({"test": {"miou": 0.6}}))
+        params = load_params(
+            Path(__file__).resolve().parents[1] / "params.yaml",
+            [f"tracking.uri={uri}", "tracking.experiment=registry", "detect.architectures=[yolo]", "segment.architectures=[fcn]",
+             "finetune.strategies=[fine_tuning]"],
+        )
+        from components.stages.register import run_register
+
+        report = run_register(params)
+        yield params.tracking, uri, work, report
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri

@@ -1,0 +1,155 @@
+"""COCO instances reader: ``coco:FILE.json`` (images in ``images/`` beside it, or ``--images``) or
+``coco:DIR`` holding ``annotations/instances_<split>.json`` + ``images/<split>/`` (the canonical
+layout itself, so a canonical dataset re-ingests to the same boxes and masks).
+
+A file that is not JSON, or not a COCO instances object, cannot be read at all: that fails in
+both modes with the file and the line/column. Problems of single records (duplicate ids,
+annotations of missing images, unknown categories) go to the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset
+from components.data.validation import IngestReport
+from components.errors import DataError
+
+
+def load_json(path: Path) -> Any:
+    """Parse a JSON file, turning a syntax error into :class:`DataError` with its line and column."""
+    if not path.is_file():
+        raise DataError("annotation file not found", file=path, fix="check the coco: path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"not valid JSON: {err.msg}",
+            file=path,
+            record=f"line {err.lineno}, column {err.colno} (char {err.pos})",
+            fix="repair or re-export the annotation file",
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text: {err.reason}", file=path, record=f"byte {err.start}",
+                        fix="re-export the annotation file as UTF-8 JSON") from None
+
+
+def _categories(data: dict[str, Any], path: Path, report: IngestReport) -> dict[int, str]:
+    cats: dict[int, str] = {}
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            report.add(path, f"categories[{i}]", "malformed category: needs integer id and name", "skipped")
+        elif cat["id"] in cats:
+            report.add(path, f"category {cat['id']}", f"duplicate category id {cat['id']}", "skipped")
+        elif cat["name"] in cats.values():
+            report.add(path, f"category {cat['id']}", f"duplicate category name {cat['name']!r}", "skipped")
+        else:
+            cats[cat["id"]] = cat["name"]
+    return dict(sorted(cats.items()))
+
+
+def _box_xywh_to_xyxy(bbox: Any) -> Any:
+    if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox):
+        x, y, w, h = (float(v) for v in bbox)
+        return [x, y, x + w, y + h]
+    return bbox if isinstance(bbox, list) else None
+
+
+def read_coco_file(path: Path, images: Path, split: str | None, report: IngestReport) -> tuple[dict[int, str], list[ImageRecord], bool]:
+    """Parse one instances JSON.
+
+    Returns:
+        (categories ``{source id: name}``, image records, whether any annotation has a segmentation).
+    """
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
+        raise DataError("not a COCO instances file: needs lists 'images' and 'categories' (and 'annotations')",
+                        file=path, fix="point coco: at an instances JSON")
+    if not isinstance(data.get("annotations", []), list):
+        raise DataError("'annotations' is not a list", file=path, fix="re-export the annotation file")
+    cats = _categories(data, path, report)
+    by_id: dict[int, ImageRecord] = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            report.add(path, f"images[{i}]", "malformed image entry: needs integer id and file_name", "skipped")
+            continue
+        if im["id"] in by_id:
+            report.add(path, f"image {im['id']}", f"duplicate image id {im['id']} ({im['file_name']})", "skipped",
+                       fix="give every image a unique id")
+            continue
+        w, h = im.get("width"), im.get("height")
+        size = (int(w), int(h)) if isinstance(w, (int, float)) and isinstance(h, (int, float)) else None
+        by_id[im["id"]] = ImageRecord(
+            record=f"image {im['id']}",
+            name=Path(im["file_name"]).name,
+            file=images / im["file_name"],
+            ann_file=path,
+            split=split,
+            size=size,
+        )
+    seen_ann: set[Any] = set()
+    has_masks = False
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict):
+            report.add(path, f"annotations[{i}]", "malformed annotation: not an object", "skipped")
+            continue
+        ident = f"annotation {ann.get('id', f'[{i}]')}"
+        if ann.get("id") in seen_ann:
+            report.add(path, ident, f"duplicate annotation id {ann.get('id')}", "repaired",
+                       fix="annotation ids are renumbered in the canonical layout")
+        seen_ann.add(ann.get("id"))
+        image = by_id.get(ann.get("image_id"))  # type: ignore[arg-type]
+        if image is None:
+            report.add(path, ident, f"annotation points at a missing image (image_id {ann.get('image_id')!r})", "skipped")
+            continue
+        category = cats.get(ann.get("category_id"))  # type: ignore[arg-type]
+        seg = ann.get("segmentation")
+        polygons = seg if isinstance(seg, list) and seg else None
+        rle = seg if isinstance(seg, dict) else None
+        has_masks |= polygons is not None or rle is not None
+        image.objects.append(
+            ObjectRecord(
+                category if category is not None else f"<category_id {ann.get('category_id')!r}>",
+                _box_xywh_to_xyxy(ann.get("bbox")),
+                ident,
+                polygons=polygons,
+                rle=rle,
+                iscrowd=int(bool(ann.get("iscrowd", 0))),
+            )
+        )
+    return cats, list(by_id.values()), has_masks
+
+
+def read_coco(target: Path, images: Path | None, report: IngestReport) -> SourceDataset:
+    """Parse ``coco:FILE.json`` or a ``coco:DIR`` with ``annotations/instances_<split>.json``."""
+    if target.is_dir():
+        files = [(s, target / "annotations" / f"instances_{s}.json") for s in SPLITS]
+        files = [(s, f) for s, f in files if f.is_file()]
+        if not files:
+            raise DataError("no annotations/instances_<split>.json in the folder", file=target,
+                            fix="point coco: at an instances JSON file or a folder with annotations/instances_train.json")
+        parts = [(s, f, (images / s) if images else target / "images" / s) for s, f in files]
+    else:
+        parts = [(None, target, images or target.parent / "images")]
+    categories: dict[int, str] | None = None
+    records: list[ImageRecord] = []
+    any_masks = False
+    for split, path, image_dir in parts:
+        cats, recs, has_masks = read_coco_file(path, image_dir, split, report)
+        if categories is not None and cats != categories:
+            raise DataError("categories differ between split files", file=path,
+                            fix="give every instances_<split>.json the same categories")
+        categories = cats
+        records.extend(recs)
+        any_masks |= has_masks
+    assert categories is not None
+    tasks = ["classification", "detection"] + (["instance_segmentation", "semantic_segmentation"] if any_masks else [])
+    return SourceDataset(
+        name=(target.name if target.is_dir() else target.stem).lower(),
+        spec=f"coco:{target}",
+        categories=list(categories.values()),
+        tasks=tasks,  # type: ignore[arg-type]
+        records=records,
+    )

@@ -1,0 +1,205 @@
+"""Record-level validation of source datasets and the per-record ingest report.
+
+Every check here decides one thing about one record (an image, an annotation, a mask) and
+writes that decision to the :class:`IngestReport` as ``{file, record, reason, action}``:
+``repaired`` (e.g. a box clipped to the image), ``skipped`` (unusable) or ``kept`` (worth
+knowing, nothing changed). In strict mode the first problem raises :class:`DataError`
+naming the file and the record instead, so nothing is written.
+
+The checks are plain functions over plain values so that every source format (COCO, VOC,
+YOLO, ImageFolder, masks, the shapes generator) is validated by the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from components.errors import DataError
+
+Action = Literal["repaired", "skipped", "kept"]
+
+#: Image formats the canonical layout stores as they are (``images/<split>/<file>`` holds source bytes).
+ACCEPTED_FORMATS = ("JPEG", "PNG")
+
+
+@dataclass
+class Decision:
+    """One line of ``ingest_report.json``: what was wrong with which record and what was done."""
+
+    file: str
+    record: str
+    reason: str
+    action: Action
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "record": self.record, "reason": self.reason, "action": self.action}
+
+
+@dataclass
+class IngestReport:
+    """Collects every decision of one ingest; strict mode turns the first one into a :class:`DataError`.
+
+    Args:
+        strict: raise on the first problem instead of repairing or skipping.
+    """
+
+    strict: bool = False
+    decisions: list[Decision] = field(default_factory=list)
+
+    def add(self, file: object, record: object, reason: str, action: Action, *, fix: str | None = None) -> None:
+        """Record a decision, or raise :class:`DataError` in strict mode.
+
+        Raises:
+            DataError: in strict mode, naming ``file`` and ``record``.
+        """
+        if self.strict:
+            raise DataError(
+                reason,
+                file=file,
+                record=record,
+                fix=fix or f"correct the record, or ingest without --strict to have it {action} and reported",
+            )
+        self.decisions.append(Decision(str(file), str(record), reason, action))
+
+    def counts(self) -> dict[str, Any]:
+        """Counts by action and by reason kind (the reason's text before the first ':')."""
+        by_action = Counter(d.action for d in self.decisions)
+        by_reason = Counter(d.reason.split(":")[0] for d in self.decisions)
+        return {
+            "total": len(self.decisions),
+            "by_action": dict(sorted(by_action.items())),
+            "by_reason": dict(sorted(by_reason.items())),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts(), "decisions": [d.as_dict() for d in self.decisions]}
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Outcome of :func:`check_image`: the decoded size and format, or why the file is unusable."""
+
+    width: int = 0
+    height: int = 0
+    format: str | None = None
+    problem: str | None = None
+
+
+def check_image(path: Path) -> ImageCheck:
+    """Fully decode an image file to find missing, unreadable, truncated or unsupported files.
+
+    Decoding every pixel (not only the header) is what finds truncated JPEGs; it costs a few
+    milliseconds per image and is the only way to know the file is usable for training.
+    """
+    if not path.is_file():
+        return ImageCheck(problem="missing image file")
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            img.load()
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return ImageCheck(problem=f"unreadable or truncated image: {err}")
+    if fmt not in ACCEPTED_FORMATS:
+        return ImageCheck(width, height, fmt, problem=f"not a JPEG or PNG image: the file is {fmt}")
+    if width < 1 or height < 1:
+        return ImageCheck(width, height, fmt, problem="image has no pixels")
+    return ImageCheck(width, height, fmt)
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+@dataclass(frozen=True)
+class BoxCheck:
+    """Outcome of :func:`check_box`: the usable xyxy box (clipped if needed) and what was wrong."""
+
+    box: tuple[float, float, float, float] | None
+    problem: str | None = None
+    repaired: bool = False
+
+
+def check_box(box: Sequence[Any] | None, width: int, height: int) -> BoxCheck:
+    """Validate one xyxy pixel box against its image: NaN, zero/negative size, outside the image.
+
+    A box that sticks out of the image is clipped (repaired); one with no finite coordinates,
+    no area, or nothing inside the image is unusable.
+
+    Args:
+        box: ``(x_min, y_min, x_max, y_max)`` in pixels, as the source gave it.
+        width: image width in pixels.
+        height: image height in pixels.
+    """
+    if box is None or len(box) != 4:
+        return BoxCheck(None, "malformed box: expected 4 numbers")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return BoxCheck(None, f"malformed box: {list(box)!r} is not numeric")
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return BoxCheck(None, f"NaN or infinite box coordinate: {[x0, y0, x1, y1]}")
+    if x1 <= x0 or y1 <= y0:
+        return BoxCheck(None, f"zero or negative box size: {[x0, y0, x1, y1]}")
+    cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return BoxCheck(None, f"box entirely outside the {width}x{height} image: {[x0, y0, x1, y1]}")
+    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+        return BoxCheck((cx0, cy0, cx1, cy1), f"box outside the {width}x{height} image: {[x0, y0, x1, y1]}", True)
+    return BoxCheck((x0, y0, x1, y1))
+
+
+def box_iou_xyxy(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two xyxy boxes (a scalar version of ``torchvision.ops.box_iou`` for the duplicate check)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def check_polygons(segmentation: Any) -> tuple[list[list[float]], list[str]]:
+    """Keep the well-formed parts of a COCO polygon list.
+
+    A polygon is a flat list ``[x1, y1, x2, y2, ...]`` of at least 3 finite points.
+
+    Returns:
+        (valid polygons, one problem text per malformed part).
+    """
+    if not isinstance(segmentation, list):
+        return [], [f"malformed polygon: expected a list of polygons, got {type(segmentation).__name__}"]
+    valid: list[list[float]] = []
+    problems: list[str] = []
+    for i, poly in enumerate(segmentation):
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+            problems.append(f"malformed polygon {i}: not a flat list of numbers")
+        elif len(poly) % 2 or len(poly) < 6:
+            problems.append(f"malformed polygon {i}: {len(poly)} coordinates (need an even number >= 6)")
+        elif not all(math.isfinite(v) for v in poly):
+            problems.append(f"malformed polygon {i}: NaN or infinite coordinate")
+        else:
+            valid.append([float(v) for v in poly])
+    return valid, problems
+
+
+def check_mask_size(mask: np.ndarray, width: int, height: int) -> str | None:
+    """The problem text when a mask's ``(H, W)`` differs from its image's, else None."""
+    if mask.shape[:2] != (height, width):
+        return f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's {width}x{height}"
+    return None

@@ -1,0 +1,129 @@
+"""YOLO reader: a data yaml (``names``, ``train``/``val``/``test`` image folders, optional ``path``)
+and one ``labels/.../<stem>.txt`` per image, beside ``images/`` as Ultralytics lays it out.
+
+A label line is ``class cx cy w h`` (normalised to [0, 1]) or, for segmentation labels,
+``class x1 y1 x2 y2 ...`` (a normalised polygon). A missing label file means a background image.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset, list_images
+from components.data.validation import IngestReport
+from components.errors import DataError
+
+
+def load_data_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
+    """Find and parse the data yaml (``data.yaml``, else the only ``*.yaml``) in ``root``."""
+    candidates = [root / "data.yaml"] if (root / "data.yaml").is_file() else sorted(root.glob("*.y*ml"))
+    if not candidates:
+        raise DataError("no data.yaml in the YOLO folder", file=root, fix="add data.yaml with names and train/val paths")
+    path = candidates[0]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise DataError(f"not valid YAML: {getattr(err, 'problem', err)}", file=path,
+                        record=f"line {mark.line + 1}, column {mark.column + 1}" if mark else None,
+                        fix="repair the data yaml") from None
+    if not isinstance(data, dict) or "names" not in data:
+        raise DataError("data yaml has no 'names'", file=path, fix="list the class names under names:")
+    return path, data
+
+
+def _names(data: dict[str, Any], path: Path) -> list[str]:
+    names = data["names"]
+    if isinstance(names, dict):
+        keys = sorted(names)
+        if keys != list(range(len(keys))):
+            raise DataError("names must be indexed 0..nc-1", file=path, record="names", fix="renumber the class names")
+        names = [names[k] for k in keys]
+    if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
+        raise DataError("names must be a non-empty list of class names", file=path, record="names")
+    if "nc" in data and data["nc"] != len(names):
+        raise DataError(f"nc is {data['nc']} but {len(names)} names are listed", file=path, record="nc")
+    return [str(n) for n in names]
+
+
+def _label_file(image: Path) -> Path:
+    """Ultralytics' rule: the last ``images`` folder in the path becomes ``labels``, suffix ``.txt``."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _parse_labels(label: Path, image: Path, names: list[str], report: IngestReport) -> list[ObjectRecord]:
+    try:
+        with Image.open(image) as img:
+            width, height = img.size
+    except (OSError, UnidentifiedImageError):
+        return []  # the canonical writer reports the unreadable image
+    objects: list[ObjectRecord] = []
+    for n, line in enumerate(label.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = f"{image.stem} line {n}"
+        tokens = line.split()
+        try:
+            cls = int(tokens[0])
+            values = [float(t) for t in tokens[1:]]
+        except ValueError:
+            report.add(label, record, f"malformed label line: {line.strip()!r}", "skipped")
+            continue
+        if not all(math.isfinite(v) for v in values):
+            report.add(label, record, f"NaN or infinite coordinate: {line.strip()!r}", "skipped")
+            continue
+        category = names[cls] if 0 <= cls < len(names) else f"<class {cls}>"
+        if len(values) == 4:
+            cx, cy, w, h = values
+            box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+            objects.append(ObjectRecord(category, box, record))
+        elif len(values) >= 6 and len(values) % 2 == 0:
+            polygon = [v * (width if i % 2 == 0 else height) for i, v in enumerate(values)]
+            objects.append(ObjectRecord(category, None, record, polygons=[polygon]))
+        else:
+            report.add(label, record, f"malformed label line: {len(values)} numbers after the class "
+                       "(4 for a box, an even number >= 6 for a polygon)", "skipped")
+    return objects
+
+
+def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
+    """Parse a YOLO dataset folder into records."""
+    path, data = load_data_yaml(root)
+    names = _names(data, path)
+    base = Path(data["path"]) if isinstance(data.get("path"), str) else root
+    if not base.is_absolute():
+        base = root / base
+    if not base.is_dir():
+        base = root
+    records: list[ImageRecord] = []
+    for split in SPLITS:
+        entry = data.get(split) or (data.get("valid") if split == "val" else None)
+        if not entry:
+            continue
+        for folder in [base / e for e in (entry if isinstance(entry, list) else [entry])]:
+            if not folder.is_dir():
+                raise DataError(f"the {split} image folder does not exist", file=folder, record=split,
+                                fix=f"correct {split}: in {path.name}")
+            for image in list_images(folder):
+                label = _label_file(image)
+                objects = _parse_labels(label, image, names, report) if label.is_file() else []
+                records.append(ImageRecord(record=f"{split}/{image.stem}", name=image.name, file=image,
+                                           ann_file=label if label.is_file() else image, split=split, objects=objects))
+    if not records:
+        raise DataError("no images found in the split folders of the data yaml", file=path)
+    # masks only when every object has a polygon (Ultralytics reads a mixed folder as boxes only)
+    all_objects = [o for rec in records for o in rec.objects]
+    any_polygons = bool(all_objects) and all(o.polygons is not None for o in all_objects)
+    tasks = ["classification", "detection"] + (["instance_segmentation", "semantic_segmentation"] if any_polygons else [])
+    return SourceDataset(name=root.name.lower(), spec=f"yolo:{root}", categories=names, tasks=tasks,  # type: ignore[arg-type]
+                         records=records)

@@ -1,0 +1,174 @@
+"""UNet (Ronneberger et al. 2015) for semantic segmentation, written here.
+
+The lecture: "The UNet architecture builds upon the previous FCN architecture. It consists in
+symmetric contraction and expansion paths, along with a concatenation of high resolution features
+from the contracting path to the up-sampled features from the expanding path. These connections
+allow for localization."
+
+* Contracting path: ``depth`` times (two 3x3 conv + BatchNorm + ReLU, then 2x2 max pooling),
+  doubling the channels at each step; a bottleneck of two 3x3 convolutions.
+* Expanding path: ``depth`` times (2x2 transposed convolution halving the channels, concatenation
+  with the contracting path's feature map of the same resolution, two 3x3 convolutions).
+* A 1x1 convolution maps the last feature map to K + 1 class scores.
+
+Optionally the contracting path is a pretrained project backbone (``encoder="backbone"``): its
+stages give the skip features at strides ``s_0 < s_1 < ...``, a small full-resolution stem gives
+the stride-1 skip, and the expanding path mirrors those strides.
+
+Convolutions are padded ("same"), unlike the paper's valid convolutions, and the input is padded
+(replicate) to a multiple of the total stride and the logits cropped back, so the output has the
+input's spatial size for odd and even sizes alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from components.errors import ConfigError
+from components.models.backbones import Backbone, build_backbone
+from components.models.fcn import IMAGENET_MEAN, IMAGENET_STD, ImageNormalize, pad_to_multiple
+from components.models.registry import register_model
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 convolution, BatchNorm, ReLU) x 2: UNet's building block. ``[N, cin, H, W] -> [N, cout, H, W]``."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UpBlock(nn.Module):
+    """One step of the expanding path: transposed-convolution up-sampling, concatenation, DoubleConv.
+
+    Args:
+        cin: channels of the coarser (expanding-path) input.
+        cskip: channels of the contracting path's feature map at the finer resolution.
+        cout: output channels.
+        factor: up-sampling factor (ratio of the two strides; 2 in the classic UNet).
+
+    Shapes:
+        ``x [N, cin, h, w]``, ``skip [N, cskip, h * factor, w * factor]`` -> ``[N, cout, h * factor, w * factor]``.
+    """
+
+    def __init__(self, cin: int, cskip: int, cout: int, factor: int = 2):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cout, kernel_size=factor, stride=factor)
+        self.conv = DoubleConv(cout + cskip, cout)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:  # noqa: D102
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """UNet with the classic encoder or a backbone encoder; see the module docstring.
+
+    Args:
+        num_classes: K + 1 output maps (background included).
+        base_channels: channels of the first (full-resolution) level; level i has ``base * 2**i``.
+        depth: number of pooling steps of the classic contracting path.
+        backbone: if given, it is the contracting path (its stages are the levels below the stem).
+        image_mean, image_std: per-channel normalisation applied to the [0, 1] input.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        base_channels: int = 16,
+        depth: int = 4,
+        backbone: Backbone | None = None,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.normalize = ImageNormalize(image_mean, image_std)
+        self.num_classes = num_classes
+        self.stem = DoubleConv(3, base_channels)  # stride 1: the highest-resolution skip
+        self.backbone = backbone
+        if backbone is None:
+            channels = [base_channels * 2**i for i in range(depth + 1)]
+            strides = [2**i for i in range(depth + 1)]
+            self.down = nn.ModuleList(
+                nn.Sequential(nn.MaxPool2d(2), DoubleConv(channels[i], channels[i + 1])) for i in range(depth)
+            )
+        else:
+            channels = [base_channels, *backbone.channels]
+            strides = [1, *backbone.strides]
+            self.down = nn.ModuleList()
+        for fine, coarse in zip(strides[:-1], strides[1:], strict=True):
+            if coarse % fine:
+                raise ConfigError(f"encoder strides {strides} are not nested", record="backbone", fix="use a backbone whose strides double")
+        self.strides = strides
+        self.up = nn.ModuleList()
+        cin = channels[-1]
+        for i in reversed(range(len(channels) - 1)):
+            cout = channels[i] if backbone is None else max(base_channels, channels[i])
+            self.up.append(UpBlock(cin, channels[i], cout, factor=strides[i + 1] // strides[i]))
+            cin = cout
+        self.head = nn.Conv2d(cin, num_classes, kernel_size=1)
+
+    def contract(self, x: Tensor) -> list[Tensor]:
+        """Contracting path: feature maps from stride 1 (stem) to the bottleneck."""
+        feats = [self.stem(x)]
+        if self.backbone is None:
+            for block in self.down:
+                feats.append(block(feats[-1]))
+        else:
+            feats.extend(self.backbone(x).values())
+        return feats
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Per-pixel class scores.
+
+        Args:
+            images: Tensor[N, 3, H, W] in [0, 1], any H, W (grey images repeated to 3 channels).
+
+        Returns:
+            Tensor[N, K + 1, H, W]: logits, same spatial size as the input.
+        """
+        h, w = images.shape[-2:]
+        x = pad_to_multiple(self.normalize(images), self.strides[-1])
+        feats = self.contract(x)
+        y = feats[-1]
+        for block, skip in zip(self.up, reversed(feats[:-1]), strict=True):
+            y = block(y, skip)
+        return self.head(y)[..., :h, :w]
+
+
+@register_model("segmentation")
+def unet(
+    *,
+    num_classes: int,
+    base_channels: int = 16,
+    depth: int = 4,
+    pretrained_encoder: bool = False,
+    backbone_arch: str = "vfnet_small",
+    backbone_weights: str | None = None,
+    trainable_layers: int | None = None,
+) -> UNet:
+    """UNet: semantic segmentation contract.
+
+    Input ``Tensor[N, 3, H, W]`` in [0, 1] (any H, W); output logits ``Tensor[N, K + 1, H, W]``.
+
+    Args:
+        num_classes: K + 1 (background included).
+        base_channels: channels at full resolution (doubled at each contracting step).
+        depth: pooling steps of the classic contracting path (ignored with ``pretrained_encoder``).
+        pretrained_encoder: use the project backbone ``backbone_arch`` (loaded from ``backbone_weights``)
+            as the contracting path.
+        backbone_arch, backbone_weights, trainable_layers: the backbone, as in :func:`build_backbone`.
+    """
+    backbone = None
+    if pretrained_encoder:
+        backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
+    return UNet(num_classes, base_channels=base_channels, depth=depth, backbone=backbone)

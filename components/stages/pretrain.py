@@ -1,0 +1,399 @@
+"""The pretrain stage: the backbone checkpoint that finetune, detect and segment load.
+
+The lecture: "pre-trained models [are] generic and re-usable assets". Two sources (``pretrain.source``):
+
+* ``imagenet``: torchvision's ImageNet weights (``pretrain.backbone.weights``, default
+  ``IMAGENET1K_V1``) saved as the project's checkpoint, with torchvision's 1000-class layer as the
+  head, so the file is a complete ImageNet classifier and its ``backbone.*`` keys a backbone;
+* ``dataset``: our own backbone trained as a classifier on a canonical dataset's classification
+  view (default ``data/cifar10``, the ingested ``cifar10_subset``), through the one engine.
+
+Writes ``<out>/backbone.pt`` (a classifier checkpoint whose ``backbone.*`` keys
+``components.models.backbones.load_backbone_state`` extracts; ``backbone_arch`` set),
+``<out>/train/{best,last}.pt``, ``<out>/training_curves.png``, ``metrics/pretrain.json``, and an
+MLflow run (params, per-epoch metrics, lineage, the plot).
+
+The helpers that load a classification view and train a classifier on it live here too;
+the finetune stage re-uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from components.config import AugmentConfig, PretrainConfig, TrackingConfig, TrainConfig
+from components.engine import FitResult, build_loader, fit, load_checkpoint, save_checkpoint, seed_everything
+from components.errors import CheckpointError, DataError
+from components.metrics.classification import evaluate_classification
+from components.models.classifier import classification_step
+
+METRICS_DIR = Path("metrics")
+#: images are decoded once and kept with their shorter side at most this factor x image_size
+#: (torchvision's 256/224 for ImageNet evaluation), before the random crop of each epoch
+CACHE_SCALE = 8 / 7
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DecodedImages(Dataset):
+    """A classification view decoded once into memory, downscaled, then transformed on the fly.
+
+    JPEG decoding of full-size photos dominates an epoch of a small CPU model; decoding each file
+    once (shorter side reduced to ``CACHE_SCALE * image_size`` when larger, kept as uint8) and
+    re-applying the random augmentation every epoch keeps the augmentation while paying the decode
+    once for every epoch and every strategy.
+
+    Args:
+        base: a :class:`~components.data.datasets.ClassificationDataset` without transform.
+        image_size: the training resolution.
+        indices: the subset of ``base`` to keep (e.g. a label budget), all when None.
+    """
+
+    def __init__(self, base: Any, *, image_size: int, indices: Sequence[int] | None = None):
+        from tqdm.auto import tqdm
+
+        self.classes: list[str] = list(base.classes)
+        keep = list(range(len(base))) if indices is None else list(indices)
+        limit = math.ceil(CACHE_SCALE * image_size)
+        self.images: list[torch.Tensor] = []
+        self.targets: list[int] = []
+        for i in tqdm(keep, desc=f"decoding {Path(str(base.root)).name}/{base.split}", leave=False):
+            image, label = base[i]
+            h, w = image.shape[-2:]
+            if min(h, w) > limit:
+                image = TF.resize(image, limit, antialias=True)
+            self.images.append(TF.to_dtype(image.as_subclass(torch.Tensor), torch.uint8, scale=True))
+            self.targets.append(int(label))
+        self.transform: Callable[[Any], Any] | None = None
+
+    def with_transform(self, transform: Callable[[Any], Any] | None) -> DecodedImages:
+        """A view of the same decoded images with another transform (no copy)."""
+        view = object.__new__(DecodedImages)
+        view.__dict__.update(self.__dict__)
+        view.transform = transform
+        return view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = tv_tensors.Image(TF.to_dtype(self.images[index], torch.float32, scale=True))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image.as_subclass(torch.Tensor), self.targets[index]
+
+
+def label_budget(targets: Sequence[int], fraction: float, *, seed: int) -> list[int]:
+    """A stratified, seeded subset: ``ceil(fraction * n_c)`` (at least 1) images of each class ``c``.
+
+    Returns:
+        Sorted indices into ``targets``.
+    """
+    if fraction >= 1.0:
+        return list(range(len(targets)))
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    keep: list[int] = []
+    for _, idx in sorted(by_class.items()):
+        order = torch.randperm(len(idx), generator=g).tolist()
+        keep += [idx[j] for j in order[: max(1, math.ceil(fraction * len(idx)))]]
+    return sorted(keep)
+
+
+@dataclass
+class ClassificationData:
+    """Train and validation sets of one canonical dataset, decoded once."""
+
+    root: Path
+    classes: list[str]
+    train: DecodedImages
+    val: DecodedImages
+    val_split: str
+
+
+def load_classification_data(
+    root: str | Path, augment: AugmentConfig, *, image_size: int, label_fraction: float = 1.0, seed: int = 0
+) -> ClassificationData:
+    """The ``train`` split (augmented, optionally a label budget) and the ``val`` split (else ``test``).
+
+    Raises:
+        DataError: the folder is not an ingested dataset with a classification view, or a split is empty.
+    """
+    from components.augment import build_transforms
+    from components.data.datasets import ClassificationDataset, load_manifest
+
+    root = Path(root)
+    if not (root / "dataset.json").is_file():
+        raise DataError(
+            "no canonical dataset here",
+            file=root,
+            fix=f"ingest it first, e.g. `visionflow ingest --source imagefolder:/work/shared/data/... --out {root}`",
+        )
+    splits = load_manifest(root)["splits"]
+    val_split = next((s for s in ("val", "test") if s in splits), None)
+    if "train" not in splits or val_split is None:
+        raise DataError(f"needs a train and a val (or test) split, has {list(splits)}", file=root / "dataset.json", fix="re-ingest with a split")
+    train_base = ClassificationDataset(root, "train")
+    val_base = ClassificationDataset(root, val_split)
+    for ds in (train_base, val_base):
+        if len(ds) == 0:
+            raise DataError(f"the {ds.split} split has no images", file=root / "classification" / ds.split, fix="re-run the ingest stage")
+    indices = label_budget(train_base.targets, label_fraction, seed=seed)
+    train = DecodedImages(train_base, image_size=image_size, indices=indices)
+    val = DecodedImages(val_base, image_size=image_size)
+    return ClassificationData(
+        root=root,
+        classes=list(train_base.classes),
+        train=train.with_transform(build_transforms("classification", augment, train=True, image_size=image_size)),
+        val=val.with_transform(build_transforms("classification", augment, train=False, image_size=image_size)),
+        val_split=val_split,
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def fit_classifier(
+    model: nn.Module,
+    data: ClassificationData,
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    meta: Mapping[str, Any],
+    param_groups: list[dict[str, Any]] | None = None,
+    resume: bool = False,
+    log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
+    desc: str = "",
+) -> FitResult:
+    """Train a classifier with the engine: cross-entropy steps, accuracy/F1 validation each epoch."""
+    seed_everything(cfg.seed)
+    return fit(
+        model,
+        train_loader=build_loader(data.train, cfg, train=True),
+        val_loader=build_loader(data.val, cfg, train=False, batch_size=max(cfg.batch_size, 64)),
+        step=classification_step,
+        evaluate=partial(evaluate_classification, class_names=data.classes),
+        cfg=cfg,
+        out_dir=out_dir,
+        meta=meta,
+        param_groups=param_groups,
+        resume=resume,
+        log_metrics=log_metrics,
+        desc=desc,
+    )
+
+
+def resumed_run_id(checkpoint: Path, key: str = "mlflow_run_id") -> str | None:
+    """The MLflow run id kept in a ``last.pt``, so a resumed stage logs into the same run."""
+    if not checkpoint.is_file():
+        return None
+    value = load_checkpoint(checkpoint).get(key)
+    return value if isinstance(value, str) else None
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    """Atomic JSON write (temp file + rename) of a metrics file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(data), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Produce ``<cfg.out>/backbone.pt`` from ImageNet weights or by training on ``cfg.dataset``.
+
+    Returns:
+        The metrics written to ``metrics/pretrain.json``.
+
+    Raises:
+        DataError: the dataset is missing or unusable.
+        CheckpointError: ImageNet weights are unavailable offline, or ``--resume`` met a bad ``last.pt``.
+        TrainingError: the loss diverged (no ``backbone.pt`` is written).
+        TrackingError: MLflow is unreachable.
+    """
+    from components.tracking import start_run
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.source == "imagenet":
+        with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "imagenet"}) as logger:
+            logger.log_params({"pretrain": cfg.model_dump(mode="json")})
+            logger.log_lineage(section=cfg)
+            metrics = _pretrain_imagenet(cfg, out)
+            metrics["run_id"] = logger.run_id
+            logger.log_metrics({k: v for k, v in metrics.items() if k in ("accuracy", "params")})
+            write_json(METRICS_DIR / "pretrain.json", metrics)
+            logger.log_artifact(METRICS_DIR / "pretrain.json")
+        return metrics
+
+    train_dir = out / "train"
+    run_id = resumed_run_id(train_dir / "last.pt") if resume else None
+    with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "dataset"}, run_id=run_id) as logger:
+        if run_id is None:
+            logger.log_params({"pretrain": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
+            logger.log_lineage(section=cfg, dataset=cfg.dataset)
+        data = load_classification_data(cfg.dataset, augment, image_size=cfg.image_size, seed=cfg.train.seed)
+        from components.models.registry import get_model
+
+        seed_everything(cfg.train.seed)
+        arch = cfg.backbone.arch
+        model_args = {"num_classes": len(data.classes), "backbone": arch, "weights": None, "trainable_layers": cfg.backbone.trainable_layers}
+        model = get_model("classification", "classifier", **{**model_args, "weights": cfg.backbone.weights})
+        meta = {
+            "task": "classification",
+            "model_name": "classifier",
+            "model_args": model_args,
+            "categories": data.classes,
+            "image_size": cfg.image_size,
+            "backbone_arch": arch,
+            "stage": "pretrain",
+            "source": "dataset",
+            "dataset": str(cfg.dataset),
+            "init_weights": cfg.backbone.weights,
+            "mlflow_run_id": logger.run_id,
+        }
+        result = fit_classifier(model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain")
+        if result.best_path is None:
+            raise CheckpointError("training wrote no best.pt", file=train_dir, fix="re-run the stage without --resume")
+        backbone_path = save_checkpoint(out / "backbone.pt", load_checkpoint(result.best_path))
+        curves = plot_training_curves(result.history, out / "training_curves.png", title=f"pretrain: {arch} on {Path(cfg.dataset).name}")
+        best = result.best_metrics
+        metrics = {
+            "source": "dataset",
+            "dataset": str(cfg.dataset),
+            "val_split": data.val_split,
+            "backbone": arch,
+            "image_size": cfg.image_size,
+            "accuracy": best.get("accuracy"),
+            "macro_f1": best.get("macro_f1"),
+            "loss": best.get("loss"),
+            "per_class_accuracy": best.get("per_class_accuracy"),
+            "epochs": result.epochs_completed,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "train_time_s": round(result.train_time_s, 2),
+            "images_per_s": round(result.images_per_s, 1),
+            "num_train": len(data.train),
+            "num_val": len(data.val),
+            **count_parameters(model),
+            "checkpoint": str(backbone_path),
+            "run_id": logger.run_id,
+        }
+        write_json(METRICS_DIR / "pretrain.json", metrics)
+        logger.log_metrics({"best_accuracy": metrics["accuracy"], "best_macro_f1": metrics["macro_f1"], "train_time_s": metrics["train_time_s"]})
+        logger.log_artifact(curves, "plots")
+        logger.log_artifact(METRICS_DIR / "pretrain.json")
+    return metrics
+
+
+def _pretrain_imagenet(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
+    """torchvision's pretrained classifier as a project checkpoint (backbone + its own 1000-class head)."""
+    import torchvision
+
+    from components.models.backbones import _torchvision_model
+    from components.models.registry import get_model
+
+    arch, weights = cfg.backbone.arch, cfg.backbone.weights or "IMAGENET1K_V1"
+    if arch == "vfnet_small":
+        raise CheckpointError("vfnet_small has no ImageNet weights", record="pretrain.backbone.arch", fix="use mobilenet_v2 (or set pretrain.source: dataset)")
+    enum = torchvision.models.get_model_weights(arch)[weights] if weights in torchvision.models.get_model_weights(arch).__members__ else None
+    categories = list(enum.meta["categories"]) if enum is not None else [str(i) for i in range(1000)]
+    model = get_model("classification", "classifier", num_classes=len(categories), backbone=arch, weights=weights)
+    fc = _torchvision_fc(_torchvision_model(arch, weights))
+    model.get_classifier().load_state_dict(fc.state_dict())
+    acc = (enum.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1") if enum is not None else None)
+    model_args = {"num_classes": len(categories), "backbone": arch, "weights": None, "trainable_layers": None}
+    save_checkpoint(
+        out / "backbone.pt",
+        {
+            "task": "classification",
+            "model_name": "classifier",
+            "model_args": model_args,
+            "state_dict": model.state_dict(),
+            "categories": categories,
+            "image_size": 224,
+            "backbone_arch": arch,
+            "stage": "pretrain",
+            "source": "imagenet",
+            "init_weights": weights,
+        },
+    )
+    return {
+        "source": "imagenet",
+        "backbone": arch,
+        "weights": weights,
+        # the published ImageNet-1K val top-1 of these weights (torchvision's Weights.meta), as a fraction
+        "accuracy": acc / 100 if acc is not None else None,
+        "accuracy_source": "torchvision Weights.meta ImageNet-1K acc@1 (published, not measured here)",
+        **count_parameters(model),
+        "checkpoint": str(out / "backbone.pt"),
+    }
+
+
+def _torchvision_fc(model: nn.Module) -> nn.Linear:
+    """The last linear layer of a torchvision classifier (``fc`` or ``classifier[-1]``)."""
+    fc = getattr(model, "fc", None)
+    if fc is None:
+        head = getattr(model, "classifier")
+        fc = head[-1] if isinstance(head, nn.Sequential) else head
+    assert isinstance(fc, nn.Linear)
+    return fc
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Loss (train, val) and validation accuracy / macro F1 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
+    if history and "loss" in history[0].get("val", {}):
+        ax_loss.plot(epochs, [h["val"]["loss"] for h in history], "s-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    for key, marker in (("accuracy", "o-"), ("macro_f1", "s--")):
+        if history and key in history[0].get("val", {}):
+            ax_acc.plot(epochs, [h["val"][key] for h in history], marker, label=f"val {key}")
+    if history and "train_accuracy" in history[0]:
+        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "^:", label="train accuracy")
+    ax_acc.set(xlabel="epoch", ylim=(0, 1), title="accuracy")
+    ax_acc.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

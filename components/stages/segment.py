@@ -1,0 +1,468 @@
+"""The ``segment`` stage: train and evaluate one segmentation architecture (FCN, UNet, Mask R-CNN).
+
+``visionflow segment --arch A`` calls :func:`run_segment`; ``visionflow segment --compare`` calls
+:func:`compare_segmenters`. The stage reads its params section and the canonical dataset, and writes
+
+* ``outputs/segment/<arch>/``: ``best.pt`` / ``last.pt`` (through the engine), ``overlays.png``
+  (true and predicted masks drawn on test images with ``draw_segmentation_masks``);
+* ``metrics/segment_<arch>.json``: per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
+  split, milliseconds per image, parameters, train time; for Mask R-CNN also the COCO ``segm`` and
+  ``bbox`` metrics, its semantic numbers coming from its instance masks rendered as a semantic map;
+* one MLflow run per architecture (params, per-epoch metrics, test metrics, the JSON and the PNGs).
+
+Semantic models (FCN, UNet) minimise the pixel-wise cross-entropy over K + 1 classes, ignoring
+``ignore_index`` pixels. Mask R-CNN minimises torchvision's sum of RPN, box and mask losses. All
+three are validated every epoch on the same quantity, the mean IoU of a semantic map on the
+validation split, and compared on the same ground truth: the dataset's semantic masks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.config import AugmentConfig
+from components.errors import ConfigError, DataError
+
+METRICS_DIR = Path("metrics")
+SEMANTIC_ARCHS = ("fcn", "unet")
+INSTANCE_ARCHS = ("mask_rcnn",)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
+    """The canonical dataset's ``dataset.json``, checked for the views ``arch`` needs.
+
+    Raises:
+        DataError: no manifest, or the dataset lacks semantic masks (or instance masks for Mask R-CNN).
+    """
+    manifest_path = root / "dataset.json"
+    if not manifest_path.is_file():
+        raise DataError("no canonical dataset here (dataset.json missing)", file=manifest_path, fix="run `visionflow ingest` first or set segment.dataset")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"dataset.json is not JSON ({err})", file=manifest_path, fix="re-run `visionflow ingest`") from None
+    tasks = manifest.get("tasks", [])
+    needed = ["semantic_segmentation"] + (["instance_segmentation"] if arch in INSTANCE_ARCHS else [])
+    missing = [t for t in needed if t not in tasks]
+    if missing:
+        raise DataError(
+            f"the dataset has no {' / '.join(missing)} view (tasks: {tasks}); {arch} needs it",
+            file=manifest_path,
+            record="tasks",
+            fix="ingest a source with masks (shapes, coco with segmentation, masks:DIR)"
+            + ("; Mask R-CNN needs instance masks: use fcn or unet for binary mask sources" if arch in INSTANCE_ARCHS else ""),
+        )
+    splits = manifest.get("splits", {})
+    for split in ("train", "val", "test"):
+        if not splits.get(split):
+            raise DataError(f"the dataset has no {split!r} images (splits: {splits})", file=manifest_path, record="splits", fix="ingest with a non-empty train/val/test split")
+    return manifest
+
+
+def semantic_datasets(root: Path, augment: AugmentConfig, image_size: int) -> dict[str, Any]:
+    """``SegmentationDataset`` per split: the train split with the augmentation preset, val/test without."""
+    from components.augment import build_transforms
+    from components.data.datasets import SegmentationDataset
+
+    return {
+        split: SegmentationDataset(root, split, transforms=build_transforms("segmentation", augment, train=split == "train", image_size=image_size))
+        for split in ("train", "val", "test")
+    }
+
+
+def instance_dataset(root: Path, split: str, augment: AugmentConfig, image_size: int, *, train: bool) -> Any:
+    """``DetectionDataset(masks=True)``: images with boxes, labels and instance masks moved together.
+
+    The detection preset (``augment.detection``) is used: it clamps boxes and drops the instances an
+    augmentation pushed out of the image, with their labels and masks (``SanitizeBoundingBoxes``).
+    """
+    from components.augment import build_transforms
+    from components.data.datasets import DetectionDataset
+
+    return DetectionDataset(root, split, transforms=build_transforms("detection", augment, train=train, image_size=image_size), masks=True)
+
+
+def semantic_collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """``[(Image[3, H, W], Mask[H, W])] -> (Tensor[N, 3, H, W] float, Tensor[N, H, W] int64)`` as plain tensors."""
+    images = torch.stack([torch.as_tensor(img).as_subclass(Tensor) for img, _ in batch])
+    masks = torch.stack([torch.as_tensor(m).as_subclass(Tensor) for _, m in batch]).long()
+    return images, masks
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_segmenter(arch: str, acfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``arch`` from its params section; returns ``(model, model_args)``.
+
+    ``model_args`` rebuild the same architecture from the checkpoint alone (``engine.load_model``):
+    the backbone's weights travel in the state dict, so the backbone checkpoint path is not kept.
+    """
+    from components.models import get_model
+
+    backbone = {"backbone_arch": acfg.backbone.arch, "trainable_layers": acfg.backbone.trainable_layers}
+    if arch == "fcn":
+        args: dict[str, Any] = {**backbone, "skips": acfg.skips}
+    elif arch == "unet":
+        args = {"base_channels": acfg.base_channels, "depth": acfg.depth, "pretrained_encoder": acfg.pretrained_encoder}
+        if acfg.pretrained_encoder:
+            args.update(backbone)
+    elif arch == "mask_rcnn":
+        args = {**backbone, "image_size": acfg.image_size, "score_threshold": acfg.score_threshold}
+    else:
+        raise ConfigError(f"unknown segmenter {arch!r}", record="segment.architectures", fix=f"use one of {SEMANTIC_ARCHS + INSTANCE_ARCHS}")
+    args["num_classes"] = num_classes
+    uses_backbone = arch != "unet" or acfg.pretrained_encoder
+    weights = acfg.backbone.weights if uses_backbone else None
+    model = get_model("segmentation", arch, backbone_weights=weights, **args)
+    return model, args
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def semantic_step(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device, *, ignore_index: int) -> dict[str, Tensor]:
+    """Pixel-wise cross-entropy of the logits ``[N, K+1, H, W]`` against the masks ``[N, H, W]`` (``ignore_index`` skipped)."""
+    images, masks = batch
+    logits = model(images.to(device, non_blocking=True))
+    loss = F.cross_entropy(logits.float(), masks.to(device, non_blocking=True), ignore_index=ignore_index)
+    return {"loss": loss}
+
+
+def instance_step(model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device) -> dict[str, Tensor]:
+    """Mask R-CNN: the sum of torchvision's RPN, box and mask losses (each also logged on its own)."""
+    images, targets = batch
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+    losses = model(images, targets)
+    return {"loss": sum(losses.values()), **losses}
+
+
+# --------------------------------------------------------------------------- prediction as a semantic map
+
+
+def render_semantic_map(
+    detections: Mapping[str, Tensor], size: tuple[int, int], *, score_threshold: float, mask_threshold: float
+) -> Tensor:
+    """Paint Mask R-CNN's instance masks into one class-index map, so it is scored like FCN and UNet.
+
+    Instances with ``score >= score_threshold`` are painted in increasing score order (the most
+    confident instance wins where masks overlap); a pixel belongs to an instance where its mask
+    probability is ``>= mask_threshold``.
+
+    Args:
+        detections: ``{"masks": Tensor[N, 1, H, W] probabilities, "labels": Tensor[N] 1..K, "scores": Tensor[N]}``.
+        size: ``(H, W)``.
+
+    Returns:
+        Tensor[H, W] int64: 0 background, k for category k.
+    """
+    semantic = torch.zeros(size, dtype=torch.int64)
+    scores = detections["scores"].detach().cpu()
+    keep = (scores >= score_threshold).nonzero().flatten()
+    for i in keep[scores[keep].argsort()].tolist():
+        semantic[detections["masks"][i, 0].detach().cpu() >= mask_threshold] = int(detections["labels"][i])
+    return semantic
+
+
+def predict_semantic(model: nn.Module, images: Tensor, *, instance: dict[str, float] | None = None) -> Tensor:
+    """Class-index maps ``Tensor[N, H, W]`` for ``images [N, 3, H, W]``: argmax of the logits, or rendered instances."""
+    if instance is None:
+        return model(images).argmax(dim=1)
+    detections = model(list(images))
+    return torch.stack([render_semantic_map(d, tuple(images.shape[-2:]), **instance) for d in detections])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_semantic(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    class_names: list[str] | None = None,
+    instance: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Confusion-matrix metrics (per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou``) and ``ms_per_image``.
+
+    Args:
+        model: a semantic model (logits) or, with ``instance``, Mask R-CNN (rendered with
+            :func:`render_semantic_map`, ``instance`` holding its thresholds).
+        loader: batches ``(Tensor[N, 3, H, W], Tensor[N, H, W])``.
+        num_classes: K + 1.
+    """
+    from components.metrics.segmentation import SegmentationEvaluator
+
+    evaluator = SegmentationEvaluator(num_classes=num_classes, ignore_index=ignore_index, class_names=class_names)
+    model.eval()
+    seconds, n_images = 0.0, 0
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        _synchronize(device)
+        start = time.perf_counter()
+        preds = predict_semantic(model, images, instance=instance)
+        _synchronize(device)
+        seconds += time.perf_counter() - start
+        n_images += images.shape[0]
+        evaluator.update(preds.cpu(), masks)
+    metrics = dict(evaluator.compute())
+    metrics["ms_per_image"] = 1000.0 * seconds / max(1, n_images)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_instances(
+    model: nn.Module, loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]], device: torch.device, *, categories: list[str], mask_threshold: float
+) -> dict[str, Any]:
+    """COCO ``segm`` and ``bbox`` metrics (12 numbers each, per class, VOC AP@0.5) of Mask R-CNN on ``loader``."""
+    from components.metrics.detection import DetectionEvaluator
+
+    evaluators = {t: DetectionEvaluator(categories, iou_type=t, mask_threshold=mask_threshold) for t in ("segm", "bbox")}
+    model.eval()
+    for images, targets in loader:
+        detections = model([img.to(device, non_blocking=True) for img in images])
+        detections = [{k: v.detach().cpu() for k, v in d.items()} for d in detections]
+        for evaluator in evaluators.values():
+            evaluator.update(detections, targets)
+    return {t: ev.compute()[t] for t, ev in evaluators.items()}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON through a temp file + ``os.replace`` (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def draw_test_overlays(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    *,
+    count: int,
+    class_names: list[str],
+    path: Path,
+    ignore_index: int,
+    instance: dict[str, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Overlay true and predicted masks on the first ``count`` test images (``draw_segmentation_masks``) as one PNG."""
+    from components.plots import plot_segmentation_overlays
+
+    model.eval()
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    images, masks = semantic_collate(samples)
+    preds = torch.cat([predict_semantic(model, images[i : i + 8].to(device), instance=instance).cpu() for i in range(0, len(images), 8)])
+    return plot_segmentation_overlays(images, masks, preds, class_names, path, ignore_index=ignore_index, title=title)
+
+
+def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"segm": {"map": 0.3, "per_class": {...}}} -> {"segm_map": 0.3, "segm_per_class_circle_ap": ...}`` (numbers only)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}".replace(" ", "_")
+        if isinstance(value, Mapping):
+            out.update(_flat_scalars(value, f"{name}_"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict:
+    """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
+
+    Args:
+        cfg: the ``segment`` params section.
+        arch: ``"fcn"``, ``"unet"`` or ``"mask_rcnn"``.
+        augment: the augmentation presets (``augment.segmentation`` for the train split).
+        tracking: where MLflow runs go.
+        resume: continue an interrupted run from ``outputs/segment/<arch>/last.pt`` (and its MLflow run).
+
+    Returns:
+        The test metrics written to ``metrics/segment_<arch>.json``.
+
+    Raises:
+        ConfigError: unknown architecture. DataError: the dataset lacks masks or a split.
+        CheckpointError: the backbone weights cannot be loaded. TrainingError: training diverged.
+    """
+    from components.engine import build_loader, fit, load_checkpoint, load_model, resolve_device, seed_everything
+    from components.tracking import start_run
+
+    acfg = cfg.arch(arch)
+    root = Path(cfg.dataset)
+    manifest = read_manifest(root, arch=arch)
+    categories: list[str] = list(manifest["categories"])
+    class_names = ["background", *categories]
+    num_classes = len(class_names)
+    out_dir = Path(cfg.out) / arch
+    seed_everything(acfg.train.seed)
+
+    model, model_args = build_segmenter(arch, acfg, num_classes)
+    is_instance = arch in INSTANCE_ARCHS
+    semantic = semantic_datasets(root, augment, acfg.image_size)
+    eval_batch = max(acfg.train.batch_size, 8)
+    val_loader = build_loader(semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
+    test_loader = build_loader(semantic["test"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
+    instance_cfg: dict[str, float] | None = None
+    if is_instance:
+        from components.data.datasets import detection_collate
+
+        assert isinstance(acfg, MaskRCNNConfig)
+        instance_cfg = {"score_threshold": acfg.semantic_score_threshold, "mask_threshold": acfg.mask_threshold}
+        train_set = instance_dataset(root, "train", augment, acfg.image_size, train=True)
+        train_loader = build_loader(train_set, acfg.train, train=True, collate_fn=detection_collate)
+        step = instance_step
+    else:
+        train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
+        step = partial(semantic_step, ignore_index=cfg.ignore_index)
+    evaluate = partial(evaluate_semantic, num_classes=num_classes, ignore_index=cfg.ignore_index, instance=instance_cfg)
+
+    run_id = None
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        run_id = load_checkpoint(last).get("mlflow_run_id")
+    with start_run(tracking, run_name=f"segment-{arch}", tags={"stage": "segment", "arch": arch}, run_id=run_id) as logger:
+        if run_id is None:
+            logger.log_params({"arch": arch, "dataset": str(root), "ignore_index": cfg.ignore_index, **acfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
+        meta = {
+            "task": "segmentation",
+            "model_name": arch,
+            "model_args": model_args,
+            "categories": categories,
+            "image_size": acfg.image_size,
+            "dataset": str(root),
+            "mlflow_run_id": logger.run_id,
+            "segmentation": "instance" if is_instance else "semantic",
+        }
+        if is_instance:
+            meta.update(score_threshold=acfg.semantic_score_threshold, mask_threshold=acfg.mask_threshold)
+        result = fit(
+            model,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            step=step,
+            evaluate=evaluate,
+            cfg=acfg.train,
+            out_dir=out_dir,
+            meta=meta,
+            resume=resume,
+            log_metrics=logger.log_metrics,
+            desc=f"segment {arch}",
+        )
+
+        best_path = result.best_path or result.last_path
+        model, _ = load_model(best_path)
+        device = resolve_device(acfg.train.device)
+        model.to(device)
+        test = evaluate_semantic(
+            model, test_loader, device, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg
+        )
+        if is_instance:
+            test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
+            coco_loader = build_loader(test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch)
+            test.update(evaluate_instances(model, coco_loader, device, categories=categories, mask_threshold=acfg.mask_threshold))
+            test["semantic_from"] = f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
+        metrics: dict[str, Any] = {
+            "arch": arch,
+            "dataset": str(root),
+            "test": {"num_images": len(semantic["test"]), **test},
+            "val": result.best_metrics,
+            "parameters": count_parameters(model),
+            "train_time_s": result.train_time_s,
+            "epochs": result.epochs_completed,
+            "best_epoch": result.best_epoch,
+            "images_per_s": result.images_per_s,
+            "device": device.type,
+            "eval_batch_size": eval_batch,
+            "checkpoint": str(best_path),
+        }
+        overlays = draw_test_overlays(
+            model,
+            semantic["test"],
+            device,
+            count=cfg.overlays,
+            class_names=class_names,
+            path=out_dir / "overlays.png",
+            ignore_index=cfg.ignore_index,
+            instance=instance_cfg,
+            title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
+        )
+        metrics_path = write_json_atomic(METRICS_DIR / f"segment_{arch}.json", metrics)
+        logger.log_metrics(_flat_scalars({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}))
+        logger.log_artifact(metrics_path)
+        logger.log_artifact(overlays, artifact_path="plots")
+    return metrics
+
+
+COMPARED = ("miou", "pixel_accuracy", "ms_per_image", "parameters", "train_time_s")
+
+
+def compare_segmenters(cfg: SegmentConfig) -> dict:
+    """Gather ``metrics/segment_<arch>.json`` of the listed architectures into one table and a PNG.
+
+    Writes ``metrics/segment_comparison.json`` (``{arch: {miou, pixel_accuracy, ms_per_image,
+    parameters, train_time_s, per_class_iou}}``) and ``outputs/segment/comparison.png``.
+
+    Raises:
+        DataError: no architecture has been run yet.
+    """
+    from components.plots import plot_segmenter_comparison
+
+    table: dict[str, dict[str, Any]] = {}
+    missing = []
+    for arch in cfg.architectures:
+        path = METRICS_DIR / f"segment_{arch}.json"
+        if not path.is_file():
+            missing.append(arch)
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+            test = metrics["test"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError("not a segment stage metrics file (no 'test' section)", file=path, fix=f"re-run `visionflow segment --arch {arch}`") from None
+        table[arch] = {k: test.get(k, metrics.get(k)) for k in COMPARED} | {"per_class_iou": test.get("per_class_iou", {})}
+        for iou_type in ("segm", "bbox"):
+            if isinstance(test.get(iou_type), Mapping):
+                table[arch][f"{iou_type}_map"] = test[iou_type].get("map")
+                table[arch][f"{iou_type}_map_50"] = test[iou_type].get("map_50")
+    if not table:
+        raise DataError(
+            f"no segmentation metrics yet for {list(cfg.architectures)}",
+            file=METRICS_DIR,
+            fix="run `visionflow segment --arch A` for each architecture first",
+        )
+    result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
+    write_json_atomic(METRICS_DIR / "segment_comparison.json", result)
+    plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png")
+    return result

@@ -1,0 +1,262 @@
+"""The training engine: exact resume, schedule, NaN guard, early stopping, checkpoints, param groups."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from components.config import TrainConfig
+from components.engine import (
+    build_loader,
+    build_optimizer,
+    fit,
+    load_checkpoint,
+    load_model,
+    lr_factor,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+)
+from components.errors import CheckpointError, ConfigError, TrainingError
+from components.metrics.classification import evaluate_classification
+from components.models.classifier import classification_step
+from components.models.registry import get_model
+
+CLASSES = ["red", "blue"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a CPU shared with other jobs, 2 threads on tiny tensors are ~15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+META = {"task": "classification", "model_name": "convnet", "model_args": {"num_classes": 2, "widths": [8, 16], "hidden": 16}, "categories": CLASSES}
+
+
+class NoisyColours(Dataset):
+    """Tiny 2-class images (red-ish vs blue-ish); __getitem__ adds noise from the global RNG (an augmentation stand-in),
+    so exact resume needs the RNG states restored, not only the weights."""
+
+    def __init__(self, n: int = 48, size: int = 12):
+        g = torch.Generator().manual_seed(1)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        colour = torch.zeros(n, 3, 1, 1)
+        colour[:, 0] = 1.0 - self.labels.float()[:, None, None]
+        colour[:, 2] = self.labels.float()[:, None, None]
+        self.images = 0.2 + 0.5 * colour + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i] + 0.05 * torch.randn_like(self.images[i]), int(self.labels[i])
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"epochs": 4, "batch_size": 8, "lr": 1e-2, "device": "cpu", "seed": 0, "warmup_epochs": 0.5}
+    return TrainConfig(**{**base, **kw})
+
+
+def _run(tmp: Path, cfg: TrainConfig, *, resume: bool = False, step=classification_step, logs=None):
+    seed_everything(cfg.seed)
+    model = get_model("classification", "convnet", **META["model_args"])  # dropout > 0: uses the RNG
+    ds = NoisyColours()
+    result = fit(
+        model,
+        train_loader=build_loader(ds, cfg, train=True),
+        val_loader=build_loader(ds, cfg, train=False),
+        step=step,
+        evaluate=partial(evaluate_classification, class_names=CLASSES),
+        cfg=cfg,
+        out_dir=tmp,
+        meta=META,
+        resume=resume,
+        log_metrics=None if logs is None else (lambda m, s: logs.append((s, dict(m)))),
+        desc="test",
+    )
+    return model, result
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting_step(at: int):
+    calls = {"n": 0}
+
+    def step(model, batch, device):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise Interrupt  # a crash in the middle of an epoch, after some epochs were checkpointed
+        return classification_step(model, batch, device)
+
+    return step
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    straight, r1 = _run(tmp_path / "straight", _cfg())
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "resumed", _cfg(), step=_interrupting_step(at=6 * 2 + 3))  # 6 steps/epoch: dies in epoch 3
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    resumed, r2 = _run(tmp_path / "resumed", _cfg(), resume=True)
+    assert r2.epochs_completed == 4 and r2.global_step == r1.global_step == 24
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [h["val"]["accuracy"] for h in r1.history] == [h["val"]["accuracy"] for h in r2.history]
+
+
+def test_resume_with_more_epochs_extends_the_cosine_schedule(tmp_path):
+    _, short = _run(tmp_path, _cfg(epochs=2, warmup_epochs=0))
+    assert short.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reached 0 at the old end
+    model, longer = _run(tmp_path, _cfg(epochs=4, warmup_epochs=0), resume=True)
+    assert longer.epochs_completed == 4 and len(longer.history) == 4
+    steps = 6 * 4
+    expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * 18 / steps))  # lr after epoch 3 on the 4-epoch cosine
+    assert longer.history[2]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert longer.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    cfg = _cfg(scheduler="cosine")
+    f = partial(lr_factor, total_steps=100, warmup_steps=10, cfg=cfg, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    cfg = _cfg(scheduler="step", step_size=2, gamma=0.1)
+    g = partial(lr_factor, total_steps=100, warmup_steps=0, cfg=cfg, steps_per_epoch=10)
+    assert [g(s) for s in (0, 19, 20, 39, 40)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_loss_falls_and_checkpoints_load_weights_only(tmp_path):
+    logs: list = []
+    _, result = _run(tmp_path, _cfg(epochs=6, early_stopping={"monitor": "accuracy", "mode": "max", "patience": 10}), logs=logs)
+    assert result.history[-1]["train_loss"] < 0.7 * result.history[0]["train_loss"]
+    assert [s for s, _ in logs] == [1, 2, 3, 4, 5, 6] and "val_accuracy" in logs[0][1] and "train_loss" in logs[0][1]
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        assert ckpt["task"] == "classification" and ckpt["categories"] == CLASSES
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert {"optimizer", "scheduler", "rng", "history", "best", "early_stopping"} <= set(last)
+    assert last["best"]["value"] == max(h["val"]["accuracy"] for h in result.history)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+    model, ckpt = load_model(tmp_path / "best.pt")
+    assert ckpt["epoch"] == result.best_epoch
+    assert model(torch.rand(5, 3, 12, 12)).shape == (5, 2)
+
+
+def test_nan_loss_stops_the_stage_and_keeps_nothing_registrable(tmp_path):
+    def diverging(model, batch, device):
+        out = classification_step(model, batch, device)
+        if diverging.calls >= 8:  # epoch 2, after epoch 1 wrote a best.pt
+            out["loss"] = out["loss"] * float("nan")
+        diverging.calls += 1
+        return out
+
+    diverging.calls = 0
+    with pytest.raises(TrainingError) as err:
+        _run(tmp_path, _cfg(), step=diverging)
+    assert "epoch 2" in str(err.value) and "step 9" in str(err.value) and "test" in str(err.value)
+    assert not (tmp_path / "best.pt").exists()
+    marker = json.loads((tmp_path / "diverged.json").read_text())
+    assert marker["epoch"] == 2 and marker["step"] == 9
+
+
+def test_early_stopping_on_a_named_metric(tmp_path):
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+
+    def evaluate(model, loader, device):
+        return {"score": next(scores)}
+
+    cfg = _cfg(epochs=6, early_stopping={"monitor": "score", "mode": "max", "patience": 2})
+    ds = NoisyColours(16)
+    model = get_model("classification", "convnet", **META["model_args"])
+    result = fit(model, train_loader=build_loader(ds, cfg, train=True), val_loader=[None], step=classification_step,
+                 evaluate=evaluate, cfg=cfg, out_dir=tmp_path, meta=META)
+    assert result.stopped_early and result.epochs_completed == 3 and result.best_epoch == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+    bad = _cfg(epochs=1, early_stopping={"monitor": "nope"})
+    with pytest.raises(ConfigError, match="score"):
+        fit(model, train_loader=build_loader(ds, bad, train=True), val_loader=[None], step=classification_step,
+            evaluate=lambda model, loader, device: {"score": 1.0}, cfg=bad, out_dir=tmp_path / "b", meta=META)
+
+
+def test_param_groups_lr_mult_and_frozen_params_are_skipped():
+    model = get_model("classification", "classifier", num_classes=3, backbone="vfnet_small", trainable_layers=1)
+    cfg = _cfg(lr=1e-2, weight_decay=0.05)
+    opt = build_optimizer(model, cfg, model.param_groups(backbone_lr_mult=0.1))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["backbone"]["lr"] == pytest.approx(1e-3) and by_name["head"]["lr"] == pytest.approx(1e-2)
+    assert by_name["head.no_decay"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] == 0.05
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen = [p for s in list(model.backbone.stages)[:3] for p in s.parameters()]
+    assert frozen and not any(id(p) in in_opt for p in frozen)
+    assert all(id(p) in in_opt for p in model.backbone.stages[3].parameters())
+
+
+def test_seeded_loader_order_depends_on_seed_and_epoch_only():
+    from components.engine import _set_epoch
+
+    ds = list(range(20))
+    cfg = _cfg(batch_size=20)
+    a, b = build_loader(ds, cfg, train=True), build_loader(ds, cfg, train=True)
+    torch.manual_seed(123)  # the global RNG must not matter
+    _set_epoch(a, 0, 3)
+    order_a = next(iter(a)).tolist()
+    _set_epoch(b, 0, 3)
+    assert next(iter(b)).tolist() == order_a
+    _set_epoch(b, 0, 4)
+    assert next(iter(b)).tolist() != order_a
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    model = get_model("classification", "convnet", num_classes=2)
+    other = save_checkpoint(tmp_path / "other.pt", {**META, "state_dict": model.state_dict()})  # widths differ from model_args
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(other)
+    with pytest.raises(TypeError, match="plain data"):
+        save_checkpoint(tmp_path / "x.pt", {"state_dict": {}, "cfg": object()})
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    _run(tmp_path, _cfg(epochs=1))
+    cfg = _cfg(epochs=2)
+    model = get_model("classification", "convnet", num_classes=3)
+    ds = NoisyColours(16)
+    with pytest.raises(CheckpointError, match="last.pt"):
+        fit(model, train_loader=build_loader(ds, cfg, train=True), val_loader=None, step=classification_step, evaluate=None,
+            cfg=cfg, out_dir=tmp_path, meta={**META, "model_args": {"num_classes": 3}}, resume=True)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device"):
+            resolve_device("cuda")
+
+
+def test_max_steps_per_epoch_and_grad_clip(tmp_path):
+    seen = []
+
+    def step(model: nn.Module, batch, device):
+        out = classification_step(model, batch, device)
+        seen.append(1)
+        return out
+
+    _, result = _run(tmp_path, _cfg(epochs=2, max_steps_per_epoch=2, grad_clip=0.5, optimizer="sgd"), step=step)
+    assert len(seen) == 4 and result.global_step == 4

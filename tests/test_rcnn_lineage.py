@@ -1,0 +1,149 @@
+"""R-CNN and Fast R-CNN: RoI pooling on a hand-made map, the warp, training steps with falling loss, valid boxes."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from components.config import FastRCNNConfig, RCNNConfig
+from components.errors import DataError
+from components.models import get_model, list_models
+from components.models.rcnn_lineage import RCNN, FastRCNN, RoIPool, fast_rcnn, rcnn
+
+TINY = {"image_size": 64, "proposals_per_image": 40, "ss_scales": [100.0], "ss_color_spaces": ["hsv"], "ss_similarities": ["ctsf"]}
+COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])
+
+
+def _toy_batch(n: int = 4, size: int = 64, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Plain grey images, one coloured square each; the class is the colour (2 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(n):
+        side = int(torch.randint(size // 4, size // 2, (1,), generator=g))
+        x0, y0 = (int(v) for v in torch.randint(0, size - side, (2,), generator=g))
+        image = torch.full((3, size, size), 0.6)
+        image[:, y0 : y0 + side, x0 : x0 + side] = COLOURS[i % 2][:, None, None]
+        images.append(image)
+        targets.append({"boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32), "labels": torch.tensor([i % 2 + 1])})
+    return images, targets
+
+
+def test_roi_pool_shapes_and_values_on_a_hand_made_feature_map():
+    fmap = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)  # value = 64 c + 8 y + x
+    pool = RoIPool("0", output_size=2, spatial_scale=0.5)  # a stride-2 map: image boxes are halved
+    proposals = [torch.tensor([[0.0, 0.0, 14.0, 14.0], [8.0, 4.0, 14.0, 6.0]])]
+    out = pool({"0": fmap}, proposals, [(16, 16)])
+    assert out.shape == (2, 2, 2, 2)  # [R, C, s, s]
+    # box 1 covers feature cells 0..7: each output bin is the max of a 4x4 quadrant, i.e. its bottom-right cell
+    torch.testing.assert_close(out[0, 0], torch.tensor([[27.0, 31.0], [59.0, 63.0]]))
+    torch.testing.assert_close(out[0, 1], out[0, 0] + 64)
+    # box 2 covers cells x 4..7, y 2..3: bins split x into 4..5 | 6..7 and y into 2 | 3
+    torch.testing.assert_close(out[1, 0], torch.tensor([[8 * 2 + 5.0, 8 * 2 + 7.0], [8 * 3 + 5.0, 8 * 3 + 7.0]]))
+
+
+def test_roi_pool_keeps_images_apart():
+    fmap = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    pool = RoIPool("0", output_size=3, spatial_scale=1.0)
+    out = pool({"0": fmap}, [torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([[0.0, 0.0, 3.0, 3.0]] * 2)], [(4, 4)] * 2)
+    assert out.shape == (3, 1, 3, 3)
+    assert out[0].eq(0).all() and out[1:].eq(1).all()
+
+
+def test_rcnn_warp_crops_the_region_to_the_cnn_input():
+    model = rcnn(num_classes=2, crop_size=8, **TINY)
+    batch = torch.zeros(1, 3, 32, 32)
+    batch[0, 0, 8:24, 4:12] = 1.0  # a red 8x16 region
+    crops = model.warp_regions(batch, [torch.tensor([[4.0, 8.0, 12.0, 24.0], [20.0, 0.0, 32.0, 6.0]])])
+    assert crops.shape == (2, 3, 8, 8)
+    # the region fills its crop, stretched; bilinear sampling blends the outermost samples with the border
+    torch.testing.assert_close(crops[0, 0, 1:-1, 1:-1], torch.ones(6, 6))
+    assert crops[0, 0].min() >= 0.85
+    assert crops[1].abs().max() == 0 and crops[0, 1:].abs().max() == 0
+
+
+def _train(model: torch.nn.Module, images, targets, steps: int, lr: float) -> list[float]:
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    history = []
+    for _ in range(steps):
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+    return history
+
+
+def _assert_valid_detections(detections, images, num_classes: int) -> None:
+    assert len(detections) == len(images)
+    for det, image in zip(detections, images, strict=True):
+        h, w = image.shape[-2:]
+        boxes, labels, scores = det["boxes"], det["labels"], det["scores"]
+        assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) == len(labels) == len(scores)
+        assert torch.all(boxes[:, 0] >= 0) and torch.all(boxes[:, 1] >= 0) and torch.all(boxes[:, 2] <= w) and torch.all(boxes[:, 3] <= h)
+        assert torch.all(boxes[:, 2] > boxes[:, 0]) and torch.all(boxes[:, 3] > boxes[:, 1])
+        assert labels.dtype == torch.int64 and torch.all((labels >= 1) & (labels <= num_classes))
+        assert torch.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "steps", "lr"),
+    [
+        ("rcnn", {"crop_size": 16, "rois_per_image": 16}, 20, 3e-3),
+        ("rcnn", {"crop_size": 16, "rois_per_image": 16, "classifier_loss": "logistic"}, 20, 3e-3),
+        ("fast_rcnn", {}, 20, 3e-3),
+    ],
+)
+def test_trains_with_falling_loss_and_detects(name, extra, steps, lr, tmp_path):
+    torch.manual_seed(0)
+    images, targets = _toy_batch()
+    model = get_model("detection", name, num_classes=2, proposal_cache=str(tmp_path), **TINY, **extra)
+    history = _train(model, images, targets, steps, lr)
+    assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history
+    assert model.proposer.cache.misses == len(images)  # selective search ran once per image, then the cache served
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    _assert_valid_detections(detections, images, 2)
+    assert set(model.last_timings) == {"proposals_s", "features_s", "head_s"}
+    # the trained detector finds the training objects with the right class
+    for det, target in zip(detections, targets, strict=True):
+        assert len(det["boxes"]) > 0
+        assert box_iou(target["boxes"], det["boxes"][:1]).item() > 0.5
+        assert det["labels"][0] == target["labels"][0]
+
+
+def test_boxes_are_mapped_back_to_the_input_size():
+    """The network input is resized (longer side image_size); detections come back in the input's pixels."""
+    images, _ = _toy_batch(2, size=96)
+    images = [img[:, :, :80] for img in images]  # 96 x 80 inputs, network at 48
+    for model in (rcnn(num_classes=2, **{**TINY, "image_size": 48}), fast_rcnn(num_classes=2, **{**TINY, "image_size": 48})):
+        model.eval()
+        with torch.no_grad():
+            _assert_valid_detections(model(images), images, 2)
+
+
+def test_registered_and_builders_accept_every_param_of_their_section():
+    assert {"rcnn", "fast_rcnn"} <= set(list_models("detection"))
+    for builder, section in ((rcnn, RCNNConfig), (fast_rcnn, FastRCNNConfig)):
+        accepted = set(inspect.signature(builder).parameters)
+        own = set(section.model_fields) - {"backbone", "train"}
+        assert own <= accepted, own - accepted
+    assert isinstance(get_model("detection", "rcnn", num_classes=3, **TINY), RCNN)
+    assert isinstance(get_model("detection", "fast_rcnn", num_classes=3, **TINY), FastRCNN)
+
+
+def test_bad_inputs_raise_data_errors():
+    model = fast_rcnn(num_classes=2, **TINY)
+    images, targets = _toy_batch(1)
+    with pytest.raises(DataError, match="no targets"):
+        model(images)
+    with pytest.raises(DataError, match="Tensor\\[3, H, W\\]"):
+        model([torch.rand(1, 3, 8, 8)], targets)
+    with pytest.raises(DataError, match="zero or negative"):
+        model(images, [{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]]), "labels": torch.tensor([1])}])

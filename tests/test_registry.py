@@ -1,0 +1,197 @@
+"""Registry: pyfunc models logged with their code, aliases, the promotion gate, a consumer without the repository."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.config import Gate, load_params
+from components.tracking import decide_promotion
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(size: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the gate, pure
+
+
+@pytest.mark.parametrize(
+    ("cand", "champ_version", "champ", "margin", "higher", "promoted"),
+    [
+        (0.7, None, None, 0.0, True, True),  # no champion yet
+        (0.7, "1", 0.8, 0.0, True, False),  # worse
+        (0.8, "1", 0.8, 0.0, True, False),  # equal does not beat
+        (0.81, "1", 0.8, 0.02, True, False),  # better, but below the margin
+        (0.83, "1", 0.8, 0.02, True, True),  # better by the margin
+        (0.2, "1", 0.3, 0.05, False, True),  # lower is better
+        (float("nan"), None, None, 0.0, True, False),  # a diverged candidate never promotes
+        (None, "1", 0.8, 0.0, True, False),
+    ],
+)
+def test_gate_decision(cand, champ_version, champ, margin, higher, promoted):
+    gate = Gate(metric="m", margin=margin, higher_is_better=higher)
+    decision = decide_promotion(model="x", candidate_version="2", candidate_value=cand, champion_version=champ_version, champion_value=champ, gate=gate)
+    assert decision.promoted is promoted
+    assert decision.as_tags()["gate.promoted"] == str(promoted)
+    assert decision.reason
+
+
+# --------------------------------------------------------------------------- the register stage against a real store
+
+
+def test_register_stage_versions_aliases_card_and_lineage(registry_store):
+    from mlflow import MlflowClient
+
+    cfg, uri, work, report = registry_store
+    assert set(report["registered"]) == {"visionflow-classifier", "visionflow-detector-yolo", "visionflow-segmenter-fcn"}
+    assert "visionflow-backbone" in report["refused"]  # no pretrain checkpoint in this store: nothing registered
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("visionflow-detector-yolo", "champion")
+    assert client.get_model_version_by_alias("visionflow-detector-yolo", "candidate").version == mv.version
+    assert mv.tags["gate.promoted"] == "True" and mv.tags["metric.map_50"] == "0.5"
+    for key in ("visionflow.git_commit", "visionflow.data_hash", "visionflow.params_hash", "visionflow.register_run_id"):
+        assert mv.tags.get(key), key
+    assert "## Metrics" in mv.description and "map_50" in mv.description and "## Lineage" in mv.description
+    run = client.get_run(mv.tags["visionflow.register_run_id"])
+    assert run.data.tags["visionflow.params_hash"] == mv.tags["visionflow.params_hash"]
+    assert json.loads((work / "metrics/register.json").read_text())["registered"]["visionflow-segmenter-fcn"]["promoted"] is True
+
+
+def _reregister(work: Path, uri: str, metrics: dict, *, diverged: bool = False, status: str | None = None) -> dict:
+    from components.stages.register import run_register
+
+    (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": metrics, **({"status": status} if status else {})}}))
+    marker = work / "outputs/finetune/fine_tuning/diverged.json"
+    if diverged:
+        marker.write_text("{}")
+    elif marker.exists():
+        marker.unlink()
+    params = load_params(REPO / "params.yaml", [f"tracking.uri={uri}", "tracking.experiment=registry", "detect.architectures=[]",
+                                               "segment.architectures=[]", "finetune.strategies=[fine_tuning]", "register.classifier.margin=0.05"])
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        return run_register(params)
+    finally:
+        os.chdir(cwd)
+
+
+def test_gate_worse_stays_better_moves_failed_moves_nothing(registry_store):
+    from mlflow import MlflowClient
+
+    _, uri, work, _ = registry_store
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "visionflow-classifier"
+    champion = client.get_model_version_by_alias(name, "champion").version
+
+    worse = _reregister(work, uri, {"accuracy": 0.7})["registered"][name]
+    assert worse["promoted"] is False
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+    assert client.get_model_version_by_alias(name, "candidate").version == worse["version"]
+    assert client.get_model_version(name, worse["version"]).tags["gate.promoted"] == "False"
+
+    slightly = _reregister(work, uri, {"accuracy": 0.82})["registered"][name]  # +0.02 < margin 0.05
+    assert slightly["promoted"] is False and client.get_model_version_by_alias(name, "champion").version == champion
+
+    versions_before = len(client.search_model_versions(f"name='{name}'"))
+    for kwargs in ({"diverged": True}, {"status": "failed"}):
+        report = _reregister(work, uri, {"accuracy": 0.99}, **kwargs)
+        assert name in report["refused"] and name not in report["registered"]
+    nan = _reregister(work, uri, {"accuracy": float("nan")})
+    assert name in nan["refused"]
+    assert len(client.search_model_versions(f"name='{name}'")) == versions_before  # nothing registered from failed runs
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+
+    better = _reregister(work, uri, {"accuracy": 0.9})["registered"][name]
+    assert better["promoted"] is True
+    assert client.get_model_version_by_alias(name, "champion").version == better["version"]
+    assert client.get_model_version(name, better["version"]).tags["gate.champion_version"] == champion
+
+
+# --------------------------------------------------------------------------- a consumer without the repository
+
+CONSUMER = textwrap.dedent(
+    """
+    import importlib.util, io, json, sys
+    # a consumer's environment: this repository is neither on sys.path nor installed (drop the editable finder)
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in getattr(f, "__module__", "")]
+    sys.path[:] = [p for p in sys.path if p and not p.startswith(REPO)]
+    assert importlib.util.find_spec("components") is None, "components must not be importable before loading"
+    import mlflow, numpy as np, pandas as pd
+    from PIL import Image
+    mlflow.set_tracking_uri(URI)
+
+    def png(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    out = {}
+    for name in NAMES:
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        one = model.predict(pd.DataFrame({"image": [png(0)]}))
+        five = model.predict(pd.DataFrame({"image": [png(1), png(2), np.zeros((30, 20, 3), np.uint8), png(3), png(4)]}))
+        out[name] = {"n1": len(one), "n5": len(five), "columns": list(five.columns), "row": json.loads(five.iloc[2].to_json())}
+    import components
+    out["components_file"] = components.__file__
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_consumer_without_repository_loads_champions(registry_store, tmp_path):
+    _, uri, _, _ = registry_store
+    names = ["visionflow-classifier", "visionflow-detector-yolo", "visionflow-segmenter-fcn"]
+    script = f"REPO = {str(REPO)!r}\nURI = {uri!r}\nNAMES = {names!r}\n" + CONSUMER
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert not result["components_file"].startswith(str(REPO))  # the model's own copy of the code
+    for name in names:
+        assert result[name]["n1"] == 1 and result[name]["n5"] == 5
+    assert {"label", "score", "probabilities"} <= set(result["visionflow-classifier"]["columns"])
+    assert result["visionflow-classifier"]["row"]["label"] in ("ants", "bees")
+    assert {"boxes", "labels", "scores"} <= set(result["visionflow-detector-yolo"]["columns"])
+    assert set(result["visionflow-detector-yolo"]["row"]["labels"]) <= {"circle", "square"}
+    mask = np.asarray(result["visionflow-segmenter-fcn"]["row"]["mask"])
+    assert mask.shape == (30, 20) and mask.max() <= 2  # the input's own size, class indices 0..K
+
+
+def test_predict_files_with_registry_uri_and_checkpoint(registry_store, tmp_path, monkeypatch):
+    from components.errors import DataError
+    from components.stages.predict import predict_files
+
+    _, uri, work, _ = registry_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    images = []
+    for i in range(2):
+        path = tmp_path / f"im{i}.png"
+        path.write_bytes(png_bytes(seed=i))
+        images.append(path)
+    via_registry = predict_files("models:/visionflow-detector-yolo@champion", images, out=tmp_path / "pred.json", draw=tmp_path / "drawn")
+    via_checkpoint = predict_files(str(work / "outputs/detect/yolo/best.pt"), images, out=None, draw=None)
+    assert via_registry["count"] == 2 and json.loads((tmp_path / "pred.json").read_text())["predictions"]
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == 2
+    for path in images:  # the registry and the checkpoint give the same answer
+        a, b = via_registry["predictions"][str(path)], via_checkpoint["predictions"][str(path)]
+        assert a["labels"] == b["labels"] and np.allclose(np.asarray(a["scores"]), np.asarray(b["scores"]), atol=1e-4)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        predict_files(str(work / "outputs/detect/yolo/best.pt"), [bad], out=None, draw=None)

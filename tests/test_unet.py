@@ -1,0 +1,52 @@
+"""UNet: symmetric contracting/expanding paths with concatenated skips, any input size, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.models import get_model
+from components.models.backbones import build_backbone
+from components.models.unet import UNet
+from test_fcn import train_semantic  # the tiny scenes and training loop shared by the segmentation tests
+
+
+@pytest.mark.parametrize("pretrained_encoder", [False, True])
+@pytest.mark.parametrize("size", [(64, 64), (37, 51), (33, 32), (1, 1)])
+def test_unet_output_has_the_input_size(pretrained_encoder, size):
+    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, *size))
+    assert logits.shape == (2, 3, *size)
+    assert torch.isfinite(logits).all()
+
+
+def test_unet_paths_are_symmetric_and_concatenate_skips():
+    model = UNet(3, base_channels=8, depth=3)
+    down = [block[1][0].out_channels for block in model.down]  # DoubleConv's first convolution
+    up = [block.up.out_channels for block in model.up]
+    assert down == [16, 32, 64]
+    assert up == [32, 16, 8]  # the expanding path mirrors the contracting path
+    # each expanding block convolves the concatenation [skip, up-sampled]: twice the channels
+    assert [block.conv[0].in_channels for block in model.up] == [64, 32, 16]
+    x = torch.rand(1, 3, 24, 24)
+    feats = model.contract(model.normalize(x))
+    assert [f.shape[-1] for f in feats] == [24, 12, 6, 3]
+
+
+def test_unet_with_a_pretrained_backbone_encoder(tmp_path):
+    backbone = build_backbone("vfnet_small")
+    path = tmp_path / "backbone.pt"
+    torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "vfnet_small"}, path)
+    model = get_model("segmentation", "unet", num_classes=3, pretrained_encoder=True, backbone_weights=str(path))
+    assert model.strides == [1, *backbone.strides]
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("pretrained_encoder", [False, True])
+def test_unet_trains_with_falling_loss(pretrained_encoder):
+    torch.manual_seed(0)
+    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder)
+    losses = train_semantic(model, steps=25)
+    assert losses[-1] < 0.4 * losses[0], losses
