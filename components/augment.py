@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
@@ -43,11 +44,16 @@ FILL_GREY = 114 / 255
 
 def _preset_name(task: str, cfg: AugmentConfig) -> str:
     if task not in PRESETS:
-        raise ConfigError(f"unknown augmentation task {task!r}", record="augment", fix=f"use one of {list(PRESETS)}")
+        raise ConfigError(
+            f"unknown augmentation task {task!r}", record="augment", fix=f"use one of {list(PRESETS)}"
+        )
     name = getattr(cfg, task)
     if name not in PRESETS[task]:
-        raise ConfigError(f"unknown {task} preset {name!r}", record=f"augment.{task}",
-                          fix=f"use one of {list(PRESETS[task])}")
+        raise ConfigError(
+            f"unknown {task} preset {name!r}",
+            record=f"augment.{task}",
+            fix=f"use one of {list(PRESETS[task])}",
+        )
     return name
 
 
@@ -113,33 +119,51 @@ def build_transforms(task: str, cfg: AugmentConfig, *, train: bool, image_size: 
     if not train or name == "none":
         steps: list[v2.Transform] = [resize]
         if task == "detection":
-            steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_target_fields),
-                      RecomputeArea()]
+            steps += [
+                v2.ClampBoundingBoxes(),
+                v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_target_fields),
+                RecomputeArea(),
+            ]
         return v2.Compose(steps)
     crop = v2.RandomResizedCrop(size, scale=cfg.crop_scale, antialias=True)
     if task == "classification":
         steps = [crop, *([v2.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else [])]
         if name == "strong":
-            steps += [*([v2.RandomVerticalFlip(cfg.vflip)] if cfg.vflip > 0 else []), _colour_jitter(cfg),
-                      v2.RandomErasing(p=0.25, value=0)]
+            steps += [
+                *([v2.RandomVerticalFlip(cfg.vflip)] if cfg.vflip > 0 else []),
+                _colour_jitter(cfg),
+                v2.RandomErasing(p=0.25, value=0),
+            ]
         return v2.Compose(steps)
     if task == "detection":
         steps = _flips(cfg)
         if name == "yolo":
             steps += [
-                v2.RandomAffine(degrees=0.0, translate=(cfg.translate, cfg.translate), scale=cfg.scale,
-                                fill={tv_tensors.Image: FILL_GREY, tv_tensors.Mask: 0, "others": 0}),
+                v2.RandomAffine(
+                    degrees=0.0,
+                    translate=(cfg.translate, cfg.translate),
+                    scale=cfg.scale,
+                    fill={tv_tensors.Image: FILL_GREY, tv_tensors.Mask: 0, "others": 0},
+                ),
                 v2.RandomApply([crop], p=0.5),
                 _colour_jitter(cfg),
             ]
-        steps += [resize, v2.ClampBoundingBoxes(),
-                  v2.SanitizeBoundingBoxes(min_size=max(1.0, cfg.min_box_size), labels_getter=_target_fields),
-                  RecomputeArea()]
+        steps += [
+            resize,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=max(1.0, cfg.min_box_size), labels_getter=_target_fields),
+            RecomputeArea(),
+        ]
         return v2.Compose(steps)
     steps = [crop, *_flips(cfg), _colour_jitter(cfg)]  # segmentation
     if name == "elastic":
-        steps.append(v2.ElasticTransform(alpha=cfg.elastic_alpha, sigma=cfg.elastic_sigma,
-                                         fill={tv_tensors.Image: 0.0, tv_tensors.Mask: 255, "others": 0}))
+        steps.append(
+            v2.ElasticTransform(
+                alpha=cfg.elastic_alpha,
+                sigma=cfg.elastic_sigma,
+                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: 255, "others": 0},
+            )
+        )
     return v2.Compose(steps)
 
 
@@ -161,10 +185,17 @@ def _draw_detection(image: torch.Tensor, target: dict[str, Any], classes: list[s
     labels = target["labels"].tolist()
     colours = [palette[k] for k in labels]
     if "masks" in target and len(labels):
-        canvas = draw_segmentation_masks(canvas, target["masks"].as_subclass(torch.Tensor).bool(), alpha=0.45, colors=colours)
+        canvas = draw_segmentation_masks(
+            canvas, target["masks"].as_subclass(torch.Tensor).bool(), alpha=0.45, colors=colours
+        )
     if len(labels):
-        canvas = draw_bounding_boxes(canvas, target["boxes"].as_subclass(torch.Tensor), labels=[classes[k - 1] for k in labels],
-                                     colors=colours, width=1)
+        canvas = draw_bounding_boxes(
+            canvas,
+            target["boxes"].as_subclass(torch.Tensor),
+            labels=[classes[k - 1] for k in labels],
+            colors=colours,
+            width=1,
+        )
     return canvas
 
 
@@ -198,9 +229,12 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
     Returns:
         ``{"out", "previews": [paths], "policy": path, "presets": {task: name}}``.
     """
-    from torchvision.io import write_png
-
-    from components.data.datasets import ClassificationDataset, DetectionDataset, SegmentationDataset, load_manifest
+    from components.data.datasets import (
+        ClassificationDataset,
+        DetectionDataset,
+        SegmentationDataset,
+        load_manifest,
+    )
 
     dataset, out = Path(dataset), Path(out)
     manifest = load_manifest(dataset)
@@ -208,10 +242,19 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     draws = 3
-    policy: dict[str, Any] = {"dataset": str(dataset), "split": split, "seed": cfg.seed, "augment": cfg.model_dump(mode="json"),
-                              "presets": {}}
+    policy: dict[str, Any] = {
+        "dataset": str(dataset),
+        "split": split,
+        "seed": cfg.seed,
+        "augment": cfg.model_dump(mode="json"),
+        "presets": {},
+    }
     previews: list[str] = []
-    views = [("detection", "detection"), ("semantic_segmentation", "segmentation"), ("classification", "classification")]
+    views = [
+        ("detection", "detection"),
+        ("semantic_segmentation", "segmentation"),
+        ("classification", "classification"),
+    ]
     for view, task in views:
         if view not in manifest["tasks"]:
             continue
@@ -234,7 +277,10 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
             image, target = ds[i]
             for t in [eval_t] + [train_t] * draws:
                 if task == "detection":
-                    img, tgt = t(image, {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in target.items()})
+                    img, tgt = t(
+                        image,
+                        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in target.items()},
+                    )
                     cells.append(_draw_detection(img, tgt, ds.classes))
                 elif task == "segmentation":
                     img, msk = t(image, target)
@@ -243,11 +289,20 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
                     cells.append(_to_uint8(t(image)))
         grid = make_grid(cells, nrow=draws + 1, padding=2, pad_value=255)
         path = out / f"preview_{task}.png"
-        write_png(grid, str(path))
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, format="PNG", compress_level=6)
         previews.append(str(path))
-        policy["presets"][task] = {"name": getattr(cfg, task), "image_size": size, "train": _describe(train_t),
-                                   "eval": _describe(eval_t), "samples": indices}
+        policy["presets"][task] = {
+            "name": getattr(cfg, task),
+            "image_size": size,
+            "train": _describe(train_t),
+            "eval": _describe(eval_t),
+            "samples": indices,
+        }
     policy_path = out / "policy.json"
     policy_path.write_text(json.dumps(policy, indent=2) + "\n")
-    return {"out": str(out), "previews": previews, "policy": str(policy_path),
-            "presets": {t: p["name"] for t, p in policy["presets"].items()}}
+    return {
+        "out": str(out),
+        "previews": previews,
+        "policy": str(policy_path),
+        "presets": {t: p["name"] for t, p in policy["presets"].items()},
+    }

@@ -237,6 +237,7 @@ class RunLogger:
 
         import mlflow
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset as DatasetEntity
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.tracking import MlflowClient
 
@@ -251,9 +252,11 @@ class RunLogger:
 
             src = HTTPDatasetSource(uri)
         dataset = MetaDataset(source=src, name=name, digest=digest[:36])
-        entity = dataset._to_mlflow_entity()
-        if profile:
-            entity.profile = json.dumps(dict(profile), default=str)[:5000]
+        base = dataset._to_mlflow_entity()
+        entity = DatasetEntity(
+            name=base.name, digest=base.digest, source_type=base.source_type, source=base.source, schema=base.schema,
+            profile=json.dumps(dict(profile), default=str)[:5000] if profile else base.profile,
+        )
         MlflowClient().log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
         self.set_tags({f"{TAG_PREFIX}data_hash": digest, f"{TAG_PREFIX}data_path": str(source)})
         if profile:

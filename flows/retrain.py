@@ -115,7 +115,7 @@ def _summary_markdown(report: dict[str, Any]) -> str:
         "",
         f"- MLflow parent run: `{report['mlflow_run_id']}` (experiment `{report['experiment']}`, {report['tracking_uri']})",
         f"- Prefect flow run: `{report['flow_run_id']}` · git `{report['git_commit']}` · params hash `{report['params_hash']}`",
-        f"- data (DVC hashes): " + ", ".join(f"`{k}` {v}" for k, v in report["data_hashes"].items()),
+        "- data (DVC hashes): " + ", ".join(f"`{k}` {v}" for k, v in report["data_hashes"].items()),
         f"- wall {report['timing']['wall_s']:.1f} s · in stages {report['timing']['stages_s']:.1f} s · "
         f"orchestration overhead {report['timing']['overhead_s']:.1f} s",
     ]
@@ -196,9 +196,10 @@ def retrain_flow(params_path: str = "params.yaml", overrides: list[str] | None =
         stages.update({k: _outcome(f) for k, f in ingests.items()})
         hashes = data_hashes(params)
         report["data_hashes"], report["data_hash"] = hashes, combined_hash(hashes)
-        parent.set_tags({"visionflow.data_hash": report["data_hash"], **{f"visionflow.data_hash.{Path(k).name}": v for k, v in hashes.items()}})
         for folder, digest in hashes.items():
             parent.log_dataset(name=Path(folder).name, digest=digest, source=folder)
+        # after log_dataset (which tags one dataset's hash): the pipeline's tag is the hash of all of them
+        parent.set_tags({"visionflow.data_hash": report["data_hash"], **{f"visionflow.data_hash.{Path(k).name}": v for k, v in hashes.items()}})
         last = last_successful_run(params)
         unchanged = last is not None and last["tags"].get("visionflow.data_hash") == report["data_hash"] and last["tags"].get("visionflow.params_hash") == params_hash
         failed_ingest = [k for k, v in stages.items() if v["state"] not in ("Completed", "Cached")]

@@ -34,7 +34,11 @@ from prefect.filesystems import LocalFileSystem
 from components.config import OrchestrationConfig, Params
 from components.errors import ConfigError, TrackingError, VisionflowError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
+def project_root() -> Path:
+    """The DVC project the pipeline runs in: the working directory (commands run from the repository root)."""
+    return Path.cwd()
+
 # DVC's state database (sqlite) and its Repo object are not meant for concurrent use from threads
 _DVC_LOCK = threading.Lock()
 # deterministic OSErrors: retrying cannot make a missing file appear
@@ -79,11 +83,11 @@ def _stage(repo: Any, name: str) -> Any:
     try:
         (stage,) = repo.stage.collect(name)
     except Exception as err:  # noqa: BLE001 - DVC raises several types for unknown or malformed stages
-        raise ConfigError(f"no stage {name!r} in dvc.yaml ({err})", file=REPO_ROOT / "dvc.yaml", record=name, fix="check the stage name") from None
+        raise ConfigError(f"no stage {name!r} in dvc.yaml ({err})", file=project_root() / "dvc.yaml", record=name, fix="run from the repository root; check the stage name") from None
     return stage
 
 
-def stage_fingerprint(stage_name: str, params: Params, *, root: Path = REPO_ROOT) -> dict[str, Any]:
+def stage_fingerprint(stage_name: str, params: Params, *, root: Path | None = None) -> dict[str, Any]:
     """What DVC would compare for ``stage_name``: its cmd, each dep's hash and each param's value.
 
     Args:
@@ -97,7 +101,7 @@ def stage_fingerprint(stage_name: str, params: Params, *, root: Path = REPO_ROOT
     from dvc.repo import Repo
 
     tree = params.model_dump(mode="json")
-    with _DVC_LOCK, Repo(str(root)) as repo:
+    with _DVC_LOCK, Repo(str(root or project_root())) as repo:
         stage = _stage(repo, stage_name)
         deps: dict[str, str | None] = {}
         values: dict[str, Any] = {}
@@ -137,10 +141,14 @@ class DvcStageInputs(CachePolicy):
 # --------------------------------------------------------------------------- stage tasks
 
 
-def result_storage(cfg: OrchestrationConfig, root: Path = REPO_ROOT) -> LocalFileSystem:
-    path = (root / cfg.results).resolve()
+def result_storage(cfg: OrchestrationConfig, root: Path | None = None) -> LocalFileSystem:
+    """The folder where task results persist, as a saved Prefect block (Prefect requires saved storage)."""
+    path = ((root or project_root()) / cfg.results).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(path))
+    name = "visionflow-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    block = LocalFileSystem(basepath=str(path))
+    block.save(name, overwrite=True)
+    return block
 
 
 def plain(result: Any) -> Any:

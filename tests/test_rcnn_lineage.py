@@ -13,11 +13,28 @@ from components.errors import DataError
 from components.models import get_model, list_models
 from components.models.rcnn_lineage import RCNN, FastRCNN, RoIPool, fast_rcnn, rcnn
 
-TINY = {"image_size": 64, "proposals_per_image": 40, "ss_scales": [100.0], "ss_color_spaces": ["hsv"], "ss_similarities": ["ctsf"]}
+TINY = {
+    "image_size": 64,
+    "proposals_per_image": 40,
+    "ss_scales": [100.0],
+    "ss_color_spaces": ["hsv"],
+    "ss_similarities": ["ctsf"],
+}
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])
 
 
-def _toy_batch(n: int = 4, size: int = 64, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread, so that a shared, busy CPU does not stall torch's thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _toy_batch(
+    n: int = 4, size: int = 64, seed: int = 0
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Plain grey images, one coloured square each; the class is the colour (2 classes)."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
@@ -27,7 +44,12 @@ def _toy_batch(n: int = 4, size: int = 64, seed: int = 0) -> tuple[list[torch.Te
         image = torch.full((3, size, size), 0.6)
         image[:, y0 : y0 + side, x0 : x0 + side] = COLOURS[i % 2][:, None, None]
         images.append(image)
-        targets.append({"boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32), "labels": torch.tensor([i % 2 + 1])})
+        targets.append(
+            {
+                "boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32),
+                "labels": torch.tensor([i % 2 + 1]),
+            }
+        )
     return images, targets
 
 
@@ -41,13 +63,19 @@ def test_roi_pool_shapes_and_values_on_a_hand_made_feature_map():
     torch.testing.assert_close(out[0, 0], torch.tensor([[27.0, 31.0], [59.0, 63.0]]))
     torch.testing.assert_close(out[0, 1], out[0, 0] + 64)
     # box 2 covers cells x 4..7, y 2..3: bins split x into 4..5 | 6..7 and y into 2 | 3
-    torch.testing.assert_close(out[1, 0], torch.tensor([[8 * 2 + 5.0, 8 * 2 + 7.0], [8 * 3 + 5.0, 8 * 3 + 7.0]]))
+    torch.testing.assert_close(
+        out[1, 0], torch.tensor([[8 * 2 + 5.0, 8 * 2 + 7.0], [8 * 3 + 5.0, 8 * 3 + 7.0]])
+    )
 
 
 def test_roi_pool_keeps_images_apart():
     fmap = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
     pool = RoIPool("0", output_size=3, spatial_scale=1.0)
-    out = pool({"0": fmap}, [torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([[0.0, 0.0, 3.0, 3.0]] * 2)], [(4, 4)] * 2)
+    out = pool(
+        {"0": fmap},
+        [torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([[0.0, 0.0, 3.0, 3.0]] * 2)],
+        [(4, 4)] * 2,
+    )
     assert out.shape == (3, 1, 3, 3)
     assert out[0].eq(0).all() and out[1:].eq(1).all()
 
@@ -85,7 +113,12 @@ def _assert_valid_detections(detections, images, num_classes: int) -> None:
         h, w = image.shape[-2:]
         boxes, labels, scores = det["boxes"], det["labels"], det["scores"]
         assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) == len(labels) == len(scores)
-        assert torch.all(boxes[:, 0] >= 0) and torch.all(boxes[:, 1] >= 0) and torch.all(boxes[:, 2] <= w) and torch.all(boxes[:, 3] <= h)
+        assert (
+            torch.all(boxes[:, 0] >= 0)
+            and torch.all(boxes[:, 1] >= 0)
+            and torch.all(boxes[:, 2] <= w)
+            and torch.all(boxes[:, 3] <= h)
+        )
         assert torch.all(boxes[:, 2] > boxes[:, 0]) and torch.all(boxes[:, 3] > boxes[:, 1])
         assert labels.dtype == torch.int64 and torch.all((labels >= 1) & (labels <= num_classes))
         assert torch.all((scores >= 0) & (scores <= 1))
@@ -105,7 +138,8 @@ def test_trains_with_falling_loss_and_detects(name, extra, steps, lr, tmp_path):
     model = get_model("detection", name, num_classes=2, proposal_cache=str(tmp_path), **TINY, **extra)
     history = _train(model, images, targets, steps, lr)
     assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history
-    assert model.proposer.cache.misses == len(images)  # selective search ran once per image, then the cache served
+    # selective search ran once per image, then the cache served
+    assert model.proposer.cache.misses == len(images)
     model.eval()
     with torch.no_grad():
         detections = model(images)
@@ -122,7 +156,10 @@ def test_boxes_are_mapped_back_to_the_input_size():
     """The network input is resized (longer side image_size); detections come back in the input's pixels."""
     images, _ = _toy_batch(2, size=96)
     images = [img[:, :, :80] for img in images]  # 96 x 80 inputs, network at 48
-    for model in (rcnn(num_classes=2, **{**TINY, "image_size": 48}), fast_rcnn(num_classes=2, **{**TINY, "image_size": 48})):
+    for model in (
+        rcnn(num_classes=2, **{**TINY, "image_size": 48}),
+        fast_rcnn(num_classes=2, **{**TINY, "image_size": 48}),
+    ):
         model.eval()
         with torch.no_grad():
             _assert_valid_detections(model(images), images, 2)
@@ -147,3 +184,78 @@ def test_bad_inputs_raise_data_errors():
         model([torch.rand(1, 3, 8, 8)], targets)
     with pytest.raises(DataError, match="zero or negative"):
         model(images, [{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]]), "labels": torch.tensor([1])}])
+
+
+# --------------------------------------------------------------------------- the lineage stage
+
+
+@pytest.fixture(scope="module")
+def lineage_setup(tmp_path_factory):
+    """A tiny canonical shapes dataset and untrained R-CNN, Fast R-CNN and Faster R-CNN checkpoints."""
+    from components.config import DataConfig, DetectConfig, ShapesConfig
+    from components.data.ingest import ingest
+    from components.engine import save_checkpoint
+
+    root = tmp_path_factory.mktemp("lineage")
+    shapes = ShapesConfig(
+        image_size=64, num_train=1, num_val=1, num_test=3, min_size=16, max_size=32, max_objects=2
+    )
+    ingest("shapes", root / "shapes", cfg=DataConfig(shapes=shapes))
+    search = {k: v for k, v in TINY.items() if k != "image_size"}
+    cfg = DetectConfig(
+        dataset=str(root / "shapes"),
+        out=str(root / "detect"),
+        rcnn=RCNNConfig(image_size=64, crop_size=16, **search),
+        fast_rcnn=FastRCNNConfig(image_size=64, **search),
+    )
+    categories = list(shapes.classes)
+    for arch, args in (
+        ("rcnn", {"image_size": 64, "crop_size": 16, **search}),
+        ("fast_rcnn", {"image_size": 64, **search}),
+        ("faster_rcnn", {"image_size": 64}),
+    ):
+        args = {"num_classes": len(categories), **args}
+        model = get_model("detection", arch, **args)
+        save_checkpoint(
+            root / "detect" / arch / "best.pt",
+            {
+                "task": "detection",
+                "model_name": arch,
+                "model_args": args,
+                "state_dict": model.state_dict(),
+                "categories": categories,
+            },
+        )
+    return cfg, root
+
+
+def test_lineage_measures_and_writes_the_table(lineage_setup):
+    import json
+
+    from components.stages.lineage import LINEAGE, run_lineage
+
+    cfg, root = lineage_setup
+    result = run_lineage(cfg, metrics_file=root / "rcnn_lineage.json")
+    saved = json.loads((root / "rcnn_lineage.json").read_text())
+    assert list(saved["detectors"]) == list(LINEAGE) and saved["num_images"] == 3
+    for row in saved["detectors"].values():
+        assert row["proposals_ms"] > 0 and row["features_ms"] > 0 and row["head_ms"] > 0
+        assert row["total_ms"] >= 0.9 * (row["proposals_ms"] + row["features_ms"] + row["head_ms"])
+        assert 0 <= row["map"] <= row["map_50"] <= 1
+    assert len(saved["proposals"]) == 3
+    for curve in saved["proposals"].values():
+        for key in ("recall_50", "recall_70"):
+            assert all(0 <= r <= 1 for r in curve[key]) and curve[key] == sorted(curve[key])
+        assert all(a >= b for a, b in zip(curve["recall_50"], curve["recall_70"], strict=True))
+    assert [c["claim"] for c in saved["claims"]] == [c["claim"] for c in result["claims"]]
+    assert all(isinstance(c["holds"], bool) for c in saved["claims"])
+    assert (root / "detect" / "lineage" / "rcnn_lineage.png").stat().st_size > 10_000
+
+
+def test_lineage_names_the_missing_checkpoint(lineage_setup, tmp_path):
+    from components.errors import CheckpointError
+    from components.stages.lineage import run_lineage
+
+    cfg, _ = lineage_setup
+    with pytest.raises(CheckpointError, match="visionflow detect --arch rcnn"):
+        run_lineage(cfg.model_copy(update={"out": str(tmp_path)}), metrics_file=tmp_path / "m.json")

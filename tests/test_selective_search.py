@@ -9,9 +9,17 @@ from torchvision.ops import box_iou
 
 from components.errors import DataError
 from components.ops import selective_search as ss
-from components.ops.selective_search import ProposalCache, SelectiveSearchParams, image_digest, proposal_recall, selective_search
+from components.ops.selective_search import (
+    ProposalCache,
+    SelectiveSearchParams,
+    image_digest,
+    proposal_recall,
+    selective_search,
+)
 
-FAST = SelectiveSearchParams(scales=(100.0,), color_spaces=("hsv",), similarities=("ctsf",), max_proposals=200)
+FAST = SelectiveSearchParams(
+    scales=(100.0,), color_spaces=("hsv",), similarities=("ctsf",), max_proposals=200
+)
 
 
 def _scene(seed: int = 0, size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +42,9 @@ def test_boxes_are_valid_ranked_and_inside_the_image():
     assert 0 < len(boxes) <= FAST.max_proposals
     assert torch.all(boxes[:, 0] >= 0) and torch.all(boxes[:, 1] >= 0)
     assert torch.all(boxes[:, 2] <= w) and torch.all(boxes[:, 3] <= h)
-    assert torch.all(boxes[:, 2] - boxes[:, 0] >= FAST.min_box_size) and torch.all(boxes[:, 3] - boxes[:, 1] >= FAST.min_box_size)
+    assert torch.all(boxes[:, 2] - boxes[:, 0] >= FAST.min_box_size) and torch.all(
+        boxes[:, 3] - boxes[:, 1] >= FAST.min_box_size
+    )
     assert len(torch.unique(boxes, dim=0)) == len(boxes)  # duplicates removed
 
 
@@ -50,7 +60,8 @@ def test_covers_a_large_object_on_a_plain_background():
 
 def test_finds_every_object_of_a_scene_at_iou_07():
     image, truth = _scene()
-    boxes = selective_search(image, SelectiveSearchParams(max_proposals=100))  # the paper's multi-strategy mode
+    # the paper's multi-strategy mode
+    boxes = selective_search(image, SelectiveSearchParams(max_proposals=100))
     assert torch.all(box_iou(truth, boxes).max(dim=1).values > 0.7)
 
 
@@ -64,7 +75,9 @@ def test_is_deterministic_and_input_type_agnostic():
     torch.testing.assert_close(first, as_array, rtol=0, atol=0)
     # the seed only draws the ranking's random factors: all hypotheses kept, the same set in another order
     every = selective_search(image, SelectiveSearchParams(**{**params.__dict__, "max_proposals": None}))
-    reseeded = selective_search(image, SelectiveSearchParams(**{**params.__dict__, "max_proposals": None, "seed": 1}))
+    reseeded = selective_search(
+        image, SelectiveSearchParams(**{**params.__dict__, "max_proposals": None, "seed": 1})
+    )
     assert set(map(tuple, every.tolist())) == set(map(tuple, reseeded.tolist()))
     assert not torch.equal(every, reseeded)
 
@@ -76,7 +89,9 @@ def test_region_histograms_match_a_loop_reference():
     bins = 7
     got = ss._region_histograms(labels, 5, ss._bin_offsets(values, bins), bins)
     for r in range(5):
-        ref = np.concatenate([np.histogram(values[..., c][labels == r], bins=bins, range=(0, 1))[0] for c in range(3)]).astype(float)
+        ref = np.concatenate(
+            [np.histogram(values[..., c][labels == r], bins=bins, range=(0, 1))[0] for c in range(3)]
+        ).astype(float)
         np.testing.assert_allclose(got[r], ref / ref.sum())
 
 
@@ -102,13 +117,18 @@ def test_similarity_measures_on_a_hand_made_segmentation():
     img = np.zeros((10, 12, 3))
     img[:, :8] = [0.2, 0.2, 0.2]
     img[:, 8:] = [0.9, 0.9, 0.9]
-    base = ss._initial_regions(labels, ss._bin_offsets(img, ss.COLOUR_BINS), ss._bin_offsets(ss._texture_responses(img), ss.TEXTURE_BINS))
+    base = ss._initial_regions(
+        labels,
+        ss._bin_offsets(img, ss.COLOUR_BINS),
+        ss._bin_offsets(ss._texture_responses(img), ss.TEXTURE_BINS),
+    )
     assert base.neighbours == [{1}, {0, 2}, {1}]
     colour_only = ss._with_measures(base, "c")
     np.testing.assert_allclose(colour_only.similarity(1, np.array([0, 2])), [1.0, 0.0])
     size_only = ss._with_measures(base, "s")
     np.testing.assert_allclose(size_only.similarity(0, np.array([1])), [1 - 80 / 120])
-    fill_only = ss._with_measures(base, "f")  # A and C are not adjacent; their box would hold B: fill 1 - 40/120
+    # A and C are not adjacent; their box would hold B: fill 1 - 40/120
+    fill_only = ss._with_measures(base, "f")
     np.testing.assert_allclose(fill_only.similarity(0, np.array([1, 2])), [1.0, 1 - 40 / 120])
     boxes = ss._hierarchy_boxes(base, "c")
     assert len(boxes) == 5  # 3 initial regions + 2 merges

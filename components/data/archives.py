@@ -29,8 +29,12 @@ def _check_member(archive: Path, name: str, target: Path) -> None:
     pure = PurePosixPath(name.replace("\\", "/"))
     resolved = (target / pure).resolve()
     if pure.is_absolute() or ".." in pure.parts or not resolved.is_relative_to(target.resolve()):
-        raise DataError(f"archive member escapes the extraction folder: {name!r}", file=archive, record=name,
-                        fix="rebuild the archive with relative paths inside one folder")
+        raise DataError(
+            f"archive member escapes the extraction folder: {name!r}",
+            file=archive,
+            record=name,
+            fix="rebuild the archive with relative paths inside one folder",
+        )
 
 
 def extract_archive(archive: Path, target: Path) -> Path:
@@ -49,8 +53,12 @@ def extract_archive(archive: Path, target: Path) -> Path:
                 for info in zf.infolist():
                     _check_member(archive, info.filename, target)
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                        raise DataError(f"archive member is a symbolic link: {info.filename!r}", file=archive,
-                                        record=info.filename, fix="store files, not links, in the archive")
+                        raise DataError(
+                            f"archive member is a symbolic link: {info.filename!r}",
+                            file=archive,
+                            record=info.filename,
+                            fix="store files, not links, in the archive",
+                        )
                 zf.extractall(target)
         else:
             with tarfile.open(archive) as tf:
@@ -58,13 +66,21 @@ def extract_archive(archive: Path, target: Path) -> Path:
                 for m in members:
                     _check_member(archive, m.name, target)
                     if m.issym() or m.islnk():
-                        link = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
+                        link = (
+                            PurePosixPath(m.name).parent / m.linkname
+                            if m.issym()
+                            else PurePosixPath(m.linkname)
+                        )
                         _check_member(archive, str(link), target)
                     if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                        raise DataError(f"archive member is a device or fifo: {m.name!r}", file=archive, record=m.name)
+                        raise DataError(
+                            f"archive member is a device or fifo: {m.name!r}", file=archive, record=m.name
+                        )
                 tf.extractall(target, filter="data")  # the stdlib's own guard, on top of the checks above
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
-        raise DataError(f"corrupt or unreadable archive: {err}", file=archive, fix="re-create the archive") from None
+        raise DataError(
+            f"corrupt or unreadable archive: {err}", file=archive, fix="re-create the archive"
+        ) from None
     entries = [p for p in target.iterdir() if not p.name.startswith(("__MACOSX", "."))]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
 

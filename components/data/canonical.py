@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from components.config import SplitConfig
 from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset
-from components.data.validation import IngestReport, box_iou_xyxy, check_box, check_image, check_mask_size, check_polygons
+from components.data.validation import (
+    IngestReport,
+    box_iou_xyxy,
+    check_box,
+    check_image,
+    check_mask_size,
+    check_polygons,
+)
 from components.errors import DataError
 
 IGNORE_INDEX = 255
@@ -62,7 +69,10 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         counts = segmentation["counts"]
-        rle = {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = {
+            "size": segmentation["size"],
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
     return mask_utils.decode(rle).astype(bool)
 
 
@@ -154,11 +164,15 @@ class _Writer:
             array = np.asarray(img.convert("L") if img.mode in ("RGB", "RGBA", "LA") else img)
         problem = check_mask_size(array, width, height)
         if problem:
-            self.report.add(rec.mask_file, rec.record, problem, "skipped", fix="give the mask its image's size")
+            self.report.add(
+                rec.mask_file, rec.record, problem, "skipped", fix="give the mask its image's size"
+            )
             return None
         return array
 
-    def object_mask(self, obj: ObjectRecord, rec: ImageRecord, width: int, height: int) -> tuple[np.ndarray | None, bool]:
+    def object_mask(
+        self, obj: ObjectRecord, rec: ImageRecord, width: int, height: int
+    ) -> tuple[np.ndarray | None, bool]:
         """The object's ``bool[H, W]`` mask (None if it has none) and whether it is usable."""
         where = self._where(rec)
         if obj.mask is not None:
@@ -173,7 +187,12 @@ class _Writer:
                 self.report.add(where, obj.record, "malformed RLE: needs size [H, W] and counts", "skipped")
                 return None, False
             if [int(v) for v in size] != [height, width]:
-                self.report.add(where, obj.record, f"mask size {size[1]}x{size[0]} differs from its image's {width}x{height}", "skipped")
+                self.report.add(
+                    where,
+                    obj.record,
+                    f"mask size {size[1]}x{size[0]} differs from its image's {width}x{height}",
+                    "skipped",
+                )
                 return None, False
             try:
                 return decode_segmentation(obj.rle, height, width), True
@@ -183,10 +202,18 @@ class _Writer:
         if obj.polygons is not None:
             polygons, problems = check_polygons(obj.polygons)
             if not polygons:
-                self.report.add(where, obj.record, "; ".join(problems) or "malformed polygon: empty", "skipped")
+                self.report.add(
+                    where, obj.record, "; ".join(problems) or "malformed polygon: empty", "skipped"
+                )
                 return None, False
             if problems:
-                self.report.add(where, obj.record, "; ".join(problems), "repaired", fix="the well-formed polygons are kept")
+                self.report.add(
+                    where,
+                    obj.record,
+                    "; ".join(problems),
+                    "repaired",
+                    fix="the well-formed polygons are kept",
+                )
             return decode_segmentation(polygons, height, width), True
         return None, True
 
@@ -198,14 +225,21 @@ class _Writer:
         kept: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]] = []
         for obj in rec.objects:
             if obj.category not in self.cat_ids:
-                self.report.add(where, obj.record, f"unknown category {obj.category!r}", "skipped",
-                                fix=f"use one of {self.source.categories}")
+                self.report.add(
+                    where,
+                    obj.record,
+                    f"unknown category {obj.category!r}",
+                    "skipped",
+                    fix=f"use one of {self.source.categories}",
+                )
                 continue
             mask, ok = self.object_mask(obj, rec, width, height)
             if not ok:
                 continue
             if self.has_masks and mask is None:
-                self.report.add(where, obj.record, "annotation has no segmentation in a dataset with masks", "skipped")
+                self.report.add(
+                    where, obj.record, "annotation has no segmentation in a dataset with masks", "skipped"
+                )
                 continue
             if obj.box is None:
                 if mask is None:
@@ -221,8 +255,13 @@ class _Writer:
                     self.report.add(where, obj.record, check.problem or "invalid box", "skipped")
                     continue
                 if check.repaired:
-                    self.report.add(where, obj.record, check.problem or "box repaired", "repaired",
-                                    fix="the box is clipped to the image")
+                    self.report.add(
+                        where,
+                        obj.record,
+                        check.problem or "box repaired",
+                        "repaired",
+                        fix="the box is clipped to the image",
+                    )
                 box = check.box
             if mask is not None and not mask.any():
                 self.report.add(where, obj.record, "empty mask: no pixel inside the image", "skipped")
@@ -231,14 +270,20 @@ class _Writer:
                 (
                     (other, iou)
                     for other, other_box, _ in kept
-                    if other.category == obj.category and (iou := box_iou_xyxy(box, other_box)) >= self.duplicate_iou
+                    if other.category == obj.category
+                    and (iou := box_iou_xyxy(box, other_box)) >= self.duplicate_iou
                 ),
                 None,
             )
             if duplicate is not None:
                 other, iou = duplicate
-                self.report.add(where, obj.record, f"duplicate box: IoU {iou:.2f} with {other.record} of the same category",
-                                "skipped", fix="remove the duplicate annotation")
+                self.report.add(
+                    where,
+                    obj.record,
+                    f"duplicate box: IoU {iou:.2f} with {other.record} of the same category",
+                    "skipped",
+                    fix="remove the duplicate annotation",
+                )
                 continue
             kept.append((obj, box, mask))
         return kept
@@ -246,7 +291,15 @@ class _Writer:
     # ------------------------------------------------------------------ writing
 
     def write_crops(
-        self, split: str, image: Image.Image, stem: str, ann_id: int, category: str, box: tuple[float, ...], *, jpeg: bool
+        self,
+        split: str,
+        image: Image.Image,
+        stem: str,
+        ann_id: int,
+        category: str,
+        box: tuple[float, ...],
+        *,
+        jpeg: bool,
     ) -> None:
         """Write one object crop to ``classification/<split>/<category>/<stem>_<ann_id>.(png|jpg)``."""
         left, top = int(np.floor(box[0])), int(np.floor(box[1]))
@@ -256,7 +309,9 @@ class _Writer:
             crop = crop.resize((self.source.crop_size, self.source.crop_size), Image.BILINEAR)
         folder = self.root / "classification" / split / category
         folder.mkdir(parents=True, exist_ok=True)
-        if jpeg:  # crops of photographs: JPEG at high quality is 10x faster to encode than PNG, and as faithful
+        if (
+            jpeg
+        ):  # crops of photographs: JPEG at high quality is 10x faster to encode than PNG, and as faithful
             crop.save(folder / f"{stem}_{ann_id}.jpg", format="JPEG", quality=95)
         else:
             crop.save(folder / f"{stem}_{ann_id}.png", **PNG_OPTIONS)
@@ -291,7 +346,12 @@ class _Writer:
                     continue
                 if rec.mask_kind == "instance":
                     rec.objects = [
-                        ObjectRecord(self.source.categories[0], None, f"{rec.record}/instance {int(v)}", mask=label == v)
+                        ObjectRecord(
+                            self.source.categories[0],
+                            None,
+                            f"{rec.record}/instance {int(v)}",
+                            mask=label == v,
+                        )
                         for v in np.unique(label)
                         if v != 0
                     ]
@@ -309,7 +369,13 @@ class _Writer:
             else:
                 assert rec.file is not None
                 shutil.copyfile(rec.file, folder / name)
-            entry: dict[str, Any] = {"id": image_id, "file_name": name, "width": width, "height": height, "source_record": rec.record}
+            entry: dict[str, Any] = {
+                "id": image_id,
+                "file_name": name,
+                "width": width,
+                "height": height,
+                "source_record": rec.record,
+            }
             images.append(entry)
 
             if self.has_semantic and semantic is None:
@@ -320,7 +386,11 @@ class _Writer:
             pil_image = None
             jpeg_source = rec.file is not None and rec.file.suffix.lower() in (".jpg", ".jpeg")
             if "classification" in self.source.tasks and objects:
-                pil_image = Image.fromarray(rec.pixels) if rec.pixels is not None else Image.open(rec.file).convert("RGB")
+                pil_image = (
+                    Image.fromarray(rec.pixels)
+                    if rec.pixels is not None
+                    else Image.open(rec.file).convert("RGB")
+                )
             for obj, box, mask in objects:
                 ann_id = len(annotations) + 1
                 x0, y0, x1, y1 = box
@@ -346,8 +416,10 @@ class _Writer:
                 write_png(semantic.astype(np.uint8), self.root / "masks" / split / f"{stem}.png")
         if self.writes_images and images:
             categories = [{"id": k, "name": n} for n, k in self.cat_ids.items()]
-            write_json({"images": images, "annotations": annotations, "categories": categories},
-                       self.root / "annotations" / f"instances_{split}.json")
+            write_json(
+                {"images": images, "annotations": annotations, "categories": categories},
+                self.root / "annotations" / f"instances_{split}.json",
+            )
         return {"images": len(images), "objects": len(annotations)}
 
 
@@ -394,7 +466,9 @@ def write_canonical(
         (tmp / "annotations").mkdir()
         splits: dict[str, Any] = {}
         quiet = {} if show_progress else {"disable": True}  # else TQDM_DISABLE in the environment decides
-        with tqdm(total=len(source.records), desc=f"ingest {source.name}", unit="img", file=sys.stderr, **quiet) as progress:
+        with tqdm(
+            total=len(source.records), desc=f"ingest {source.name}", unit="img", file=sys.stderr, **quiet
+        ) as progress:
             for s in SPLITS:
                 records = [r for r in source.records if r.split == s]
                 if records:

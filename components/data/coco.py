@@ -9,37 +9,22 @@ annotations of missing images, unknown categories) go to the report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset
-from components.data.validation import IngestReport
+from components.data.validation import IngestReport, load_json
 from components.errors import DataError
-
-
-def load_json(path: Path) -> Any:
-    """Parse a JSON file, turning a syntax error into :class:`DataError` with its line and column."""
-    if not path.is_file():
-        raise DataError("annotation file not found", file=path, fix="check the coco: path")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"not valid JSON: {err.msg}",
-            file=path,
-            record=f"line {err.lineno}, column {err.colno} (char {err.pos})",
-            fix="repair or re-export the annotation file",
-        ) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text: {err.reason}", file=path, record=f"byte {err.start}",
-                        fix="re-export the annotation file as UTF-8 JSON") from None
 
 
 def _categories(data: dict[str, Any], path: Path, report: IngestReport) -> dict[int, str]:
     cats: dict[int, str] = {}
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+        if (
+            not isinstance(cat, dict)
+            or not isinstance(cat.get("id"), int)
+            or not isinstance(cat.get("name"), str)
+        ):
             report.add(path, f"categories[{i}]", "malformed category: needs integer id and name", "skipped")
         elif cat["id"] in cats:
             report.add(path, f"category {cat['id']}", f"duplicate category id {cat['id']}", "skipped")
@@ -57,27 +42,49 @@ def _box_xywh_to_xyxy(bbox: Any) -> Any:
     return bbox if isinstance(bbox, list) else None
 
 
-def read_coco_file(path: Path, images: Path, split: str | None, report: IngestReport) -> tuple[dict[int, str], list[ImageRecord], bool]:
+def read_coco_file(
+    path: Path, images: Path, split: str | None, report: IngestReport
+) -> tuple[dict[int, str], list[ImageRecord], bool]:
     """Parse one instances JSON.
 
     Returns:
         (categories ``{source id: name}``, image records, whether any annotation has a segmentation).
     """
-    data = load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
-        raise DataError("not a COCO instances file: needs lists 'images' and 'categories' (and 'annotations')",
-                        file=path, fix="point coco: at an instances JSON")
+    if not path.is_file():
+        raise DataError("annotation file not found", file=path, fix="check the coco: path")
+    data = load_json(path, fix="repair or re-export the annotation file")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("categories"), list)
+    ):
+        raise DataError(
+            "not a COCO instances file: needs lists 'images' and 'categories' (and 'annotations')",
+            file=path,
+            fix="point coco: at an instances JSON",
+        )
     if not isinstance(data.get("annotations", []), list):
         raise DataError("'annotations' is not a list", file=path, fix="re-export the annotation file")
     cats = _categories(data, path, report)
     by_id: dict[int, ImageRecord] = {}
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
-            report.add(path, f"images[{i}]", "malformed image entry: needs integer id and file_name", "skipped")
+        if (
+            not isinstance(im, dict)
+            or not isinstance(im.get("id"), int)
+            or not isinstance(im.get("file_name"), str)
+        ):
+            report.add(
+                path, f"images[{i}]", "malformed image entry: needs integer id and file_name", "skipped"
+            )
             continue
         if im["id"] in by_id:
-            report.add(path, f"image {im['id']}", f"duplicate image id {im['id']} ({im['file_name']})", "skipped",
-                       fix="give every image a unique id")
+            report.add(
+                path,
+                f"image {im['id']}",
+                f"duplicate image id {im['id']} ({im['file_name']})",
+                "skipped",
+                fix="give every image a unique id",
+            )
             continue
         w, h = im.get("width"), im.get("height")
         size = (int(w), int(h)) if isinstance(w, (int, float)) and isinstance(h, (int, float)) else None
@@ -97,12 +104,22 @@ def read_coco_file(path: Path, images: Path, split: str | None, report: IngestRe
             continue
         ident = f"annotation {ann.get('id', f'[{i}]')}"
         if ann.get("id") in seen_ann:
-            report.add(path, ident, f"duplicate annotation id {ann.get('id')}", "repaired",
-                       fix="annotation ids are renumbered in the canonical layout")
+            report.add(
+                path,
+                ident,
+                f"duplicate annotation id {ann.get('id')}",
+                "repaired",
+                fix="annotation ids are renumbered in the canonical layout",
+            )
         seen_ann.add(ann.get("id"))
         image = by_id.get(ann.get("image_id"))  # type: ignore[arg-type]
         if image is None:
-            report.add(path, ident, f"annotation points at a missing image (image_id {ann.get('image_id')!r})", "skipped")
+            report.add(
+                path,
+                ident,
+                f"annotation points at a missing image (image_id {ann.get('image_id')!r})",
+                "skipped",
+            )
             continue
         category = cats.get(ann.get("category_id"))  # type: ignore[arg-type]
         seg = ann.get("segmentation")
@@ -128,8 +145,11 @@ def read_coco(target: Path, images: Path | None, report: IngestReport) -> Source
         files = [(s, target / "annotations" / f"instances_{s}.json") for s in SPLITS]
         files = [(s, f) for s, f in files if f.is_file()]
         if not files:
-            raise DataError("no annotations/instances_<split>.json in the folder", file=target,
-                            fix="point coco: at an instances JSON file or a folder with annotations/instances_train.json")
+            raise DataError(
+                "no annotations/instances_<split>.json in the folder",
+                file=target,
+                fix="point coco: at an instances JSON file or a folder with annotations/instances_train.json",
+            )
         parts = [(s, f, (images / s) if images else target / "images" / s) for s, f in files]
     else:
         parts = [(None, target, images or target.parent / "images")]
@@ -139,13 +159,18 @@ def read_coco(target: Path, images: Path | None, report: IngestReport) -> Source
     for split, path, image_dir in parts:
         cats, recs, has_masks = read_coco_file(path, image_dir, split, report)
         if categories is not None and cats != categories:
-            raise DataError("categories differ between split files", file=path,
-                            fix="give every instances_<split>.json the same categories")
+            raise DataError(
+                "categories differ between split files",
+                file=path,
+                fix="give every instances_<split>.json the same categories",
+            )
         categories = cats
         records.extend(recs)
         any_masks |= has_masks
     assert categories is not None
-    tasks = ["classification", "detection"] + (["instance_segmentation", "semantic_segmentation"] if any_masks else [])
+    tasks = ["classification", "detection"] + (
+        ["instance_segmentation", "semantic_segmentation"] if any_masks else []
+    )
     return SourceDataset(
         name=(target.name if target.is_dir() else target.stem).lower(),
         spec=f"coco:{target}",

@@ -1,6 +1,6 @@
 """torch Datasets over the canonical layout (see docs/architecture.md), returning tv_tensors.
 
-Images are decoded with ``torchvision.io`` (RGB, float in [0, 1]); annotations are read once and
+Images are decoded with PIL (RGB, float in [0, 1]); annotations are read once and
 indexed in memory, so ``__getitem__`` only decodes pixels (and RLE masks when asked for). Targets
 are tv_tensors (``BoundingBoxes`` XYXY, ``Mask``) so a ``transforms.v2`` pipeline moves image,
 boxes, masks and labels together.
@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
 from components.data.canonical import decode_segmentation
 from components.data.records import natural_key
+from components.data.validation import load_json
 from components.errors import DataError
 
 Transform = Callable[..., Any]
@@ -35,13 +36,12 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     """
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        raise DataError("no dataset.json: not a canonical dataset folder", file=Path(root),
-                        fix="run `visionflow ingest --source SPEC --out DIR` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"not valid JSON: {err.msg}", file=path, record=f"line {err.lineno}, column {err.colno}",
-                        fix="re-run the ingest stage") from None
+        raise DataError(
+            "no dataset.json: not a canonical dataset folder",
+            file=Path(root),
+            fix="run `visionflow ingest --source SPEC --out DIR` first",
+        )
+    manifest = load_json(path, fix="re-run the ingest stage")
     for key in ("tasks", "categories", "splits"):
         if key not in manifest:
             raise DataError(f"manifest has no {key!r}", file=path, fix="re-run the ingest stage")
@@ -50,20 +50,37 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
 
 def _require(manifest: dict[str, Any], root: Path, task: str, split: str) -> None:
     if task not in manifest["tasks"]:
-        raise DataError(f"the dataset has no {task} view (it has {manifest['tasks']})", file=root,
-                        fix="ingest a source with that kind of labels")
+        raise DataError(
+            f"the dataset has no {task} view (it has {manifest['tasks']})",
+            file=root,
+            fix="ingest a source with that kind of labels",
+        )
     if split not in manifest["splits"]:
-        raise DataError(f"no split {split!r} (splits: {list(manifest['splits'])})", file=root, record=split,
-                        fix="use one of the splits listed in dataset.json")
+        raise DataError(
+            f"no split {split!r} (splits: {list(manifest['splits'])})",
+            file=root,
+            record=split,
+            fix="use one of the splits listed in dataset.json",
+        )
 
 
 def read_image(path: Path) -> tv_tensors.Image:
-    """Decode an image file to ``tv_tensors.Image`` float32 ``[3, H, W]`` in [0, 1]."""
+    """Decode an image file (PIL) to ``tv_tensors.Image`` float32 ``[3, H, W]`` in [0, 1]; grey images become RGB."""
     try:
-        data = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
+        with Image.open(path) as img:
+            data = F.pil_to_tensor(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"cannot decode image: {err}", file=path, fix="re-run the ingest stage") from None
     return tv_tensors.Image(F.to_dtype(data, torch.float32, scale=True))
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """Decode a class-index PNG to ``int64[H, W]``."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).to(torch.int64)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot decode mask: {err}", file=path, fix="re-run the ingest stage") from None
 
 
 def _load_instances(root: Path, split: str) -> dict[str, Any]:
@@ -97,7 +114,9 @@ class ClassificationDataset(Dataset):
         for index, name in enumerate(self.classes):
             class_dir = folder / name
             if class_dir.is_dir():
-                self.samples += [(p, index) for p in sorted(class_dir.iterdir(), key=natural_key) if p.is_file()]
+                self.samples += [
+                    (p, index) for p in sorted(class_dir.iterdir(), key=natural_key) if p.is_file()
+                ]
         self.targets = [label for _, label in self.samples]
 
     def __len__(self) -> int:
@@ -126,13 +145,18 @@ class DetectionDataset(Dataset):
         "iscrowd": int64[N]}`` and, with ``masks=True``, ``"masks": Mask uint8[N, H, W]``.
     """
 
-    def __init__(self, root: str | Path, split: str, transforms: Transform | None = None, masks: bool = False):
+    def __init__(
+        self, root: str | Path, split: str, transforms: Transform | None = None, masks: bool = False
+    ):
         self.root = Path(root)
         manifest = load_manifest(self.root)
         _require(manifest, self.root, "detection", split)
         if masks and "instance_segmentation" not in manifest["tasks"]:
-            raise DataError("masks=True but the dataset has no instance masks", file=self.root,
-                            fix="use masks=False or a source with masks")
+            raise DataError(
+                "masks=True but the dataset has no instance masks",
+                file=self.root,
+                fix="use masks=False or a source with masks",
+            )
         self.classes: list[str] = list(manifest["categories"])
         self.split = split
         self.transforms = transforms
@@ -144,8 +168,13 @@ class DetectionDataset(Dataset):
             by_image[ann["image_id"]].append(ann)
         self._annotations = [by_image[im["id"]] for im in self.images]
         self._boxes = [
-            torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
-                         dtype=torch.float32).reshape(-1, 4)
+            torch.tensor(
+                [
+                    [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                    for a in anns
+                ],
+                dtype=torch.float32,
+            ).reshape(-1, 4)
             for anns in self._annotations
         ]
 
@@ -160,7 +189,9 @@ class DetectionDataset(Dataset):
         image = read_image(self.image_path(index))
         height, width = image.shape[-2:]
         target: dict[str, Any] = {
-            "boxes": tv_tensors.BoundingBoxes(self._boxes[index].clone(), format="XYXY", canvas_size=(height, width)),
+            "boxes": tv_tensors.BoundingBoxes(
+                self._boxes[index].clone(), format="XYXY", canvas_size=(height, width)
+            ),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
             "image_id": int(info["id"]),
             "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
@@ -206,14 +237,15 @@ class SegmentationDataset(Dataset):
         name = self.files[index]
         image = read_image(self.root / "images" / self.split / name)
         mask_path = self.root / "masks" / self.split / f"{Path(name).stem}.png"
-        mask = decode_image(read_file(str(mask_path)), mode=ImageReadMode.UNCHANGED)[0].to(torch.int64)
-        target = tv_tensors.Mask(mask)
+        target = tv_tensors.Mask(read_mask(mask_path))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
 
-def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+def detection_collate(
+    batch: list[tuple[torch.Tensor, dict[str, Any]]],
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Batch detection samples as ``(list[Tensor[3, H, W]], list[target])``: sizes and box counts differ."""
     images, targets = zip(*batch, strict=True) if batch else ((), ())
     return list(images), list(targets)

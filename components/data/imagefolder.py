@@ -23,7 +23,11 @@ def _subdirs(folder: Path) -> list[Path]:
 def read_imagefolder(root: Path, report: IngestReport) -> SourceDataset:
     """Parse an ImageFolder tree into classification records."""
     if not root.is_dir():
-        raise DataError("ImageFolder source is not a folder", file=root, fix="point imagefolder: at a folder of class folders")
+        raise DataError(
+            "ImageFolder source is not a folder",
+            file=root,
+            fix="point imagefolder: at a folder of class folders",
+        )
     top = _subdirs(root)
     split_dirs = [(SPLIT_FOLDERS[d.name.lower()], d) for d in top if d.name.lower() in SPLIT_FOLDERS]
     groups = split_dirs if split_dirs else [(None, root)]
@@ -32,15 +36,36 @@ def read_imagefolder(root: Path, report: IngestReport) -> SourceDataset:
     for split, folder in groups:
         for class_dir in _subdirs(folder):
             classes.add(class_dir.name)
-            for path in sorted((p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")), key=natural_key):
+            for path in sorted(
+                (p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                key=natural_key,
+            ):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    report.add(path, f"{class_dir.name}/{path.name}", f"not an image file (suffix {path.suffix or 'none'})",
-                               "skipped")
+                    report.add(
+                        path,
+                        f"{class_dir.name}/{path.name}",
+                        f"not an image file (suffix {path.suffix or 'none'})",
+                        "skipped",
+                    )
                     continue
-                record = f"{folder.name}/{class_dir.name}/{path.name}" if split else f"{class_dir.name}/{path.name}"
-                records.append(ImageRecord(record=record, name=path.name, file=path, split=split, label=class_dir.name))
+                record = (
+                    f"{folder.name}/{class_dir.name}/{path.name}"
+                    if split
+                    else f"{class_dir.name}/{path.name}"
+                )
+                records.append(
+                    ImageRecord(record=record, name=path.name, file=path, split=split, label=class_dir.name)
+                )
     if len(classes) < 1 or not records:
-        raise DataError("no class folders with images found", file=root,
-                        fix="lay the images out as DIR/<split>/<class>/<image> or DIR/<class>/<image>")
-    return SourceDataset(name=root.name.lower(), spec=f"imagefolder:{root}", categories=sorted(classes, key=natural_key),
-                         tasks=["classification"], records=records)
+        raise DataError(
+            "no class folders with images found",
+            file=root,
+            fix="lay the images out as DIR/<split>/<class>/<image> or DIR/<class>/<image>",
+        )
+    return SourceDataset(
+        name=root.name.lower(),
+        spec=f"imagefolder:{root}",
+        categories=sorted(classes, key=natural_key),
+        tasks=["classification"],
+        records=records,
+    )

@@ -25,7 +25,9 @@ from components.errors import DataError
 SOURCE_KINDS = ("shapes", "coco", "voc", "yolo", "imagefolder", "masks")
 
 
-def read_source(spec: str, path: Path | None, cfg: DataConfig, images: str | None, report: IngestReport) -> SourceDataset:
+def read_source(
+    spec: str, path: Path | None, cfg: DataConfig, images: str | None, report: IngestReport
+) -> SourceDataset:
     """Parse a source into format-neutral records (dispatch on the spec's kind)."""
     kind = spec.partition(":")[0]
     if kind == "shapes":
@@ -62,14 +64,37 @@ def parse_spec(source: str) -> tuple[str, Path | None]:
     """
     kind, sep, arg = source.partition(":")
     if kind not in SOURCE_KINDS or (kind != "shapes" and not arg) or (kind == "shapes" and sep):
-        raise DataError(f"unknown source spec {source!r}", record="--source",
-                        fix="use shapes, coco:FILE.json, voc:DIR, yolo:DIR, imagefolder:DIR or masks:DIR")
+        raise DataError(
+            f"unknown source spec {source!r}",
+            record="--source",
+            fix="use shapes, coco:FILE.json, voc:DIR, yolo:DIR, imagefolder:DIR or masks:DIR",
+        )
     if kind == "shapes":
         return kind, None
     path = Path(arg).expanduser()
     if not path.exists():
-        raise DataError("source not found", file=path, record="--source", fix="check the path after the colon")
+        raise DataError(
+            "source not found", file=path, record="--source", fix="check the path after the colon"
+        )
     return kind, path
+
+
+def _check_out_apart(out: Path, sources: list[Path]) -> None:
+    """Refuse an output folder that would replace or sit inside the source (source files are never modified).
+
+    Raises:
+        DataError: ``out`` is a source path, one of its ancestors, or inside a source folder.
+    """
+    target = out.resolve()
+    for src in sources:
+        src = src.resolve()
+        if src.is_relative_to(target) or (src.is_dir() and target.is_relative_to(src)):
+            raise DataError(
+                "the output folder overlaps the source",
+                file=out,
+                record="--out",
+                fix="write the dataset elsewhere: source files are never modified",
+            )
 
 
 def _params_record(kind: str, cfg: DataConfig) -> dict[str, Any]:
@@ -84,8 +109,11 @@ def _print_summary(manifest: dict[str, Any], report: IngestReport, out: Path) ->
     counts = report.counts()
     splits = ", ".join(f"{s} {n}" for s, n in manifest["splits"].items())
     actions = ", ".join(f"{n} {a}" for a, n in counts["by_action"].items()) or "none"
-    print(f"ingest {manifest['name']}: {splits} images; {sum(manifest['objects'].values())} objects; "
-          f"decisions: {actions} (see {out / 'ingest_report.json'})", file=sys.stderr)
+    print(
+        f"ingest {manifest['name']}: {splits} images; {sum(manifest['objects'].values())} objects; "
+        f"decisions: {actions} (see {out / 'ingest_report.json'})",
+        file=sys.stderr,
+    )
     for reason, n in counts["by_reason"].items():
         print(f"  {n:5d} x {reason}", file=sys.stderr)
 
@@ -119,14 +147,19 @@ def ingest(
     kind, path = parse_spec(source)
     out = Path(out)
     report = IngestReport(strict=strict)
-    if path is not None and out.resolve().is_relative_to(path.resolve() if path.is_dir() else path.resolve().parent):
-        raise DataError("the output folder is inside the source", file=out, record="--out",
-                        fix="write the dataset elsewhere: source files are never modified")
+    _check_out_apart(out, [p for p in (path, Path(images) if images else None) if p is not None])
     with opened_source(path) if path is not None else nullcontext(None) as opened:
         parsed = read_source(source, opened, cfg, images, report)
         parsed.spec = source
-        manifest = write_canonical(parsed, out, report=report, split=cfg.split, seed=cfg.seed,
-                                   duplicate_iou=cfg.duplicate_iou, params=_params_record(kind, cfg))
+        manifest = write_canonical(
+            parsed,
+            out,
+            report=report,
+            split=cfg.split,
+            seed=cfg.seed,
+            duplicate_iou=cfg.duplicate_iou,
+            params=_params_record(kind, cfg),
+        )
     digest = dvc_directory_md5(out)
     seconds = time.perf_counter() - start
     _print_summary(manifest, report, out)
@@ -148,8 +181,9 @@ def ingest(
     return summary
 
 
-def _log_to_mlflow(summary: dict[str, Any], manifest: dict[str, Any], cfg: DataConfig, out: Path,
-                   tracking: TrackingConfig) -> None:
+def _log_to_mlflow(
+    summary: dict[str, Any], manifest: dict[str, Any], cfg: DataConfig, out: Path, tracking: TrackingConfig
+) -> None:
     """Dataset statistics as metrics, the params, the report as artifact, and the dataset input (DVC digest)."""
     from components.tracking import start_run
 
@@ -159,8 +193,11 @@ def _log_to_mlflow(summary: dict[str, Any], manifest: dict[str, Any], cfg: DataC
     metrics.update({f"report.{a}": n for a, n in summary["report"]["by_action"].items()})
     metrics["report.total"] = summary["report"]["total"]
     metrics["ingest_seconds"] = summary["seconds"]
-    with start_run(tracking, run_name=f"ingest-{manifest['name']}", tags={"stage": "ingest", "dataset": manifest["name"],
-                                                                           "dvc_md5": summary["dvc_md5"]}) as logger:
+    with start_run(
+        tracking,
+        run_name=f"ingest-{manifest['name']}",
+        tags={"stage": "ingest", "dataset": manifest["name"], "dvc_md5": summary["dvc_md5"]},
+    ) as logger:
         logger.log_params({"data": cfg.model_dump(mode="json"), "source": summary["source"], "out": str(out)})
         logger.log_metrics(metrics)
         logger.log_dataset(name=manifest["name"], digest=summary["dvc_md5"], source=str(out), profile=summary)

@@ -40,11 +40,17 @@ def read_masks(
     foreground: Literal["auto", "dark", "bright"] = "auto",
 ) -> SourceDataset:
     """Parse a mask-labelled folder into records (masks are read by the canonical writer)."""
-    layout = next(((i, m, "instance") for i, m in INSTANCE_LAYOUTS if (root / i).is_dir() and (root / m).is_dir()), None)
-    layout = layout or next(((i, m, "binary") for i, m in BINARY_LAYOUTS if (root / i).is_dir() and (root / m).is_dir()), None)
+    layout = next(
+        ((i, m, "instance") for i, m in INSTANCE_LAYOUTS if (root / i).is_dir() and (root / m).is_dir()), None
+    )
+    layout = layout or next(
+        ((i, m, "binary") for i, m in BINARY_LAYOUTS if (root / i).is_dir() and (root / m).is_dir()), None
+    )
     if layout is None:
         known = [f"{i}/ + {m}/" for i, m in INSTANCE_LAYOUTS + BINARY_LAYOUTS]
-        raise DataError("no known images + masks layout", file=root, fix=f"lay the folder out as one of {known}")
+        raise DataError(
+            "no known images + masks layout", file=root, fix=f"lay the folder out as one of {known}"
+        )
     image_dir, mask_dir, kind = layout
     isbi = (image_dir, mask_dir) == ("image", "label")
     if category is None:
@@ -54,14 +60,31 @@ def read_masks(
     for image in list_images(root / image_dir):
         mask = _find_mask(root / mask_dir, image.stem)
         if mask is None:
-            report.add(image, image.stem, f"no mask in {mask_dir}/ for this image", "skipped",
-                       fix=f"add {mask_dir}/{image.stem}.png")
+            report.add(
+                image,
+                image.stem,
+                f"no mask in {mask_dir}/ for this image",
+                "skipped",
+                fix=f"add {mask_dir}/{image.stem}.png",
+            )
             continue
-        records.append(ImageRecord(record=image.stem, name=image.name, file=image, ann_file=mask, mask_file=mask,
-                                   mask_kind=kind))  # type: ignore[arg-type]
+        records.append(
+            ImageRecord(
+                record=image.stem, name=image.name, file=image, ann_file=mask, mask_file=mask, mask_kind=kind
+            )
+        )  # type: ignore[arg-type]
     if not records:
         raise DataError("no image with a mask found", file=root, fix=f"put label PNGs in {mask_dir}/")
-    tasks = (["classification", "detection", "instance_segmentation", "semantic_segmentation"] if kind == "instance"
-             else ["semantic_segmentation"])
-    return SourceDataset(name=root.name.lower(), spec=f"masks:{root}", categories=[category], tasks=tasks,  # type: ignore[arg-type]
-                         records=records, binary_foreground=rule)
+    tasks = (
+        ["classification", "detection", "instance_segmentation", "semantic_segmentation"]
+        if kind == "instance"
+        else ["semantic_segmentation"]
+    )
+    return SourceDataset(
+        name=root.name.lower(),
+        spec=f"masks:{root}",
+        categories=[category],
+        tasks=tasks,  # type: ignore[arg-type]
+        records=records,
+        binary_foreground=rule,
+    )

@@ -113,6 +113,10 @@ def natural_key(path: Path | str) -> tuple[Any, ...]:
 def list_images(folder: Path) -> list[Path]:
     """Image-like files directly in ``folder`` (hidden files ignored), in natural order."""
     return sorted(
-        (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
+        (
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        ),
         key=natural_key,
     )

@@ -55,7 +55,20 @@ def _unit_polygon(kind: str, rng: np.random.Generator) -> np.ndarray:
     if kind == "cross":
         a, b = 0.33, 0.95
         return np.array(
-            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+            [
+                [-a, -b],
+                [a, -b],
+                [a, -a],
+                [b, -a],
+                [b, a],
+                [a, a],
+                [a, b],
+                [-a, b],
+                [-a, a],
+                [-b, a],
+                [-b, -a],
+                [-a, -a],
+            ]
         )
     if kind == "diamond":
         return np.array([[0, -1.0], [0.6, 0], [0, 1.0], [-0.6, 0]])
@@ -73,13 +86,14 @@ def _background(size: int, rng: np.random.Generator, texture: bool) -> np.ndarra
         cells = int(rng.integers(4, 12))
         low = rng.normal(0, 30, size=(cells, cells, 3)).astype(np.float32)
         up = np.stack(
-            [np.asarray(Image.fromarray(low[..., c]).resize((size, size), Image.BILINEAR)) for c in range(3)], axis=-1
+            [np.asarray(Image.fromarray(low[..., c]).resize((size, size), Image.BILINEAR)) for c in range(3)],
+            axis=-1,
         )
         img = base + up
     elif kind == 1:  # linear gradient between two colours
         other = rng.uniform(40, 215, size=3)
         angle = rng.uniform(0, 2 * math.pi)
-        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = np.cos(angle) * xx + np.sin(angle) * yy
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         img = base + t[..., None] * (other - base)
     else:  # stripes of a second colour
@@ -188,7 +202,10 @@ def build_shapes(cfg: ShapesConfig, *, seed: int) -> SourceDataset:
                     name=name,
                     pixels=pixels,
                     split=split,
-                    objects=[ObjectRecord(kind, None, f"{split}/{i}/object {j}", mask=m) for j, (kind, m) in enumerate(objects)],
+                    objects=[
+                        ObjectRecord(kind, None, f"{split}/{i}/object {j}", mask=m)
+                        for j, (kind, m) in enumerate(objects)
+                    ],
                     semantic=semantic,
                 )
             )

@@ -12,6 +12,7 @@ YOLO, ImageFolder, masks, the shapes generator) is validated by the same code.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -54,7 +55,9 @@ class IngestReport:
     strict: bool = False
     decisions: list[Decision] = field(default_factory=list)
 
-    def add(self, file: object, record: object, reason: str, action: Action, *, fix: str | None = None) -> None:
+    def add(
+        self, file: object, record: object, reason: str, action: Action, *, fix: str | None = None
+    ) -> None:
         """Record a decision, or raise :class:`DataError` in strict mode.
 
         Raises:
@@ -81,6 +84,30 @@ class IngestReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"counts": self.counts(), "decisions": [d.as_dict() for d in self.decisions]}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_json(path: Path, *, fix: str) -> Any:
+    """Parse a JSON file; a syntax or encoding error becomes :class:`DataError` with its position.
+
+    Raises:
+        DataError: not UTF-8, or not valid JSON (``record`` = line and column).
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"not valid JSON: {err.msg}",
+            file=path,
+            record=f"line {err.lineno}, column {err.colno} (char {err.pos})",
+            fix=fix,
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"not UTF-8 text: {err.reason}", file=path, record=f"byte {err.start}", fix=fix
+        ) from None
 
 
 # --------------------------------------------------------------------------- images
@@ -156,7 +183,9 @@ def check_box(box: Sequence[Any] | None, width: int, height: int) -> BoxCheck:
     if cx1 <= cx0 or cy1 <= cy0:
         return BoxCheck(None, f"box entirely outside the {width}x{height} image: {[x0, y0, x1, y1]}")
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-        return BoxCheck((cx0, cy0, cx1, cy1), f"box outside the {width}x{height} image: {[x0, y0, x1, y1]}", True)
+        return BoxCheck(
+            (cx0, cy0, cx1, cy1), f"box outside the {width}x{height} image: {[x0, y0, x1, y1]}", True
+        )
     return BoxCheck((x0, y0, x1, y1))
 
 
@@ -187,7 +216,9 @@ def check_polygons(segmentation: Any) -> tuple[list[list[float]], list[str]]:
     valid: list[list[float]] = []
     problems: list[str] = []
     for i, poly in enumerate(segmentation):
-        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+        if not isinstance(poly, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly
+        ):
             problems.append(f"malformed polygon {i}: not a flat list of numbers")
         elif len(poly) % 2 or len(poly) < 6:
             problems.append(f"malformed polygon {i}: {len(poly)} coordinates (need an even number >= 6)")

@@ -26,7 +26,11 @@ def read_split_lists(root: Path) -> dict[str, str]:
     lists = {s: main / f"{s}.txt" for s in ("train", "val", "test", "trainval")}
     if not any(p.is_file() for p in lists.values()):
         return {}
-    use = {"train": lists["train"] if lists["train"].is_file() else lists["trainval"], "val": lists["val"], "test": lists["test"]}
+    use = {
+        "train": lists["train"] if lists["train"].is_file() else lists["trainval"],
+        "val": lists["val"],
+        "test": lists["test"],
+    }
     splits: dict[str, str] = {}
     for split, path in use.items():
         if path.is_file():
@@ -76,7 +80,9 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
         filename = (tree.findtext("filename") or "").strip()
         image = img_dir / filename if filename else None
         if image is None or not image.is_file():
-            found = next((img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()), None)
+            found = next(
+                (img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()), None
+            )
             if found is not None and image is not None:
                 report.add(xml, stem, f"<filename> {filename!r} not found; using {found.name}", "repaired")
             image = found or image or img_dir / f"{stem}.jpg"
@@ -88,25 +94,47 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
         for j, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()
             box_el = obj.find("bndbox")
-            box = None if box_el is None else [_number(box_el.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-            difficult = _number(obj.findtext("difficult"))
-            objects.append(
-                ObjectRecord(name, box, f"{stem}/object {j}", difficult=int(difficult == 1.0))
+            box = (
+                None
+                if box_el is None
+                else [_number(box_el.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
             )
+            difficult = _number(obj.findtext("difficult"))
+            objects.append(ObjectRecord(name, box, f"{stem}/object {j}", difficult=int(difficult == 1.0)))
             if name:
                 names.add(name)
         split = None
         if splits:
             split = splits.get(stem)
             if split is None:
-                report.add(xml, stem, "image not listed in any ImageSets/Main split file", "skipped",
-                           fix="add it to train.txt, val.txt or test.txt")
+                report.add(
+                    xml,
+                    stem,
+                    "image not listed in any ImageSets/Main split file",
+                    "skipped",
+                    fix="add it to train.txt, val.txt or test.txt",
+                )
                 continue
-        records.append(ImageRecord(record=stem, name=image.name, file=image, ann_file=xml, split=split, size=size,
-                                   objects=objects))
+        records.append(
+            ImageRecord(
+                record=stem,
+                name=image.name,
+                file=image,
+                ann_file=xml,
+                split=split,
+                size=size,
+                objects=objects,
+            )
+        )
     for image in sorted(img_dir.iterdir(), key=natural_key):
         if image.suffix.lower() in IMAGE_SUFFIXES and image.stem not in annotated:
-            report.add(image, image.stem, "image has no annotation XML", "skipped", fix=f"add {ann_dir.name}/{image.stem}.xml")
+            report.add(
+                image,
+                image.stem,
+                "image has no annotation XML",
+                "skipped",
+                fix=f"add {ann_dir.name}/{image.stem}.xml",
+            )
     if not records:
         raise DataError("no usable annotation XML found", file=ann_dir, fix="check the folder and the report")
     return SourceDataset(

@@ -23,15 +23,20 @@ def load_data_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
     """Find and parse the data yaml (``data.yaml``, else the only ``*.yaml``) in ``root``."""
     candidates = [root / "data.yaml"] if (root / "data.yaml").is_file() else sorted(root.glob("*.y*ml"))
     if not candidates:
-        raise DataError("no data.yaml in the YOLO folder", file=root, fix="add data.yaml with names and train/val paths")
+        raise DataError(
+            "no data.yaml in the YOLO folder", file=root, fix="add data.yaml with names and train/val paths"
+        )
     path = candidates[0]
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        raise DataError(f"not valid YAML: {getattr(err, 'problem', err)}", file=path,
-                        record=f"line {mark.line + 1}, column {mark.column + 1}" if mark else None,
-                        fix="repair the data yaml") from None
+        raise DataError(
+            f"not valid YAML: {getattr(err, 'problem', err)}",
+            file=path,
+            record=f"line {mark.line + 1}, column {mark.column + 1}" if mark else None,
+            fix="repair the data yaml",
+        ) from None
     if not isinstance(data, dict) or "names" not in data:
         raise DataError("data yaml has no 'names'", file=path, fix="list the class names under names:")
     return path, data
@@ -42,7 +47,9 @@ def _names(data: dict[str, Any], path: Path) -> list[str]:
     if isinstance(names, dict):
         keys = sorted(names)
         if keys != list(range(len(keys))):
-            raise DataError("names must be indexed 0..nc-1", file=path, record="names", fix="renumber the class names")
+            raise DataError(
+                "names must be indexed 0..nc-1", file=path, record="names", fix="renumber the class names"
+            )
         names = [names[k] for k in keys]
     if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
         raise DataError("names must be a non-empty list of class names", file=path, record="names")
@@ -91,8 +98,13 @@ def _parse_labels(label: Path, image: Path, names: list[str], report: IngestRepo
             polygon = [v * (width if i % 2 == 0 else height) for i, v in enumerate(values)]
             objects.append(ObjectRecord(category, None, record, polygons=[polygon]))
         else:
-            report.add(label, record, f"malformed label line: {len(values)} numbers after the class "
-                       "(4 for a box, an even number >= 6 for a polygon)", "skipped")
+            report.add(
+                label,
+                record,
+                f"malformed label line: {len(values)} numbers after the class "
+                "(4 for a box, an even number >= 6 for a polygon)",
+                "skipped",
+            )
     return objects
 
 
@@ -112,18 +124,37 @@ def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
             continue
         for folder in [base / e for e in (entry if isinstance(entry, list) else [entry])]:
             if not folder.is_dir():
-                raise DataError(f"the {split} image folder does not exist", file=folder, record=split,
-                                fix=f"correct {split}: in {path.name}")
+                raise DataError(
+                    f"the {split} image folder does not exist",
+                    file=folder,
+                    record=split,
+                    fix=f"correct {split}: in {path.name}",
+                )
             for image in list_images(folder):
                 label = _label_file(image)
                 objects = _parse_labels(label, image, names, report) if label.is_file() else []
-                records.append(ImageRecord(record=f"{split}/{image.stem}", name=image.name, file=image,
-                                           ann_file=label if label.is_file() else image, split=split, objects=objects))
+                records.append(
+                    ImageRecord(
+                        record=f"{split}/{image.stem}",
+                        name=image.name,
+                        file=image,
+                        ann_file=label if label.is_file() else image,
+                        split=split,
+                        objects=objects,
+                    )
+                )
     if not records:
         raise DataError("no images found in the split folders of the data yaml", file=path)
     # masks only when every object has a polygon (Ultralytics reads a mixed folder as boxes only)
     all_objects = [o for rec in records for o in rec.objects]
     any_polygons = bool(all_objects) and all(o.polygons is not None for o in all_objects)
-    tasks = ["classification", "detection"] + (["instance_segmentation", "semantic_segmentation"] if any_polygons else [])
-    return SourceDataset(name=root.name.lower(), spec=f"yolo:{root}", categories=names, tasks=tasks,  # type: ignore[arg-type]
-                         records=records)
+    tasks = ["classification", "detection"] + (
+        ["instance_segmentation", "semantic_segmentation"] if any_polygons else []
+    )
+    return SourceDataset(
+        name=root.name.lower(),
+        spec=f"yolo:{root}",
+        categories=names,
+        tasks=tasks,  # type: ignore[arg-type]
+        records=records,
+    )

@@ -201,7 +201,7 @@ def _paired_mask_iou(
     assert gt.rles is not None and dt.rles is not None
     iou = np.zeros(int(counts.sum()), dtype=np.float64)
     starts = np.flatnonzero(np.r_[True, det_group[1:] != det_group[:-1]]) if len(det_group) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(det_group)].astype(np.int64)
+    ends = np.r_[starts[1:], len(det_group)].astype(np.int64) if len(starts) else starts
     for s, e in zip(starts, ends, strict=True):
         n_gt = counts[s]
         if n_gt == 0:
@@ -254,12 +254,24 @@ def _coco_match(gt: Instances, dt: Instances, pairs: _Pairs) -> tuple[np.ndarray
     cand = np.flatnonzero(kept_det[pairs.pair_det] & (pairs.iou >= thresholds[0]))
     c_det, c_gt, c_iou = pairs.pair_det[cand], pairs.pair_gt[cand], pairs.iou[cand]
 
-    # Candidate detections (some IoU >= .5) and their rank among the candidates of their group.
-    cand_det = np.unique(c_det)
+    # Detections in accumulate's order: per category, decreasing score; ties keep image order,
+    # then the within-image order (pycocotools concatenates per-image lists, then mergesorts).
+    kept = np.flatnonzero(kept_det)
+    det_idx = pairs.det_order[kept]
+    kept = kept[np.lexsort((pairs.det_rank[kept], dt.image[det_idx], -dt.score[det_idx], dt.category[det_idx]))]
+    column_of = np.full(n_det, -1, dtype=np.int64)
+    column_of[kept] = np.arange(len(kept))
+    d_area = dt.area[pairs.det_order[kept]]
+    d_out = (d_area[None, :] < ranges[:, :1]) | (d_area[None, :] > ranges[:, 1:])  # [A, Dk]
+    # Unmatched detections: ignored outside the area range, else FP. Matches overwrite below.
+    tp = np.zeros((T, A, len(kept)), dtype=bool)
+    fp = np.broadcast_to(~d_out, (T, A, len(kept))).copy()
+
+    # Candidate detections (some IoU >= .5) and their rank among the candidates of their group;
+    # pairs are det-major, so the candidates come out sorted.
+    cand_det = c_det[np.r_[True, c_det[1:] != c_det[:-1]]] if len(c_det) else c_det
     cand_rank_of = np.full(n_det, -1, dtype=np.int64)
     cand_rank_of[cand_det] = np.arange(len(cand_det)) - _segment_starts(pairs.det_group[cand_det])
-    slot_of = np.full(n_det, -1, dtype=np.int64)
-    slot_of[cand_det] = np.arange(len(cand_det))
 
     # Pairs ordered by (candidate rank, detection, IoU, ground-truth order): each rank is one slice,
     # each detection a segment in it whose last eligible element is pycocotools' choice.
@@ -270,7 +282,6 @@ def _coco_match(gt: Instances, dt: Instances, pairs: _Pairs) -> tuple[np.ndarray
     bounds = np.searchsorted(c_rank, np.arange(n_ranks + 1))
 
     matched = np.zeros((T, A, len(g_area)), dtype=bool)  # gtm > 0
-    match = np.full((T, A, len(cand_det)), -1, dtype=np.int64)  # sorted gt index of each candidate's match
     thr = thresholds[:, None, None]
     for r in range(n_ranks):
         s, e = bounds[r], bounds[r + 1]
@@ -286,28 +297,12 @@ def _coco_match(gt: Instances, dt: Instances, pairs: _Pairs) -> tuple[np.ndarray
         ti, ai, si = np.nonzero(best >= 0)
         chosen = g[seg[si] + best[ti, ai, si] % big]
         matched[ti, ai, chosen] = True
-        match[ti, ai, slot_of[d[seg[si]]]] = chosen
-
-    # Detections in accumulate's order: per category, decreasing score; ties keep image order,
-    # then the within-image order (pycocotools concatenates per-image lists, then mergesorts).
-    kept = np.flatnonzero(kept_det)
-    det_idx = pairs.det_order[kept]
-    kept = kept[np.lexsort((pairs.det_rank[kept], dt.image[det_idx], -dt.score[det_idx], dt.category[det_idx]))]
-    d_area = dt.area[pairs.det_order[kept]]
-    d_out = (d_area[None, :] < ranges[:, :1]) | (d_area[None, :] > ranges[:, 1:])  # [A, Dk]
-    # Detections without a candidate pair are unmatched: ignored outside the area range, else FP.
-    tp = np.zeros((T, A, len(kept)), dtype=bool)
-    fp = np.broadcast_to(~d_out, (T, A, len(kept))).copy()
-    cols = np.flatnonzero(slot_of[kept] >= 0)
-    if len(cols):
-        m = match[:, :, slot_of[kept[cols]]]  # [T, A, C]
-        has = m >= 0
-        mi = np.where(has, m, 0)
+        col = column_of[d[seg[si]]]
         # dtm holds the matched gt's id: pycocotools reads an id of 0 as "unmatched".
-        dtm = has & ~g_id_zero[mi]
-        dt_ignore = (has & g_ignore[np.arange(A)[None, :, None], mi]) | (~dtm & d_out[None][:, :, cols])
-        tp[:, :, cols] = dtm & ~dt_ignore
-        fp[:, :, cols] = ~dtm & ~dt_ignore
+        dtm = ~g_id_zero[chosen]
+        dt_ignore = g_ignore[ai, chosen] | (~dtm & d_out[ai, col])
+        tp[ti, ai, col] = dtm & ~dt_ignore
+        fp[ti, ai, col] = ~dtm & ~dt_ignore
     return kept, tp, fp
 
 
@@ -521,7 +516,7 @@ def evaluate_voc(
 
     g_skip = (gt.difficult | gt.iscrowd)[pairs.gt_order]
     hit = ovmax > iou_threshold
-    ignored = hit & g_skip[np.maximum(jmax, 0)]
+    ignored = hit & g_skip[np.maximum(jmax, 0)] if len(g_skip) else np.zeros(n_det, dtype=bool)
     det_idx = pairs.det_order
     order = np.lexsort((det_idx, -dt.score[det_idx], dt.category[det_idx]))
     order = order[~ignored[order]]

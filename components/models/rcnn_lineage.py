@@ -57,7 +57,8 @@ from components.ops.selective_search import ProposalCache, SelectiveSearchParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision's Fast R-CNN weights; the R-CNN targets t_x, t_y, t_w, t_h scaled
+# torchvision's Fast R-CNN weights: R-CNN's regression targets (t_x, t_y, t_w, t_h) scaled by (10, 10, 5, 5)
+BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -87,29 +88,52 @@ class SelectiveSearchProposer:
         return out
 
 
-def _check_inputs(images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None, training: bool) -> None:
+def _check_inputs(
+    images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None, training: bool
+) -> None:
     """Refuse malformed batches with a :class:`DataError` rather than a deep torchvision traceback."""
     if training and targets is None:
-        raise DataError("the model is in training mode but no targets were given", fix="call model(images, targets) or model.eval()")
+        raise DataError(
+            "the model is in training mode but no targets were given",
+            fix="call model(images, targets) or model.eval()",
+        )
     for i, image in enumerate(images):
         if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise DataError(f"image {i} must be a Tensor[3, H, W] in [0, 1], got {shape}", record=f"image {i}", fix="convert images with torchvision.transforms.v2")
+            raise DataError(
+                f"image {i} must be a Tensor[3, H, W] in [0, 1], got {shape}",
+                record=f"image {i}",
+                fix="convert images with torchvision.transforms.v2",
+            )
     if targets is None:
         return
     if len(targets) != len(images):
-        raise DataError(f"{len(images)} images but {len(targets)} targets", fix="pass one target dict per image")
+        raise DataError(
+            f"{len(images)} images but {len(targets)} targets", fix="pass one target dict per image"
+        )
     for i, t in enumerate(targets):
         boxes = t.get("boxes")
         if boxes is None or "labels" not in t or boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise DataError(f"target {i} needs boxes Tensor[N, 4] (xyxy pixels) and labels Tensor[N]", record=f"target {i}", fix="use DetectionDataset targets")
+            raise DataError(
+                f"target {i} needs boxes Tensor[N, 4] (xyxy pixels) and labels Tensor[N]",
+                record=f"target {i}",
+                fix="use DetectionDataset targets",
+            )
         if len(boxes) and bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
-            raise DataError(f"target {i} has a box of zero or negative width/height", record=f"target {i}", fix="drop degenerate boxes (augment.min_box_size)")
+            raise DataError(
+                f"target {i} has a box of zero or negative width/height",
+                record=f"target {i}",
+                fix="drop degenerate boxes (augment.min_box_size)",
+            )
 
 
-def _scale_proposals(proposals: list[Tensor], original_sizes: list[tuple[int, int]], new_sizes: list[tuple[int, int]]) -> list[Tensor]:
+def _scale_proposals(
+    proposals: list[Tensor], original_sizes: list[tuple[int, int]], new_sizes: list[tuple[int, int]]
+) -> list[Tensor]:
     """Proposals searched on the input images, mapped to the resized network input (as the transform maps targets)."""
-    return [resize_boxes(p, old, new) for p, old, new in zip(proposals, original_sizes, new_sizes, strict=True)]
+    return [
+        resize_boxes(p, old, new) for p, old, new in zip(proposals, original_sizes, new_sizes, strict=True)
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -117,9 +141,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _detection_transform(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> GeneralizedRCNNTransform:
+def _detection_transform(
+    image_size: int, image_mean: Sequence[float], image_std: Sequence[float]
+) -> GeneralizedRCNNTransform:
     """Resize (longer side ``image_size``, aspect kept), normalise, pad into a batch; ``postprocess`` maps boxes back."""
-    return GeneralizedRCNNTransform(min_size=image_size, max_size=image_size, image_mean=list(image_mean), image_std=list(image_std), size_divisible=16)
+    return GeneralizedRCNNTransform(
+        min_size=image_size,
+        max_size=image_size,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        size_divisible=16,
+    )
 
 
 # --------------------------------------------------------------------------- R-CNN
@@ -205,7 +237,9 @@ class RCNN(nn.Module):
         Returns:
             Tensor[sum R_i, 3, crop_size, crop_size].
         """
-        return roi_align(batch, rois, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return roi_align(
+            batch, rois, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
 
     def extract_features(self, crops: Tensor) -> Tensor:
         """Part 2b: the CNN before its output layer, one forward pass per region: Tensor[R, 3, s, s] -> Tensor[R, C]."""
@@ -221,7 +255,9 @@ class RCNN(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def _sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _sample(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """Balanced foreground/background regions per image (ground-truth boxes added to the proposals).
 
         Returns:
@@ -252,7 +288,9 @@ class RCNN(nn.Module):
             iou_out.append(best[keep])
         return rois_out, torch.cat(labels_out), torch.cat(gt_out), torch.cat(iou_out)
 
-    def _losses(self, features: Tensor, rois: Tensor, labels: Tensor, matched: Tensor, iou: Tensor) -> dict[str, Tensor]:
+    def _losses(
+        self, features: Tensor, rois: Tensor, labels: Tensor, matched: Tensor, iou: Tensor
+    ) -> dict[str, Tensor]:
         # fine-tuning the CNN on warped regions: softmax log loss over K + 1 classes (R-CNN's first training stage)
         loss_finetune = F.cross_entropy(self.finetune_classifier(features), labels)
         fixed = features.detach()  # the SVMs and the regressors learn on fixed features, as in the paper
@@ -275,15 +313,23 @@ class RCNN(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def _detect(self, features: Tensor, rois: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def _detect(
+        self, features: Tensor, rois: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         """SVM scores (sigmoid of the margins) and regressed boxes per class, then per-class NMS."""
         scores = torch.sigmoid(self.classify(features))[:, 1:]  # [R, K]
         deltas = self.regress_boxes(features)  # [R, K, 4]
         out = []
         for feats_scores, feats_deltas, props, size in zip(
-            scores.split([len(r) for r in rois]), deltas.split([len(r) for r in rois]), rois, image_sizes, strict=True
+            scores.split([len(r) for r in rois]),
+            deltas.split([len(r) for r in rois]),
+            rois,
+            image_sizes,
+            strict=True,
         ):
-            boxes = self.box_coder.decode_single(feats_deltas.reshape(-1, 4), props.repeat_interleave(self.num_classes, dim=0))
+            boxes = self.box_coder.decode_single(
+                feats_deltas.reshape(-1, 4), props.repeat_interleave(self.num_classes, dim=0)
+            )
             boxes = clip_boxes_to_image(boxes, size)
             flat_scores = feats_scores.reshape(-1)
             labels = torch.arange(1, self.num_classes + 1, device=boxes.device).repeat(len(props))
@@ -295,7 +341,9 @@ class RCNN(nn.Module):
             out.append({"boxes": boxes[keep], "scores": flat_scores[keep], "labels": labels[keep]})
         return out
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: ``{loss_finetune, loss_svm, loss_box_reg}``; eval: per image ``{boxes, labels, scores}``."""
         _check_inputs(images, targets, self.training)
         device = images[0].device
@@ -318,7 +366,12 @@ class RCNN(nn.Module):
             }
             return losses
         feats = []
-        flat = torch.cat([torch.cat([torch.full((len(p), 1), float(i), device=device), p], dim=1) for i, p in enumerate(proposals)])
+        flat = torch.cat(
+            [
+                torch.cat([torch.full((len(p), 1), float(i), device=device), p], dim=1)
+                for i, p in enumerate(proposals)
+            ]
+        )
         for chunk in flat.split(self.feature_chunk):  # one CNN pass per region, in chunks
             feats.append(self.extract_features(self.warp_regions(image_list.tensors, chunk)))
         features = torch.cat(feats) if feats else torch.zeros(0, self.backbone.out_channels, device=device)
@@ -351,9 +404,16 @@ class RoIPool(nn.Module):
         super().__init__()
         self.featmap_name, self.output_size, self.spatial_scale = featmap_name, output_size, spatial_scale
 
-    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         """features[name] Tensor[N, C, h, w], proposals per image Tensor[R_i, 4] -> Tensor[sum R_i, C, s, s]."""
-        return roi_pool(features[self.featmap_name], proposals, output_size=self.output_size, spatial_scale=self.spatial_scale)
+        return roi_pool(
+            features[self.featmap_name],
+            proposals,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+        )
 
 
 class FastRCNN(nn.Module):
@@ -396,7 +456,9 @@ class FastRCNN(nn.Module):
         self.transform = _detection_transform(image_size, image_mean, image_std)
         self.proposer = proposer
         self.backbone = backbone
-        level = min(range(len(backbone.strides)), key=lambda i: (abs(backbone.strides[i] - feature_stride), -i))
+        level = min(
+            range(len(backbone.strides)), key=lambda i: (abs(backbone.strides[i] - feature_stride), -i)
+        )
         self.featmap_name = str(level)
         self.feature_stride = backbone.strides[level]
         channels = backbone.channels[level]
@@ -425,7 +487,9 @@ class FastRCNN(nn.Module):
             feats[str(i)] = x
         return feats
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: ``{loss_classifier, loss_box_reg}`` (the joint multi-task loss); eval: per image ``{boxes, labels, scores}``."""
         _check_inputs(images, targets, self.training)
         device = images[0].device
@@ -508,7 +572,15 @@ def rcnn(
     ``{loss_finetune, loss_svm, loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
     """
     body = build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers)
-    proposer = _proposer(proposals_per_image, ss_scales, ss_sigma, ss_min_size, ss_color_spaces, ss_similarities, proposal_cache)
+    proposer = _proposer(
+        proposals_per_image,
+        ss_scales,
+        ss_sigma,
+        ss_min_size,
+        ss_color_spaces,
+        ss_similarities,
+        proposal_cache,
+    )
     return RCNN(
         body,
         num_classes=num_classes,
@@ -556,7 +628,15 @@ def fast_rcnn(
     ``{loss_classifier, loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
     """
     body = build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers)
-    proposer = _proposer(proposals_per_image, ss_scales, ss_sigma, ss_min_size, ss_color_spaces, ss_similarities, proposal_cache)
+    proposer = _proposer(
+        proposals_per_image,
+        ss_scales,
+        ss_sigma,
+        ss_min_size,
+        ss_color_spaces,
+        ss_similarities,
+        proposal_cache,
+    )
     return FastRCNN(
         body,
         num_classes=num_classes,

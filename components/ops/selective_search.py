@@ -31,6 +31,7 @@ import heapq
 import json
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -102,20 +103,28 @@ def _to_hwc_float(image: np.ndarray | Tensor) -> np.ndarray:
     if isinstance(image, Tensor):
         arr = image.detach().to("cpu", torch.float32)
         if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-            raise DataError(f"selective search expects an image Tensor[3, H, W], got shape {tuple(arr.shape)}", fix="pass one image, not a batch")
+            raise DataError(
+                f"selective search expects an image Tensor[3, H, W], got shape {tuple(arr.shape)}",
+                fix="pass one image, not a batch",
+            )
         arr = arr.permute(1, 2, 0).numpy().astype(np.float64)
     else:
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise DataError(f"selective search expects an image [H, W, 3], got shape {arr.shape}", fix="pass an RGB image")
+            raise DataError(
+                f"selective search expects an image [H, W, 3], got shape {arr.shape}", fix="pass an RGB image"
+            )
         arr = arr[..., :3]
         arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     if arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise DataError(f"image of size {arr.shape[:2]} is too small for selective search", fix="use images of at least 2x2 pixels")
+        raise DataError(
+            f"image of size {arr.shape[:2]} is too small for selective search",
+            fix="use images of at least 2x2 pixels",
+        )
     return np.clip(arr, 0.0, 1.0)
 
 
@@ -131,7 +140,9 @@ def _convert_colour(rgb: np.ndarray, space: ColorSpace) -> np.ndarray:
         return np.repeat(color.rgb2gray(rgb)[..., None], 3, axis=2)
     lab = color.rgb2lab(rgb)
     # L in [0, 100], a and b roughly in [-128, 127]
-    return np.stack([lab[..., 0] / 100.0, (lab[..., 1] + 128.0) / 255.0, (lab[..., 2] + 128.0) / 255.0], axis=2).clip(0.0, 1.0)
+    return np.stack(
+        [lab[..., 0] / 100.0, (lab[..., 1] + 128.0) / 255.0, (lab[..., 2] + 128.0) / 255.0], axis=2
+    ).clip(0.0, 1.0)
 
 
 def _texture_responses(img: np.ndarray) -> np.ndarray:
@@ -242,7 +253,12 @@ def _initial_regions(labels: np.ndarray, colour_offsets: np.ndarray, texture_off
 def _with_measures(base: _Regions, measures: str) -> _Regions:
     """A fresh copy of the initial regions for one grouping strategy (grouping mutates the table)."""
     return _Regions(
-        base.size.copy(), base.box.copy(), base.colour.copy(), base.texture.copy(), base.image_area, measures,
+        base.size.copy(),
+        base.box.copy(),
+        base.colour.copy(),
+        base.texture.copy(),
+        base.image_area,
+        measures,
         [set(s) for s in base.neighbours],
     )
 
@@ -353,7 +369,9 @@ def selective_search(image: np.ndarray | Tensor, params: SelectiveSearchParams |
     values = np.concatenate(values_all)
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= params.min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= params.min_box_size)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= params.min_box_size) & (
+        (boxes[:, 3] - boxes[:, 1]) >= params.min_box_size
+    )
     boxes, values = boxes[keep], values[keep]
     order = np.argsort(values, kind="stable")
     boxes = np.round(boxes[order], 2)
@@ -419,7 +437,12 @@ class ProposalCache:
                     array = np.load(path, allow_pickle=False)
                 except (OSError, ValueError, EOFError):  # a corrupt entry is recomputed and rewritten
                     array = None
-                if array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype == np.float32:
+                if (
+                    array is not None
+                    and array.ndim == 2
+                    and array.shape[1] == 4
+                    and array.dtype == np.float32
+                ):
                     self.hits += 1
                     boxes = torch.from_numpy(array)
                     self._remember(key, boxes)
@@ -430,13 +453,19 @@ class ProposalCache:
         self.search_seconds += time.perf_counter() - start
         self._remember(key, boxes)
         if self.root is not None:
-            self._write(self._path(key), boxes)
+            try:
+                self._write(self._path(key), boxes)
+            except OSError as err:  # e.g. a consumer's read-only folder: keep serving from memory
+                warnings.warn(f"proposal cache {self.root} is not writable ({err}); caching in memory only", stacklevel=2)
+                self.root = None
         return boxes
 
     def _remember(self, key: str, boxes: Tensor) -> None:
         self._memory[key] = boxes
         self._memory.move_to_end(key)
-        while len(self._memory) > self.memory_items:  # augmented training images are seen once: bound the memory
+        while (
+            len(self._memory) > self.memory_items
+        ):  # augmented training images are seen once: bound the memory
             self._memory.popitem(last=False)
 
     @staticmethod
@@ -454,7 +483,10 @@ class ProposalCache:
 
 
 def proposal_recall(
-    proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor], counts: Sequence[int], iou_thresholds: Sequence[float] = (0.5, 0.7)
+    proposals: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    counts: Sequence[int],
+    iou_thresholds: Sequence[float] = (0.5, 0.7),
 ) -> dict[float, list[float]]:
     """Fraction of ground-truth boxes covered by one of the first ``n`` proposals at IoU >= t.
 
@@ -483,5 +515,7 @@ def proposal_recall(
             best[n].append(running[:, min(n, props.shape[0]) - 1])
     out: dict[float, list[float]] = {}
     for t in iou_thresholds:
-        out[t] = [float((torch.cat(best[n]) >= t).float().mean()) if best[n] else float("nan") for n in counts]
+        out[t] = [
+            float((torch.cat(best[n]) >= t).float().mean()) if best[n] else float("nan") for n in counts
+        ]
     return out

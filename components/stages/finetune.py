@@ -1,0 +1,237 @@
+"""The finetune stage: the lecture's transfer-learning strategies compared on a small labelled budget.
+
+On the target task (default ``data/hymenoptera``, ants vs bees, the PyTorch transfer-learning
+tutorial's data), with ``finetune.label_fraction`` of its train split, each strategy trains the
+same classifier (``components.models.classifier.classifier``) through the one engine:
+
+* ``scratch``: the ImageNet architecture, randomly initialised ("training from data of the new
+  task only"), one learning rate;
+* ``feature_extraction``: the ImageNet backbone frozen as "a fixed feature extractor" (all its
+  stages ``requires_grad=False``, BatchNorm in eval mode), only the new head trains;
+* ``fine_tuning``: the ImageNet backbone also trained, "continuing backpropagation", all blocks or
+  the last ``unfreeze_last_k``, at ``backbone_lr_mult`` x the head's learning rate;
+* ``own_fine_tuning``: the same recipe from our own backbone (the pretrain stage's ``backbone.pt``).
+
+Writes ``<out>/<strategy>/{best,last}.pt``, ``<out>/best.json`` (the strategy with the best
+validation accuracy and its checkpoint, for the register stage), ``<out>/strategies.png`` (bar
+chart), ``<out>/confusion_matrices.png``, ``<out>/<strategy>/training_curves.png`` and
+``metrics/finetune.json``; one MLflow run with a nested run per strategy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from components.config import AugmentConfig, FinetuneConfig, TrackingConfig
+from components.engine import load_checkpoint, seed_everything
+from components.errors import CheckpointError
+from components.models.classifier import Classifier
+from components.stages.pretrain import (
+    METRICS_DIR,
+    count_parameters,
+    fit_classifier,
+    load_classification_data,
+    plot_training_curves,
+    resumed_run_id,
+    write_json,
+)
+
+STRATEGY_TITLES = {
+    "scratch": "scratch (random init)",
+    "feature_extraction": "ImageNet features, frozen",
+    "fine_tuning": "ImageNet, fine-tuned",
+    "own_fine_tuning": "own backbone, fine-tuned",
+}
+
+
+def strategy_model(strategy: str, cfg: FinetuneConfig, num_classes: int) -> tuple[Classifier, dict[str, Any], list[dict[str, Any]] | None, dict[str, Any]]:
+    """Build the classifier of one strategy.
+
+    Returns:
+        ``(model, model_args for the checkpoint (weights=None: the state_dict carries them),
+        optimiser param groups or None, a description of the initialisation)``.
+
+    Raises:
+        CheckpointError: ImageNet weights unavailable offline, or the own backbone missing.
+    """
+    from components.models.registry import get_model
+
+    ref = cfg.imagenet_backbone
+    if strategy == "own_fine_tuning":
+        arch = _own_backbone_arch(Path(cfg.own_backbone))
+        weights: str | None = cfg.own_backbone
+    else:
+        arch, weights = ref.arch, (None if strategy == "scratch" else ref.weights)
+    trainable = {"scratch": None, "feature_extraction": 0}.get(strategy, cfg.unfreeze_last_k)
+    model_args = {"num_classes": num_classes, "backbone": arch, "weights": None, "trainable_layers": trainable}
+    model = get_model("classification", "classifier", **{**model_args, "weights": weights})
+    assert isinstance(model, Classifier)
+    groups = model.param_groups(backbone_lr_mult=cfg.backbone_lr_mult) if strategy in ("fine_tuning", "own_fine_tuning") else None
+    init = {"backbone": arch, "weights": weights, "trainable_layers": trainable, "backbone_lr_mult": cfg.backbone_lr_mult if groups else 1.0}
+    return model, model_args, groups, init
+
+
+def _own_backbone_arch(path: Path) -> str:
+    if not path.is_file():
+        raise CheckpointError("own backbone checkpoint not found", file=path, record="finetune.own_backbone", fix="run `visionflow pretrain` first")
+    ckpt = load_checkpoint(path)
+    arch = ckpt.get("backbone_arch") or (ckpt.get("model_args") or {}).get("backbone")
+    if not isinstance(arch, str):
+        raise CheckpointError("checkpoint does not name its backbone (backbone_arch)", file=path, fix="re-run `visionflow pretrain`")
+    return arch
+
+
+def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train and compare the strategies of ``cfg.strategies`` on ``cfg.dataset``.
+
+    Returns:
+        The metrics written to ``metrics/finetune.json``: per strategy accuracy, macro F1,
+        per-class accuracy, confusion matrix, train time; and the best strategy.
+
+    Raises:
+        DataError: the dataset is missing or unusable.
+        CheckpointError: weights unavailable (offline ImageNet file, own backbone), bad ``last.pt``.
+        TrainingError: a strategy diverged (NaN/inf loss); ``best.json`` is then not written.
+        TrackingError: MLflow is unreachable.
+    """
+    from components.tracking import start_run
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best.json").unlink(missing_ok=True)  # written again only when every strategy finished
+    parent_id = None
+    if resume:
+        parent_id = next((r for s in cfg.strategies if (r := resumed_run_id(out / s / "last.pt", "mlflow_parent_run_id"))), None)
+    data = load_classification_data(cfg.dataset, augment, image_size=cfg.image_size, label_fraction=cfg.label_fraction, seed=cfg.train.seed)
+    rows: dict[str, dict[str, Any]] = {}
+    with start_run(tracking, run_name="finetune", tags={"visionflow.stage": "finetune"}, run_id=parent_id) as parent:
+        if parent_id is None:
+            parent.log_params({"finetune": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
+            parent.log_lineage(section=cfg, dataset=cfg.dataset)
+        for strategy in cfg.strategies:
+            strategy_dir = out / strategy
+            child_id = resumed_run_id(strategy_dir / "last.pt") if resume else None
+            with start_run(tracking, run_name=f"finetune.{strategy}", tags={"visionflow.stage": "finetune", "visionflow.strategy": strategy}, run_id=child_id, nested=True) as logger:
+                seed_everything(cfg.train.seed)
+                model, model_args, groups, init = strategy_model(strategy, cfg, len(data.classes))
+                if child_id is None:
+                    logger.log_params({"strategy": strategy, **{f"init.{k}": v for k, v in init.items()}, **count_parameters(model)})
+                meta = {
+                    "task": "classification",
+                    "model_name": "classifier",
+                    "model_args": model_args,
+                    "categories": data.classes,
+                    "image_size": cfg.image_size,
+                    "backbone_arch": init["backbone"],
+                    "stage": "finetune",
+                    "strategy": strategy,
+                    "init": init,
+                    "dataset": str(cfg.dataset),
+                    "label_fraction": cfg.label_fraction,
+                    "mlflow_run_id": logger.run_id,
+                    "mlflow_parent_run_id": parent.run_id,
+                }
+                result = fit_classifier(
+                    model, data, cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
+                )
+                curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
+                logger.log_artifact(curves, "plots")
+                best = result.best_metrics
+                rows[strategy] = {
+                    "accuracy": best.get("accuracy"),
+                    "macro_f1": best.get("macro_f1"),
+                    "loss": best.get("loss"),
+                    "per_class_accuracy": best.get("per_class_accuracy"),
+                    "confusion_matrix": best.get("confusion_matrix"),
+                    "train_time_s": round(result.train_time_s, 2),
+                    "images_per_s": round(result.images_per_s, 1),
+                    "epochs": result.epochs_completed,
+                    "best_epoch": result.best_epoch,
+                    **count_parameters(model),
+                    "init": init,
+                    "checkpoint": str(result.best_path),
+                    "run_id": logger.run_id,
+                }
+                logger.log_metrics({"best_accuracy": rows[strategy]["accuracy"], "best_macro_f1": rows[strategy]["macro_f1"], "train_time_s": rows[strategy]["train_time_s"]})
+                parent.log_metrics({f"{strategy}.accuracy": rows[strategy]["accuracy"], f"{strategy}.macro_f1": rows[strategy]["macro_f1"]})
+
+        best_strategy = max(rows, key=lambda s: (rows[s]["accuracy"] or 0.0, rows[s]["macro_f1"] or 0.0))
+        metrics = {
+            "dataset": str(cfg.dataset),
+            "val_split": data.val_split,
+            "label_fraction": cfg.label_fraction,
+            "num_train": len(data.train),
+            "num_val": len(data.val),
+            "image_size": cfg.image_size,
+            "classes": data.classes,
+            "strategies": rows,
+            "best": {"strategy": best_strategy, "accuracy": rows[best_strategy]["accuracy"], "checkpoint": rows[best_strategy]["checkpoint"]},
+            "total_train_time_s": round(sum(r["train_time_s"] for r in rows.values()), 2),
+            "run_id": parent.run_id,
+        }
+        bars = plot_strategy_comparison(rows, out / "strategies.png", title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split")
+        matrices = plot_confusion_matrices(rows, data.classes, out / "confusion_matrices.png")
+        write_json(out / "best.json", {"strategy": best_strategy, "checkpoint": rows[best_strategy]["checkpoint"], "metric": "accuracy", "value": rows[best_strategy]["accuracy"]})
+        write_json(METRICS_DIR / "finetune.json", metrics)
+        for path in (bars, matrices):
+            parent.log_artifact(path, "plots")
+        parent.log_artifact(METRICS_DIR / "finetune.json")
+        parent.set_tags({"visionflow.best_strategy": best_strategy})
+    return metrics
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_strategy_comparison(rows: dict[str, dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Bar chart: validation accuracy and macro F1 per strategy, train time written above the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2, 4))
+    acc = [rows[n]["accuracy"] or 0.0 for n in names]
+    f1 = [rows[n]["macro_f1"] or 0.0 for n in names]
+    ax.bar(x - 0.18, acc, 0.36, label="accuracy")
+    ax.bar(x + 0.18, f1, 0.36, label="macro F1")
+    for i, n in enumerate(names):
+        ax.text(i, max(acc[i], f1[i]) + 0.02, f"{acc[i]:.3f}\n{rows[n]['train_time_s']:.0f} s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [STRATEGY_TITLES.get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set(ylim=(0, 1.15), ylabel="validation score", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrices(rows: dict[str, dict[str, Any]], classes: list[str], path: Path) -> Path:
+    """One confusion matrix (rows: true class, columns: predicted) per strategy, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [n for n in rows if rows[n].get("confusion_matrix")]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2 * max(1, len(names)), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        m = np.asarray(rows[name]["confusion_matrix"])
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=f"{STRATEGY_TITLES.get(name, name)}\nacc {rows[name]['accuracy']:.3f}")
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

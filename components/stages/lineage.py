@@ -1,0 +1,455 @@
+"""The R-CNN lineage measured: R-CNN -> Fast R-CNN -> Faster R-CNN on the same test split.
+
+The lecture tells detection's history as a sequence of removed bottlenecks:
+
+* R-CNN extracts CNN features *per proposed region*; Fast R-CNN runs the CNN once per image and
+  RoI-pools the regions from the shared feature map ("removes the per-region feature cost");
+* both depend on selective search; Faster R-CNN replaces it with a region proposal network on
+  the shared features ("removes the selective-search cost and keeps or improves accuracy").
+
+:func:`run_lineage` loads the three detectors trained by the detect stage
+(``<detect.out>/<arch>/best.pt``) and times each, one image at a time, on the test split, split
+into the same three parts:
+
+* ``proposals``: selective search (R-CNN, Fast R-CNN; computed afresh, not from the cache) or the
+  RPN on the shared features (Faster R-CNN);
+* ``features``: the CNN: once per region (R-CNN), once per image (Fast R-CNN, Faster R-CNN + FPN);
+* ``head``: RoI pooling, classification, box regression, NMS.
+
+It also evaluates each with the project's :class:`~components.metrics.detection.DetectionEvaluator`
+(mAP@0.5, mAP@[.5:.95]) and measures the recall of ground-truth boxes at IoU 0.5 and 0.7 against
+the number of proposals, for selective search (the detectors' settings and the paper's "fast"
+mode) and for the trained RPN, with the time per image of each search. Everything goes to
+``metrics/rcnn_lineage.json`` and ``<detect.out>/lineage/rcnn_lineage.png``, with each of the
+lecture's claims checked against the figures.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from components.config import DetectConfig, SelectiveSearchDetectorConfig
+from components.errors import CheckpointError, DataError
+from components.ops.selective_search import (
+    ProposalCache,
+    SelectiveSearchParams,
+    proposal_recall,
+    selective_search,
+)
+
+LINEAGE = ("rcnn", "fast_rcnn", "faster_rcnn")
+METRICS_FILE = Path("metrics/rcnn_lineage.json")
+RECALL_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+PAPER_FAST_MODE = {"scales": (50.0, 100.0), "color_spaces": ("hsv", "lab"), "similarities": ("ctsf", "tsf")}
+ACCURACY_TOLERANCE = 0.01  # "keeps" accuracy: within one mAP point
+
+
+# --------------------------------------------------------------------------- timed inference
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_selective_search_model(
+    model: nn.Module, image: Tensor
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """R-CNN / Fast R-CNN: one image; the model records its own part timings in ``last_timings``."""
+    detections = model([image])[0]
+    return detections, dict(model.last_timings)
+
+
+def _timed_faster_rcnn(model: nn.Module, image: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """torchvision's ``GeneralizedRCNN.forward`` in eval, step by step, with the time of each part.
+
+    Returns the same detections as ``model([image])`` (the same calls in the same order).
+    """
+    device = image.device
+    start = time.perf_counter()
+    original_size = [(int(image.shape[-2]), int(image.shape[-1]))]
+    images, _ = model.transform([image])
+    features = model.backbone(images.tensors)
+    _sync(device)
+    t_features = time.perf_counter()
+    proposals, _ = model.rpn(images, features)
+    _sync(device)
+    t_proposals = time.perf_counter()
+    detections, _ = model.roi_heads(features, proposals, images.image_sizes)
+    detections = model.transform.postprocess(detections, images.image_sizes, original_size)
+    _sync(device)
+    end = time.perf_counter()
+    return detections[0], {
+        "proposals_s": t_proposals - t_features,
+        "features_s": t_features - start,
+        "head_s": end - t_proposals,
+    }
+
+
+def _rpn_proposals(model: nn.Module, image: Tensor) -> Tensor:
+    """The trained RPN's proposals for one image, best objectness first, in the input image's pixels."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    images, _ = model.transform([image])
+    proposals, _ = model.rpn(images, model.backbone(images.tensors))
+    return resize_boxes(proposals[0], images.image_sizes[0], tuple(image.shape[-2:]))
+
+
+def _timer_for(
+    arch: str, model: nn.Module
+) -> Callable[[nn.Module, Tensor], tuple[dict[str, Tensor], dict[str, float]]]:
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    if arch == "faster_rcnn":
+        if not isinstance(model, GeneralizedRCNN):
+            raise CheckpointError(
+                f"the faster_rcnn checkpoint holds a {type(model).__name__}, not torchvision's GeneralizedRCNN",
+                record=arch,
+                fix="retrain it with `visionflow detect --arch faster_rcnn`",
+            )
+        return _timed_faster_rcnn
+    if not hasattr(model, "proposer") or not hasattr(model, "last_timings"):
+        raise CheckpointError(
+            f"the {arch} checkpoint does not hold a selective-search detector",
+            record=arch,
+            fix=f"retrain it with `visionflow detect --arch {arch}`",
+        )
+    # time the search itself: a fresh in-memory cache, so every test image is searched once, here
+    model.proposer.cache = ProposalCache(None, model.proposer.params)
+    return _timed_selective_search_model
+
+
+@torch.no_grad()
+def measure_detector(
+    arch: str,
+    model: nn.Module,
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Any]],
+    categories: Sequence[str],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Per-image time of each part (milliseconds, mean over the images) and COCO/VOC accuracy of one detector.
+
+    Args:
+        arch: ``rcnn``, ``fast_rcnn`` or ``faster_rcnn``.
+        model: the detector in eval mode on ``device``.
+        images: the test images, ``Tensor[3, H, W]`` in [0, 1], run one at a time.
+        targets: their ground truth ``{boxes, labels, ...}``.
+        categories: class names of labels 1..K.
+        device: where the model runs.
+
+    Returns:
+        ``{proposals_ms, features_ms, head_ms, total_ms, map_50, map, voc_map_50, num_images}``.
+    """
+    from components.metrics.detection import DetectionEvaluator
+
+    timed = _timer_for(arch, model)
+    timed(model, images[0].to(device))  # warm-up (allocator, lazy initialisation); not counted
+    if hasattr(model, "proposer"):
+        model.proposer.cache = ProposalCache(None, model.proposer.params)
+    evaluator = DetectionEvaluator(list(categories))
+    parts = {"proposals_s": 0.0, "features_s": 0.0, "head_s": 0.0}
+    total = 0.0
+    for image, target in tqdm(list(zip(images, targets, strict=True)), desc=f"lineage {arch}", unit="img"):
+        image = image.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        detections, timing = timed(model, image)
+        _sync(device)
+        total += time.perf_counter() - start
+        for key in parts:
+            parts[key] += timing[key]
+        evaluator.update([{k: v.cpu() for k, v in detections.items()}], [target])
+    n = len(images)
+    result = evaluator.compute()["bbox"]
+    return {
+        "proposals_ms": 1000 * parts["proposals_s"] / n,
+        "features_ms": 1000 * parts["features_s"] / n,
+        "head_ms": 1000 * parts["head_s"] / n,
+        "total_ms": 1000 * total / n,
+        "map_50": float(result["map_50"]),
+        "map": float(result["map"]),
+        "voc_map_50": float(result["voc"]["map_50"]),
+        "num_images": n,
+    }
+
+
+# --------------------------------------------------------------------------- proposals
+
+
+def search_params(
+    section: SelectiveSearchDetectorConfig, *, max_proposals: int | None
+) -> SelectiveSearchParams:
+    """The selective-search settings of a detector's params section."""
+    return SelectiveSearchParams(
+        scales=tuple(section.ss_scales),
+        sigma=section.ss_sigma,
+        min_size=section.ss_min_size,
+        color_spaces=tuple(section.ss_color_spaces),
+        similarities=tuple(section.ss_similarities),
+        max_proposals=max_proposals,
+    )
+
+
+def measure_proposals(
+    name: str,
+    propose: Callable[[Tensor], Tensor],
+    images: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    counts: Sequence[int] = RECALL_COUNTS,
+) -> dict[str, Any]:
+    """Recall of the ground-truth boxes at IoU 0.5 / 0.7 against the number of proposals, and time per image.
+
+    Args:
+        name: label of the proposal method (for the progress bar).
+        propose: ``image -> Tensor[N, 4]`` ranked proposals in the image's pixels.
+        images: ``Tensor[3, H, W]`` in [0, 1].
+        gt_boxes: per image ``Tensor[G, 4]`` xyxy pixels.
+        counts: numbers of proposals at which recall is measured.
+
+    Returns:
+        ``{counts, recall_50, recall_70, ms_per_image, mean_proposals}``.
+    """
+    proposals, seconds = [], 0.0
+    for image in tqdm(images, desc=f"proposals {name}", unit="img"):
+        start = time.perf_counter()
+        proposals.append(propose(image).cpu())
+        seconds += time.perf_counter() - start
+    recall = proposal_recall(proposals, [b.cpu() for b in gt_boxes], counts, (0.5, 0.7))
+    return {
+        "counts": list(counts),
+        "recall_50": recall[0.5],
+        "recall_70": recall[0.7],
+        "ms_per_image": 1000 * seconds / len(images),
+        "mean_proposals": sum(len(p) for p in proposals) / len(proposals),
+    }
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def check_claims(detectors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lecture's claims against the measured figures, each with ``holds`` and the numbers behind it."""
+    rc, fast, faster = detectors["rcnn"], detectors["fast_rcnn"], detectors["faster_rcnn"]
+    per_region = rc["features_ms"] + rc["head_ms"]
+    shared = fast["features_ms"] + fast["head_ms"]
+    d50, dmap = faster["map_50"] - fast["map_50"], faster["map"] - fast["map"]
+    return [
+        {
+            "claim": "Fast R-CNN removes R-CNN's per-region feature cost",
+            "holds": shared < per_region,
+            "evidence": f"CNN + heads per image: R-CNN {per_region:.1f} ms, Fast R-CNN {shared:.1f} ms "
+            f"({per_region / max(shared, 1e-9):.1f}x faster); proposals unchanged ({rc['proposals_ms']:.1f} vs {fast['proposals_ms']:.1f} ms)",
+        },
+        {
+            "claim": "Faster R-CNN removes the selective-search cost",
+            "holds": faster["proposals_ms"] < fast["proposals_ms"],
+            "evidence": f"proposals per image: selective search {fast['proposals_ms']:.1f} ms, RPN {faster['proposals_ms']:.1f} ms "
+            f"({fast['proposals_ms'] / max(faster['proposals_ms'], 1e-9):.1f}x); total {fast['total_ms']:.1f} -> {faster['total_ms']:.1f} ms",
+        },
+        {
+            "claim": "Faster R-CNN keeps or improves Fast R-CNN's accuracy",
+            "holds": d50 >= -ACCURACY_TOLERANCE and dmap >= -ACCURACY_TOLERANCE,
+            "evidence": f"mAP@0.5 {fast['map_50']:.3f} -> {faster['map_50']:.3f} ({d50:+.3f}), "
+            f"mAP@[.5:.95] {fast['map']:.3f} -> {faster['map']:.3f} ({dmap:+.3f}); tolerance {ACCURACY_TOLERANCE}",
+        },
+    ]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def plot_lineage(result: dict[str, Any], path: Path) -> Path:
+    """Recall vs number of proposals (IoU 0.5 and 0.7), time per image by part, and accuracy, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    for ax, key, iou in ((axes[0], "recall_50", 0.5), (axes[1], "recall_70", 0.7)):
+        for name, rec in result["proposals"].items():
+            ax.plot(
+                rec["counts"], rec[key], marker="o", ms=3, label=f"{name} ({rec['ms_per_image']:.0f} ms/img)"
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("number of proposals per image")
+        ax.set_ylabel(f"recall of GT boxes at IoU {iou}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    archs = list(result["detectors"])
+    bottom = [0.0] * len(archs)
+    for part, colour in (
+        ("proposals_ms", "tab:orange"),
+        ("features_ms", "tab:blue"),
+        ("head_ms", "tab:green"),
+    ):
+        values = [result["detectors"][a][part] for a in archs]
+        axes[2].bar(archs, values, bottom=bottom, color=colour, label=part.replace("_ms", ""))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    axes[2].set_ylabel(f"ms per image ({result['device']})")
+    axes[2].set_title("time per image by part")
+    axes[2].legend(fontsize=8)
+    width = 0.38
+    xs = range(len(archs))
+    axes[3].bar(
+        [x - width / 2 for x in xs], [result["detectors"][a]["map_50"] for a in archs], width, label="mAP@0.5"
+    )
+    axes[3].bar(
+        [x + width / 2 for x in xs],
+        [result["detectors"][a]["map"] for a in archs],
+        width,
+        label="mAP@[.5:.95]",
+    )
+    axes[3].set_xticks(list(xs), archs)
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title(f"test split ({result['num_images']} images)")
+    axes[3].legend(fontsize=8)
+    fig.suptitle("R-CNN -> Fast R-CNN -> Faster R-CNN: where the time goes")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _load_detector(cfg: DetectConfig, arch: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    from components.engine import load_model
+
+    path = Path(cfg.out) / arch / "best.pt"
+    if not path.exists():
+        raise CheckpointError(
+            f"no trained {arch} detector", file=path, fix=f"run `visionflow detect --arch {arch}` first"
+        )
+    model, ckpt = load_model(path, map_location="cpu")
+    return model.to(device).eval(), ckpt
+
+
+def run_lineage(
+    cfg: DetectConfig, *, metrics_file: str | Path = METRICS_FILE, limit: int | None = None
+) -> dict[str, Any]:
+    """Measure the lineage on ``cfg.dataset``'s test split; write ``metrics_file`` and ``<cfg.out>/lineage/rcnn_lineage.png``.
+
+    Args:
+        cfg: the ``detect`` params (dataset, out folder, the rcnn/fast_rcnn/faster_rcnn sections).
+        metrics_file: where the JSON goes (DVC metrics).
+        limit: measure only the first ``limit`` test images (quick runs).
+
+    Returns:
+        ``{dataset, split, num_images, device, detectors: {arch: {...}}, proposals: {method: {...}}, claims: [...]}``.
+
+    Raises:
+        CheckpointError: a detector of the lineage has not been trained by the detect stage.
+        DataError: the dataset has no test split with detection labels.
+    """
+    from components.data.datasets import DetectionDataset
+    from components.engine import resolve_device
+    from components.stages.detect import write_json_atomic
+
+    device = resolve_device(cfg.faster_rcnn.train.device)
+    dataset = DetectionDataset(cfg.dataset, "test")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise DataError(
+            "the test split is empty",
+            file=cfg.dataset,
+            record="test",
+            fix="ingest a dataset with a test split",
+        )
+    samples = [dataset[i] for i in range(n)]
+    images = [torch.as_tensor(img).as_subclass(Tensor) for img, _ in samples]
+    targets = [
+        {
+            "boxes": t["boxes"].as_subclass(Tensor),
+            "labels": t["labels"],
+            "iscrowd": t["iscrowd"],
+            "area": t["area"],
+        }
+        for _, t in samples
+    ]
+
+    detectors: dict[str, dict[str, Any]] = {}
+    models: dict[str, nn.Module] = {}
+    for arch in LINEAGE:
+        model, ckpt = _load_detector(cfg, arch, device)
+        categories = ckpt.get("categories") or dataset.classes
+        detectors[arch] = measure_detector(arch, model, images, targets, categories, device)
+        models[arch] = model
+
+    gt_boxes = [t["boxes"] for t in targets]
+    cap = max(RECALL_COUNTS)
+    own = search_params(cfg.rcnn, max_proposals=cap)
+    fast_mode = SelectiveSearchParams(
+        **PAPER_FAST_MODE, sigma=cfg.rcnn.ss_sigma, min_size=cfg.rcnn.ss_min_size, max_proposals=cap
+    )
+    faster = models["faster_rcnn"]
+    proposals = {
+        "selective search (detect.rcnn params)": measure_proposals(
+            "ss params", lambda im: selective_search(im, own), images, gt_boxes
+        ),
+        "selective search (paper's fast mode)": measure_proposals(
+            "ss fast mode", lambda im: selective_search(im, fast_mode), images, gt_boxes
+        ),
+        "RPN (trained Faster R-CNN)": measure_proposals(
+            "rpn", lambda im: _rpn_proposals(faster, im.to(device)), images, gt_boxes
+        ),
+    }
+    if cfg.fast_rcnn.model_dump(include=_SEARCH_KEYS) != cfg.rcnn.model_dump(include=_SEARCH_KEYS):
+        fast_own = search_params(cfg.fast_rcnn, max_proposals=cap)
+        proposals["selective search (detect.fast_rcnn params)"] = measure_proposals(
+            "ss fast_rcnn", lambda im: selective_search(im, fast_own), images, gt_boxes
+        )
+
+    result: dict[str, Any] = {
+        "dataset": str(cfg.dataset),
+        "split": "test",
+        "num_images": n,
+        "device": _describe_device(device),
+        "timing": "batch of 1 image, mean over the test images after one warm-up image; selective search searched afresh (no cache)",
+        "detectors": detectors,
+        "proposals": proposals,
+        "claims": check_claims(detectors),
+    }
+    plot = plot_lineage(result, Path(cfg.out) / "lineage" / "rcnn_lineage.png")
+    result["plot"] = str(plot)
+    write_json_atomic(Path(metrics_file), _finite(result))
+    return result
+
+
+_SEARCH_KEYS = {
+    "proposals_per_image",
+    "ss_scales",
+    "ss_sigma",
+    "ss_min_size",
+    "ss_color_spaces",
+    "ss_similarities",
+}
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _finite(value: Any) -> Any:
+    """NaN (e.g. recall with no ground truth) becomes null in the JSON file."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,129 @@
+"""Tracking: URI resolution, lineage tags, nested runs, dataset inputs with the DVC digest, a real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from components.config import TrackingConfig
+from components.errors import TrackingError
+from components.tracking import lineage_tags, resolve_tracking_uri, section_hash, start_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert resolve_tracking_uri(TrackingConfig()) == "http://127.0.0.1:1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_lineage_tags_and_section_hash(monkeypatch):
+    from components.config import load_params
+
+    monkeypatch.setenv("VISIONFLOW_FLOW_RUN_ID", "flow-123")
+    tags = lineage_tags(params_hash="p", data_hash="d.dir", root=REPO)
+    assert len(tags["visionflow.git_commit"]) == 40 and tags["mlflow.source.git.commit"] == tags["visionflow.git_commit"]
+    assert tags["visionflow.prefect_flow_run_id"] == "flow-123" and tags["visionflow.data_hash"] == "d.dir"
+    a = load_params(REPO / "params.yaml")
+    b = load_params(REPO / "params.yaml", ["detect.yolo.lambda_coord=3.0"])
+    assert section_hash(a.detect.yolo) != section_hash(b.detect.yolo) and section_hash(a.detect.ssd) == section_hash(b.detect.ssd)
+
+
+def test_unreachable_server_is_a_tracking_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(TrackingError, match="127.0.0.1:9"):
+        with start_run(TrackingConfig(uri="http://127.0.0.1:9"), run_name="x"):
+            pass
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a sqlite backend and served artifacts."""
+    import socket
+    import time
+    import urllib.request
+
+    work = tmp_path_factory.mktemp("server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(REPO / ".venv/bin/mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination",
+         str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "mlflow server exited"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_runs_against_real_server(mlflow_server, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.config import load_params
+    from components.data.versioning import dvc_directory_md5
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("VISIONFLOW_FLOW_RUN_ID", "flow-abc")
+    cfg = TrackingConfig(uri=mlflow_server, experiment="server-test")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images/a.txt").write_text("pixels")
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG")
+    section = load_params(REPO / "params.yaml").detect.yolo
+    with start_run(cfg, run_name="retrain", tags={"visionflow.pipeline": "retrain"}) as parent:
+        monkeypatch.setenv("VISIONFLOW_PARENT_RUN_ID", parent.run_id)
+        with start_run(cfg, run_name="detect-yolo") as child:
+            tags = child.log_lineage(section=section, dataset=data, dataset_name="shapes")
+            child.log_params({"detect": {"yolo": {"S": 7, "lambda_coord": 5.0}}})
+            for epoch in range(3):
+                child.log_metrics({"loss": 1.0 / (epoch + 1), "val": {"map_50": 0.1 * epoch}, "bad": float("nan")}, step=epoch)
+            child.log_artifact(tmp_path / "plot.png", artifact_path="plots")
+            child.log_dict({"a": 1}, "metrics/x.json")
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.tags["visionflow.prefect_flow_run_id"] == "flow-abc"
+    assert run.data.tags["visionflow.params_hash"] == section_hash(section) == tags["visionflow.params_hash"]
+    assert run.data.tags["visionflow.data_hash"] == dvc_directory_md5(data)
+    assert run.data.params["detect.yolo.lambda_coord"] == "5.0"  # flat keys
+    assert [m.value for m in client.get_metric_history(child.run_id, "loss")] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert "bad" not in run.data.metrics and "val.map_50" in run.data.metrics
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == dvc_directory_md5(data)[:36] and dataset_input.dataset.name == "shapes"
+    assert {f.path for f in client.list_artifacts(child.run_id, "plots")} == {"plots/plot.png"}
+
+
+def test_failed_stage_run_ends_failed(tracking_cfg):
+    from mlflow import MlflowClient
+
+    from components.errors import TrainingError
+
+    with pytest.raises(TrainingError):
+        with start_run(tracking_cfg, run_name="diverges") as run:
+            raise TrainingError("loss is nan")
+    assert MlflowClient(tracking_uri=tracking_cfg.uri).get_run(run.run_id).info.status == "FAILED"
