@@ -35,13 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("visionflow", "faster_coco_eval", "pycocotools")
 
 
-def build_workload(n_images: int, n_classes: int, gt_per_image: float, dets_per_image: int, seed: int) -> tuple[dict, list]:
+def build_workload(
+    n_images: int, n_classes: int, gt_per_image: float, dets_per_image: int, seed: int
+) -> tuple[dict, list]:
     """A COCO ground truth and results list of the requested size (seeded, deterministic)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     W, H = 640, 480
-    images = [{"id": i + 1, "width": W, "height": H, "file_name": f"{i + 1:06d}.jpg"} for i in range(n_images)]
+    images = [
+        {"id": i + 1, "width": W, "height": H, "file_name": f"{i + 1:06d}.jpg"} for i in range(n_images)
+    ]
     categories = [{"id": k + 1, "name": f"class_{k + 1}"} for k in range(n_classes)]
     anns, results = [], []
     for img in range(1, n_images + 1):
@@ -52,7 +56,16 @@ def build_workload(n_images: int, n_classes: int, gt_per_image: float, dets_per_
         gc = rng.integers(1, n_classes + 1, ng)
         crowd = rng.random(ng) < 0.01
         for b, c, cr in zip(g, gc, crowd, strict=True):
-            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": int(c), "bbox": [round(float(v), 2) for v in b], "area": float(round(b[2], 2) * round(b[3], 2)), "iscrowd": int(cr)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img,
+                    "category_id": int(c),
+                    "bbox": [round(float(v), 2) for v in b],
+                    "area": float(round(b[2], 2) * round(b[3], 2)),
+                    "iscrowd": int(cr),
+                }
+            )
         nd = dets_per_image
         side = np.exp(rng.uniform(np.log(8), np.log(300), (nd, 2)))
         d = np.c_[rng.uniform(0, 1, (nd, 2)) * np.maximum([W, H] - side, 1), side]
@@ -65,7 +78,14 @@ def build_workload(n_images: int, n_classes: int, gt_per_image: float, dets_per_
             dc[near] = np.where(rng.random(len(src)) < 0.9, gc[src], dc[near])
         scores = rng.random(nd)
         for b, c, s in zip(d, dc, scores, strict=True):
-            results.append({"image_id": img, "category_id": int(c), "bbox": [round(float(v), 2) for v in b], "score": round(float(s), 4)})
+            results.append(
+                {
+                    "image_id": img,
+                    "category_id": int(c),
+                    "bbox": [round(float(v), 2) for v in b],
+                    "score": round(float(s), 4),
+                }
+            )
     return {"images": images, "annotations": anns, "categories": categories}, results
 
 
@@ -107,14 +127,34 @@ def worker(tool: str, gt_path: str, pred_path: str) -> None:
         stats = [float(v) for v in e.stats[:12]]
         t_eval = time.perf_counter()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"tool": tool, "import_s": t_import - t0, "load_s": t_load - t_import, "eval_s": t_eval - t_load, "peak_rss_mb": peak_mb, "stats": stats}))
+    print(
+        json.dumps(
+            {
+                "tool": tool,
+                "import_s": t_import - t0,
+                "load_s": t_load - t_import,
+                "eval_s": t_eval - t_load,
+                "peak_rss_mb": peak_mb,
+                "stats": stats,
+            }
+        )
+    )
 
 
 def run_tool(tool: str, gt_path: Path, pred_path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--gt-file", str(gt_path), "--pred-file", str(pred_path)],
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            tool,
+            "--gt-file",
+            str(gt_path),
+            "--pred-file",
+            str(pred_path),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -148,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     gt, results = build_workload(args.images, args.classes, args.gt, args.dets, args.seed)
-    workload = {"images": args.images, "classes": args.classes, "gt_boxes": len(gt["annotations"]), "detections": len(results), "seed": args.seed}
+    workload = {
+        "images": args.images,
+        "classes": args.classes,
+        "gt_boxes": len(gt["annotations"]),
+        "detections": len(results),
+        "seed": args.seed,
+    }
     print(f"workload: {workload}")
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_coco_eval_") as tmp:
@@ -160,18 +206,25 @@ def main(argv: list[str] | None = None) -> int:
             runs = [run_tool(tool, gt_path, pred_path) for _ in range(args.repeat)]
             rows[tool] = min(runs, key=lambda r: r["eval_s"])
             r = rows[tool]
-            print(f"  {tool:<17} process {r['process_s']:7.2f} s  load {r['load_s']:6.2f} s  eval {r['eval_s']:7.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
+            print(
+                f"  {tool:<17} process {r['process_s']:7.2f} s  load {r['load_s']:6.2f} s  eval {r['eval_s']:7.2f} s  peak {r['peak_rss_mb']:7.0f} MB",
+                flush=True,
+            )
 
     ref = rows.get("pycocotools")
     ours = rows.get("visionflow")
     for r in rows.values():
         if ref:
-            r["max_abs_diff_vs_pycocotools"] = max(abs(a - b) for a, b in zip(r["stats"], ref["stats"], strict=True))
+            r["max_abs_diff_vs_pycocotools"] = max(
+                abs(a - b) for a, b in zip(r["stats"], ref["stats"], strict=True)
+            )
         if ours:
             r["eval_ratio_vs_visionflow"] = r["eval_s"] / ours["eval_s"]
             r["process_ratio_vs_visionflow"] = r["process_s"] / ours["process_s"]
     print()
-    print("| tool | process (s) | load (s) | eval (s) | eval / visionflow | process / visionflow | peak RSS (MB) | max abs diff vs pycocotools |")
+    print(
+        "| tool | process (s) | load (s) | eval (s) | eval / visionflow | process / visionflow | peak RSS (MB) | max abs diff vs pycocotools |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for tool, r in rows.items():
         diff = r.get("max_abs_diff_vs_pycocotools")
@@ -181,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "workload": workload,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "command": "python benchmarks/bench_coco_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "command": "python benchmarks/bench_coco_eval.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -198,6 +198,7 @@ class FinetuneConfig(Section):
     ]
     unfreeze_last_k: NonNegativeInt | None = None  # None = all blocks
     backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    frozen_bn: bool = True  # fine-tuning keeps the backbone's BatchNorm statistics (eval mode); weights still train
     out: str = "outputs/finetune"
     train: TrainConfig = TrainConfig(epochs=3, batch_size=16, lr=1e-3)
 
@@ -220,12 +221,16 @@ class SlidingWindowConfig(DetectorConfig):
     window_sizes: list[PositiveInt] = [24, 40, 64]
     stride_fraction: Fraction = 0.5
     negatives_per_image: PositiveInt = 8
+    positives_per_image: PositiveInt = 16  # ground-truth boxes + grid windows with IoU >= 0.5, per image
+    crop_size: Annotated[int, Field(ge=8)] = 32  # each window is resized to this (the classifier's input)
 
 
 class OverFeatConfig(DetectorConfig):
     scales: list[PositiveFloat] = [1.0, 1.5]
     merge_iou: Probability = 0.3
     hard_negative_ratio: NonNegativeFloat = 3.0
+    negatives_per_image: NonNegativeInt = 8  # random background windows per image
+    window_size: PositiveInt = 48  # window side at scale 1, pixels
 
 
 class YoloConfig(DetectorConfig):
@@ -237,10 +242,13 @@ class YoloConfig(DetectorConfig):
     lambda_classes: NonNegativeFloat = 1.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    head: Literal["fc", "conv"] = "fc"  # fc: the paper's fully connected head; conv: a 2D conv head
+    hidden: PositiveInt = 512
 
 
 class SSDConfig(DetectorConfig):
-    pass
+    min_scale: Fraction = 0.1  # default-box scale of the finest map, fraction of the image side
+    max_scale: Fraction = 0.9
 
 
 class FasterRCNNConfig(DetectorConfig):

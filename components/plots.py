@@ -171,8 +171,18 @@ def plot_confusion_matrix(
         for i in range(n):
             for j in range(n):
                 if m[i, j]:
-                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7, color="white" if colour[i, j] > 0.5 * (colour.max() or 1) else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(m[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if colour[i, j] > 0.5 * (colour.max() or 1) else "black",
+                    )
+    fig.colorbar(
+        im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count"
+    )
     ax.set_title(title)
     return _save_figure(fig, path)
 
@@ -184,6 +194,118 @@ def write_dvc_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path) -
     """
     m = np.asarray(matrix, dtype=np.int64)
     records = [
-        {"actual": labels[i], "predicted": labels[j]} for i in range(m.shape[0]) for j in range(m.shape[1]) for _ in range(int(m[i, j]))
+        {"actual": labels[i], "predicted": labels[j]}
+        for i in range(m.shape[0])
+        for j in range(m.shape[1])
+        for _ in range(int(m[i, j]))
     ]
     return write_json(records, path)
+
+
+# --------------------------------------------------------------------------- segmentation (segment stage)
+
+
+def segmentation_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per class index 0..num_classes-1 (matplotlib's tab10/tab20; index 0, background, unused)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if num_classes <= 11 else "tab20"]
+    return [tuple(int(255 * c) for c in cmap((k - 1) % cmap.N)[:3]) for k in range(num_classes)]
+
+
+def overlay_class_map(image: Any, class_map: Any, num_classes: int, *, ignore_index: int = 255, alpha: float = 0.55) -> Any:
+    """Draw a class-index map on an image with ``torchvision.utils.draw_segmentation_masks``.
+
+    Args:
+        image: Tensor[3, H, W] float in [0, 1] (or uint8).
+        class_map: Tensor[H, W] int, 0 background (not drawn), k category k, ``ignore_index`` drawn white.
+        num_classes: K + 1, for the palette.
+
+    Returns:
+        Tensor[3, H, W] uint8.
+    """
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    img = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    palette = segmentation_palette(num_classes)
+    classes = [k for k in range(1, num_classes) if (class_map == k).any()]
+    masks = [class_map == k for k in classes]
+    colors = [palette[k] for k in classes]
+    if (class_map == ignore_index).any():
+        masks.append(class_map == ignore_index)
+        colors.append((255, 255, 255))
+    if not masks:
+        return img
+    return draw_segmentation_masks(img, torch.stack(masks).bool(), alpha=alpha, colors=colors)
+
+
+def plot_segmentation_overlays(
+    images: Any, true_masks: Any, pred_masks: Any, class_names: Sequence[str], path: Path, *, ignore_index: int = 255, title: str = ""
+) -> Path:
+    """A grid of test images: the image, its true mask and the predicted mask drawn on it (one column per image).
+
+    Args:
+        images: Tensor[N, 3, H, W] in [0, 1].
+        true_masks, pred_masks: Tensor[N, H, W] class indices (0 background, ``ignore_index`` ignored).
+        class_names: names of classes 0..K (0 = background), for the legend.
+        path: the PNG to write.
+    """
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+
+    n, k = len(images), len(class_names)
+    fig, axes = plt.subplots(3, n, figsize=(2.0 * n + 0.5, 6.6), squeeze=False)
+    rows = [("image", None), ("true", true_masks), ("predicted", pred_masks)]
+    for i in range(n):
+        for r, (label, maps) in enumerate(rows):
+            shown = images[i] if maps is None else overlay_class_map(images[i], maps[i], k, ignore_index=ignore_index)
+            shown = shown.float() / 255 if shown.dtype != images.dtype else shown
+            axes[r, i].imshow(shown.permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+            axes[r, i].set_xticks([])
+            axes[r, i].set_yticks([])
+            if i == 0:
+                axes[r, i].set_ylabel(label)
+    palette = segmentation_palette(k)
+    handles = [Patch(color=[c / 255 for c in palette[j]], label=class_names[j]) for j in range(1, k)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
+    return _save_figure(fig, Path(path), dpi=100)
+
+
+def plot_segmenter_comparison(table: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Bars of mIoU, pixel accuracy, ms per image and parameters per architecture, and per-class IoU.
+
+    Args:
+        table: ``{arch: {miou, pixel_accuracy, ms_per_image, parameters, per_class_iou: {name: iou}}}``.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    archs = list(table)
+    panels = [("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"), ("ms_per_image", "ms / image"), ("parameters", "parameters (M)")]
+    fig = plt.figure(figsize=(13, 7))
+    grid = fig.add_gridspec(2, len(panels))
+    for j, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, j])
+        values = [float(table[a].get(key) or 0.0) / (1e6 if key == "parameters" else 1.0) for a in archs]
+        bars = ax.bar(archs, values, color=[f"C{i}" for i in range(len(archs))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(label)
+        if key in ("miou", "pixel_accuracy"):
+            ax.set_ylim(0, 1.05)
+    ax = fig.add_subplot(grid[1, :])
+    names = sorted({n for a in archs for n in (table[a].get("per_class_iou") or {})}, key=lambda n: (n != "background", n))
+    width = 0.8 / max(1, len(archs))
+    x = np.arange(len(names))
+    for i, arch in enumerate(archs):
+        per_class = table[arch].get("per_class_iou") or {}
+        ax.bar(x + i * width, [float(per_class.get(n) or 0.0) for n in names], width, label=arch, color=f"C{i}")
+    ax.set_xticks(x + width * (len(archs) - 1) / 2, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("IoU (test)")
+    ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, Path(path), dpi=100)

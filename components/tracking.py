@@ -150,9 +150,12 @@ def section_hash(section: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
 
 
-def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None, root: str | Path = ".") -> dict[str, str]:
-    """The lineage tags of a run or model version: git commit, DVC data hash, params hash, Prefect flow run."""
-    commit, dirty = git_revision(str(Path(root).resolve()))
+def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None, root: str | Path | None = None) -> dict[str, str]:
+    """The lineage tags of a run or model version: git commit, DVC data hash, params hash, Prefect flow run.
+
+    The commit is that of the repository holding the code that runs (``components/``), unless ``root`` is given.
+    """
+    commit, dirty = git_revision(str(Path(root or COMPONENTS_DIR.parent).resolve()))
     tags = {
         f"{TAG_PREFIX}git_commit": commit,
         f"{TAG_PREFIX}git_dirty": str(dirty).lower(),

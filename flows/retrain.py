@@ -187,7 +187,7 @@ def retrain_flow(params_path: str = "params.yaml", overrides: list[str] | None =
         parent.log_dict(params.model_dump(mode="json"), "params.json")
         report: dict[str, Any] = {
             "mlflow_run_id": parent.run_id, "flow_run_id": flow_run_id, "experiment": params.tracking.experiment, "tracking_uri": uri,
-            "git_commit": tracking.git_revision(".")[0], "params_hash": params_hash, "stages": {},
+            "git_commit": tracking.git_revision(str(tracking.COMPONENTS_DIR.parent))[0], "params_hash": params_hash, "stages": {},
         }
         stages: dict[str, dict[str, Any]] = report["stages"]
         _limit_threads(1)

@@ -23,11 +23,24 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """An empty sqlite MLflow store with its schema migrated once (migrations take ~10 s on a busy CPU)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def tracking_cfg(tmp_path, monkeypatch):
+def tracking_cfg(tmp_path, monkeypatch, mlflow_db_template):
     """A TrackingConfig pointing at a fresh sqlite MLflow store under tmp_path."""
+    import shutil
+
     from components.config import TrackingConfig
 
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
     return TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="test", artifact_location=(tmp_path / "mlartifacts").as_uri())
@@ -46,7 +59,7 @@ def write_tiny_checkpoint(path, *, task: str, model_name: str, model_args: dict,
 
 
 @pytest.fixture(scope="session")
-def registry_store(tmp_path_factory):
+def registry_store(tmp_path_factory, mlflow_db_template):
     """A sqlite MLflow store with ``champion`` versions of a tiny classifier, detector and segmenter.
 
     Built once per session through the real ``register`` stage (``run_register``) from checkpoints in
@@ -56,19 +69,30 @@ def registry_store(tmp_path_factory):
 
     from components.config import load_params
 
+    import shutil
+
     work = tmp_path_factory.mktemp("registry")
+    shutil.copy(mlflow_db_template, work / "mlflow.db")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     old_cwd, old_uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(work)
     try:
         cats = ["circle", "square"]
+        from PIL import Image
+
+        for folder in ("data/shapes/images/test", "data/hymenoptera/classification/val/ants", "data/cifar10/classification/test/a"):
+            (work / folder).mkdir(parents=True)
+            Image.new("RGB", (64, 48), (90, 140, 200)).save(work / folder / "0.png")
         write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
                               model_args={"num_classes": 2, "backbone": "vfnet_small", "weights": None}, categories=["ants", "bees"], image_size=32)
         write_tiny_checkpoint(work / "outputs/detect/yolo/best.pt", task="detection", model_name="yolo",
                               model_args={"num_classes": 2, "image_size": 64, "S": 4, "hidden": 32}, categories=cats, image_size=64)
         write_tiny_checkpoint(work / "outputs/segment/fcn/best.pt", task="segmentation", model_name="fcn",
                               model_args={"num_classes": 2}, categories=cats, image_size=64)
+        write_tiny_checkpoint(work / "outputs/pretrain/backbone.pt", task="classification", model_name="classifier",
+                              model_args={"num_classes": 3, "backbone": "vfnet_small"}, categories=["a", "b", "c"], image_size=32)
         (work / "metrics").mkdir()
+        (work / "metrics/pretrain.json").write_text(json.dumps({"accuracy": 0.4, "checkpoint": "outputs/pretrain/backbone.pt"}))
         (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": {"accuracy": 0.8}}}))
         (work / "metrics/detect_yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5, "map": 0.3}}}))
         (work / "metrics/segment_fcn.json").write_text(json.dumps({"test": {"miou": 0.6}}))

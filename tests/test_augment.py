@@ -61,9 +61,8 @@ def test_yolo_preset_moves_boxes_masks_labels_together(sample, size):
         (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= size).all() and (b[:, 3] <= size).all()
     )
     assert ((b[:, 2:] - b[:, :2]) >= AugmentConfig().min_box_size).all()
-    for box, mask in zip(
-        b, out["masks"], strict=True
-    ):  # each mask stays inside its own box (+1 px of resampling)
+    # each mask stays inside its own box (+1 px of resampling)
+    for box, mask in zip(b, out["masks"], strict=True):
         ys, xs = torch.nonzero(mask, as_tuple=True)
         if len(xs):
             assert xs.min() >= box[0] - 1.5 and xs.max() + 1 <= box[2] + 1.5
@@ -85,9 +84,8 @@ def test_horizontal_flip_is_exact(sample):
     sx, sy = size / w, size / h  # the preset's final resize scales boxes exactly
     expected = torch.stack([(w - b[:, 2]) * sx, b[:, 1] * sy, (w - b[:, 0]) * sx, b[:, 3] * sy], dim=1)[keep]
     assert torch.allclose(out["boxes"].as_subclass(torch.Tensor), expected, atol=1e-4)
-    for i in set(range(len(b))) - set(
-        keep.tolist()
-    ):  # only boxes the resize made smaller than min_box_size go
+    # only boxes the resize made smaller than min_box_size are dropped
+    for i in set(range(len(b))) - set(keep.tolist()):
         assert min((b[i, 2] - b[i, 0]) * sx, (b[i, 3] - b[i, 1]) * sy) < cfg.min_box_size
     if (h, w) == (size, size):
         assert torch.equal(out["masks"], target["masks"][keep].flip(-1))

@@ -55,7 +55,9 @@ def test_box_iou_formats_agree_with_torchvision():
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     for fmt in ("xywh", "cxcywh"):
         got = pairwise_box_iou(box_convert(ta, "xyxy", fmt), box_convert(tb, "xyxy", fmt), fmt=fmt)
-        torch.testing.assert_close(torch.nan_to_num(got), torch.nan_to_num(box_iou(ta, tb)), atol=1e-9, rtol=0)
+        torch.testing.assert_close(
+            torch.nan_to_num(got), torch.nan_to_num(box_iou(ta, tb)), atol=1e-9, rtol=0
+        )
     np.testing.assert_allclose(xyxy_to_xywh(xywh_to_xyxy(a)), a, atol=1e-12)
 
 
@@ -89,7 +91,9 @@ def test_mask_iou_binary_rle_torch_and_pycocotools_agree():
     ref = np.asarray(mask_utils.iou(rd, rg, crowd.astype(np.uint8).tolist()))
     np.testing.assert_allclose(rle_iou(rd, rg, crowd), ref, atol=0)
     np.testing.assert_allclose(mask_iou(d, g, crowd), ref, atol=1e-15)
-    np.testing.assert_allclose(pairwise_mask_iou(torch.from_numpy(d), torch.from_numpy(g)).numpy(), mask_iou(d, g), atol=1e-15)
+    np.testing.assert_allclose(
+        pairwise_mask_iou(torch.from_numpy(d), torch.from_numpy(g)).numpy(), mask_iou(d, g), atol=1e-15
+    )
     np.testing.assert_array_equal(rle_area(rd), d.reshape(7, -1).sum(1))
     np.testing.assert_array_equal(mask_utils.decode(rd).transpose(2, 0, 1), d)
     many = encode_masks(np.ones((300, 4, 4), np.uint8))  # > 255 RLEs (pycocotools' area() overflows there)
@@ -101,7 +105,9 @@ def test_postprocess_detections_is_per_class_nms_then_top_k():
     boxes = torch.from_numpy(xywh_to_xyxy(_random_xywh(rng, 200) + [0, 0, 2, 2])).float()
     scores = torch.rand(200, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(1, 4, (200,), generator=torch.Generator().manual_seed(1))
-    b, s, lab = postprocess_detections(boxes, scores, labels, score_threshold=0.2, nms_iou=0.5, max_detections=30, min_size=0.0)
+    b, s, lab = postprocess_detections(
+        boxes, scores, labels, score_threshold=0.2, nms_iou=0.5, max_detections=30, min_size=0.0
+    )
     keep = scores >= 0.2
     ref = batched_nms(boxes[keep], scores[keep], labels[keep], 0.5)[:30]
     torch.testing.assert_close(b, boxes[keep][ref])

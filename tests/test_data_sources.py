@@ -338,3 +338,10 @@ def test_membrane_ingests_whole(tmp_path):
     _, mask = SegmentationDataset(tmp_path / "membrane", "val")[0]
     assert set(mask.unique().tolist()) == {0, 1} and 0.1 < (mask == 1).float().mean() < 0.4
     assert hashlib.md5((SHARED / "membrane/label/0.png").read_bytes()).hexdigest() == before
+
+
+def test_coco_images_folder_option(tmp_path):
+    src = write_coco(tmp_path / "src")
+    (tmp_path / "src" / "images").rename(tmp_path / "pixels")
+    summary = ingest(f"coco:{src}", tmp_path / "out", cfg=cfg(), images=str(tmp_path / "pixels"))
+    assert summary["report"]["total"] == 0 and sum(summary["splits"].values()) == len(SCENE)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from components.config import DataConfig
@@ -295,3 +297,59 @@ def test_archive_source_ingests(tmp_path):
         tf.add(src, arcname="set")
     summary = ingest(f"imagefolder:{archive}", tmp_path / "out", cfg=DataConfig())
     assert summary["splits"] == {"train": 2} and summary["categories"] == ["a", "b"]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 50) | st.floats(allow_nan=True) | st.text(max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = st.sampled_from(
+    ["id", "image_id", "category_id", "bbox", "segmentation", "iscrowd", "file_name", "width"]
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["images", "annotations", "categories"]), field=FIELDS, value=JSON_VALUES)
+def test_fuzzed_coco_fields_give_a_dataset_or_a_data_error(tmp_path, where, field, value):
+    """Any value in any field: either a dataset with a report, or a DataError - never another exception."""
+    src = tmp_path / "fuzz"
+    data = make_coco(src)
+    data[where][0][field] = value
+    (src / "instances.json").write_text(json.dumps(data))
+    try:
+        ingest(f"coco:{src / 'instances.json'}", tmp_path / "fuzz_out", cfg=DataConfig())
+    except DataError as err:
+        assert err.file
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    label=st.text(alphabet="0123456789 .-e\nnaif", max_size=40),
+    box=st.lists(st.text(max_size=5), min_size=4, max_size=4),
+)
+def test_fuzzed_yolo_and_voc_labels_give_a_dataset_or_a_data_error(tmp_path, label, box):
+    yolo = tmp_path / "yolo"
+    (yolo / "images" / "train").mkdir(parents=True, exist_ok=True)
+    (yolo / "labels" / "train").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 12)).save(yolo / "images" / "train" / "a.png")
+    (yolo / "labels" / "train" / "a.txt").write_text(label)
+    (yolo / "data.yaml").write_text("train: images/train\nnames: [a, b]\n")
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True, exist_ok=True)
+    (voc / "JPEGImages").mkdir(exist_ok=True)
+    Image.new("RGB", (16, 12)).save(voc / "JPEGImages" / "a.jpg")
+    values = "".join(
+        f"<{k}>{v.replace('<', '').replace('&', '')}</{k}>"
+        for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True)
+    )
+    (voc / "Annotations" / "a.xml").write_text(
+        f"<annotation><object><name>x</name><bndbox>{values}</bndbox></object></annotation>"
+    )
+    for spec in (f"yolo:{yolo}", f"voc:{voc}"):
+        try:
+            ingest(spec, tmp_path / "out", cfg=DataConfig())
+        except DataError as err:
+            assert err.file

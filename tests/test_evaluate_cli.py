@@ -36,7 +36,14 @@ def bccd_to_coco(n_images: int = 25) -> dict:
     for i, f in enumerate(files):
         root = ET.parse(f).getroot()
         size = root.find("size")
-        images.append({"id": i + 1, "file_name": root.findtext("filename"), "width": int(size.findtext("width")), "height": int(size.findtext("height"))})
+        images.append(
+            {
+                "id": i + 1,
+                "file_name": root.findtext("filename"),
+                "width": int(size.findtext("width")),
+                "height": int(size.findtext("height")),
+            }
+        )
         for obj in root.iter("object"):
             bb = obj.find("bndbox")
             x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
@@ -53,7 +60,11 @@ def bccd_to_coco(n_images: int = 25) -> dict:
                     "difficult": int(obj.findtext("difficult") or 0),
                 }
             )
-    return {"images": images, "annotations": anns, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+    }
 
 
 def simulated_predictions(gt: dict, seed: int = 0) -> list[dict]:
@@ -66,11 +77,25 @@ def simulated_predictions(gt: dict, seed: int = 0) -> list[dict]:
         x, y, w, h = a["bbox"]
         jitter = rng.normal(0, 0.08, 4) * [w, h, w, h]
         cat = a["category_id"] if rng.random() < 0.9 else int(rng.integers(1, 4))
-        res.append({"image_id": a["image_id"], "category_id": cat, "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])], "score": float(rng.uniform(0.3, 1.0))})
+        res.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": cat,
+                "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])],
+                "score": float(rng.uniform(0.3, 1.0)),
+            }
+        )
     for img in gt["images"]:
         for _ in range(int(rng.integers(0, 6))):
             x, y = rng.uniform(0, img["width"] - 60), rng.uniform(0, img["height"] - 60)
-            res.append({"image_id": img["id"], "category_id": int(rng.integers(1, 4)), "bbox": [x, y, 60.0, 55.0], "score": float(rng.uniform(0, 0.6))})
+            res.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": int(rng.integers(1, 4)),
+                    "bbox": [x, y, 60.0, 55.0],
+                    "score": float(rng.uniform(0, 0.6)),
+                }
+            )
     return res
 
 
@@ -99,12 +124,28 @@ def test_bccd_bbox_equals_pycocotools_and_writes_reports(bccd_files, tmp_path, c
     gt_path, pred_path, gt, res = bccd_files
     out = tmp_path / "metrics" / "evaluate.json"
     metrics = evaluate_files(gt_path, pred_path, iou_type="bbox", out=out)
-    np.testing.assert_allclose([metrics["bbox"][k] for k in COCO_METRIC_NAMES], _pycocotools_stats(gt, res, "bbox"), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        [metrics["bbox"][k] for k in COCO_METRIC_NAMES],
+        _pycocotools_stats(gt, res, "bbox"),
+        rtol=0,
+        atol=1e-9,
+    )
     printed = capsys.readouterr().out
-    assert "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]" in printed and "RBC" in printed and "VOC AP@0.5" in printed
+    assert (
+        "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]" in printed
+        and "RBC" in printed
+        and "VOC AP@0.5" in printed
+    )
     assert json.loads(out.read_text())["bbox"]["map"] == metrics["bbox"]["map"]
     plots = tmp_path / "metrics" / "evaluate_plots"
-    for name in ("pr_curves.png", "pr_iou50.csv", "pr_iou75.csv", "confusion_matrix.png", "confusion_matrix.json", "confusion_dvc.json"):
+    for name in (
+        "pr_curves.png",
+        "pr_iou50.csv",
+        "pr_iou75.csv",
+        "confusion_matrix.png",
+        "confusion_matrix.json",
+        "confusion_dvc.json",
+    ):
         assert (plots / name).stat().st_size > 0, name
     assert (plots / "pr_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (plots / "pr_iou50.csv").read_text().splitlines()[0]
@@ -121,7 +162,12 @@ def test_bccd_segm_with_rle_predictions(tmp_path):
     for a in gt["annotations"]:  # ellipse-ish polygons inside each box as instance masks
         x, y, w, h = a["bbox"]
         t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-        a["segmentation"] = [np.c_[x + w / 2 + 0.45 * w * np.cos(t), y + h / 2 + 0.45 * h * np.sin(t)].ravel().round(2).tolist()]
+        a["segmentation"] = [
+            np.c_[x + w / 2 + 0.45 * w * np.cos(t), y + h / 2 + 0.45 * h * np.sin(t)]
+            .ravel()
+            .round(2)
+            .tolist()
+        ]
     res = []
     for r in simulated_predictions(gt, seed=1):
         img = gt["images"][r["image_id"] - 1]
@@ -130,11 +176,23 @@ def test_bccd_segm_with_rle_predictions(tmp_path):
         m[max(y, 0) : y + h, max(x, 0) : x + w] = 1
         rle = mask_utils.encode(np.asfortranarray(m))
         rle["counts"] = rle["counts"].decode()
-        res.append({"image_id": r["image_id"], "category_id": r["category_id"], "segmentation": rle, "score": r["score"]})
+        res.append(
+            {
+                "image_id": r["image_id"],
+                "category_id": r["category_id"],
+                "segmentation": rle,
+                "score": r["score"],
+            }
+        )
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "pred.json").write_text(json.dumps(res))
     metrics = evaluate_files(tmp_path / "gt.json", tmp_path / "pred.json", iou_type="segm", quiet=True)
-    np.testing.assert_allclose([metrics["segm"][k] for k in COCO_METRIC_NAMES], _pycocotools_stats(gt, res, "segm"), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        [metrics["segm"][k] for k in COCO_METRIC_NAMES],
+        _pycocotools_stats(gt, res, "segm"),
+        rtol=0,
+        atol=1e-9,
+    )
 
 
 def _bad(tmp_path: Path, gt: dict, res, iou_type: str = "bbox") -> str:
@@ -176,7 +234,14 @@ def test_bad_files_name_the_record(tmp_path):
     for a in g["annotations"]:
         x, y, w, h = a["bbox"]
         a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-    seg = [{"image_id": 1, "category_id": 2, "score": 0.5, "segmentation": {"size": [480, 640], "counts": "PPYo1"}}]
+    seg = [
+        {
+            "image_id": 1,
+            "category_id": 2,
+            "score": 0.5,
+            "segmentation": {"size": [480, 640], "counts": "PPYo1"},
+        }
+    ]
     assert "results[0]" in _bad(tmp_path, g, seg, "segm") and "RLE" in _bad(tmp_path, g, seg, "segm")
     seg[0]["segmentation"] = {"size": [480, 640], "counts": [10, 20]}
     assert "uncompressed RLE" in _bad(tmp_path, g, seg, "segm")
@@ -213,3 +278,42 @@ def test_evaluate_import_is_light():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_visionflow_evaluate_on_the_ingested_bccd_test_split(tmp_path):
+    """The real chain: `visionflow ingest` writes the canonical BCCD, `visionflow evaluate` scores predictions on it."""
+    ingest_module = pytest.importorskip("components.data.ingest")
+    from components.config import DataConfig
+
+    root = tmp_path / "bccd"
+    ingest_module.ingest(f"voc:{BCCD}", root, cfg=DataConfig())
+    gt_path = root / "annotations" / "instances_test.json"
+    gt = json.loads(gt_path.read_text())
+    res = simulated_predictions(gt, seed=3)
+    pred_path = tmp_path / "pred.json"
+    pred_path.write_text(json.dumps(res))
+    out = tmp_path / "metrics" / "evaluate.json"
+    cli = Path(sys.executable).parent / "visionflow"
+    cmd = (
+        [str(cli)]
+        if cli.exists()
+        else [
+            sys.executable,
+            "-c",
+            "import sys; from flows.cli import main; raise SystemExit(main(sys.argv[1:]))",
+        ]
+    )
+    proc = subprocess.run(
+        [*cmd, "evaluate", "--gt", str(gt_path), "--pred", str(pred_path), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "map_50" in proc.stdout and "Platelets" in proc.stdout
+    metrics = json.loads(out.read_text())["bbox"]
+    np.testing.assert_allclose(
+        [metrics[k] for k in COCO_METRIC_NAMES], _pycocotools_stats(gt, res, "bbox"), rtol=0, atol=1e-9
+    )
+    assert (out.parent / "evaluate_plots" / "pr_curves.png").exists()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from test_fcn import tiny_scenes
 from torchvision.ops import MultiScaleRoIAlign, masks_to_boxes
 
 from components.models import get_model
 from components.models.backbones import build_backbone
 from components.models.mask_rcnn import BackboneWithFPN
-from test_fcn import tiny_scenes
 
 
 def instance_targets(masks: torch.Tensor) -> list[dict[str, torch.Tensor]]:

@@ -92,7 +92,11 @@ def make_case(
                 }
                 if segm:
                     a["segmentation"] = _rle(box_mask(b))
-                    a["area"] = float(mask_utils.area(a["segmentation"])) if rng.random() < 0.8 else float(rng.uniform(0, 1e4))
+                    a["area"] = (
+                        float(mask_utils.area(a["segmentation"]))
+                        if rng.random() < 0.8
+                        else float(rng.uniform(0, 1e4))
+                    )
                 else:
                     a["area"] = b[2] * b[3] if rng.random() < 0.7 else float(rng.uniform(0, 120 * 120))
                 anns.append(a)
@@ -101,7 +105,9 @@ def make_case(
         for _ in range(n_dt):
             if gts and rng.random() < 0.6:
                 g = gts[rng.integers(len(gts))]
-                b = [v + rng.normal(0, 3) for v in g["bbox"][:2]] + [max(0.1, v * rng.uniform(0.7, 1.3)) for v in g["bbox"][2:]]
+                b = [v + rng.normal(0, 3) for v in g["bbox"][:2]] + [
+                    max(0.1, v * rng.uniform(0.7, 1.3)) for v in g["bbox"][2:]
+                ]
                 c = g["category_id"] if rng.random() < 0.85 else cats[rng.integers(n_cats)]["id"]
             else:
                 b, c = rand_box(), cats[rng.integers(n_cats)]["id"]
@@ -135,7 +141,9 @@ def assert_same_as_pycocotools(gt: dict, res: list[dict], iou_type: str) -> dict
     ours = np.array([out[k] for k in COCO_METRIC_NAMES])
     np.testing.assert_allclose(ours, ref.stats, rtol=0, atol=1e-9)
     # the whole accumulation, every maxDets slot included, equals pycocotools' arrays
-    acc = evaluate_coco(*ev._columns(), num_categories=ev.num_categories, iou_type=iou_type, all_max_dets=True)
+    acc = evaluate_coco(
+        *ev._columns(), num_categories=ev.num_categories, iou_type=iou_type, all_max_dets=True
+    )
     np.testing.assert_allclose(acc.precision, ref.eval["precision"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(acc.recall, ref.eval["recall"], rtol=0, atol=1e-12)
     return out
@@ -154,7 +162,7 @@ def test_segm_equals_pycocotools(seed):
     assert_same_as_pycocotools(gt, res, "segm")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
     n_images=st.integers(1, 10),
@@ -164,13 +172,15 @@ def test_segm_equals_pycocotools(seed):
     tie_fraction=st.sampled_from([0.0, 0.5, 1.0]),
 )
 def test_bbox_equals_pycocotools_hypothesis(seed, n_images, n_cats, max_gt, max_dt, tie_fraction):
-    gt, res = make_case(seed, n_images=n_images, n_cats=n_cats, max_gt=max_gt, max_dt=max_dt, tie_fraction=tie_fraction)
+    gt, res = make_case(
+        seed, n_images=n_images, n_cats=n_cats, max_gt=max_gt, max_dt=max_dt, tie_fraction=tie_fraction
+    )
     if not res:  # pycocotools' loadRes cannot take an empty list
         return
     assert_same_as_pycocotools(gt, res, "bbox")
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), n_images=st.integers(1, 5), max_dt=st.integers(1, 25))
 def test_segm_equals_pycocotools_hypothesis(seed, n_images, max_dt):
     gt, res = make_case(seed, segm=True, n_images=n_images, max_dt=max_dt, size=(40, 48))
@@ -186,16 +196,36 @@ def test_pycocotools_quirks():
     assert_same_as_pycocotools(gt, res, "bbox")
     gt, res = make_case(8, n_images=3, max_dt=0)
     img = gt["images"][0]["id"]
-    res = [{"image_id": img, "category_id": 1, "bbox": [i % 50, i % 40, 10, 12], "score": 0.5} for i in range(400)]
+    res = [
+        {"image_id": img, "category_id": 1, "bbox": [i % 50, i % 40, 10, 12], "score": 0.5}
+        for i in range(400)
+    ]
     assert_same_as_pycocotools(gt, res, "bbox")
     poly = {"images": [{"id": 1, "height": 50, "width": 60}], "categories": [{"id": 1, "name": "a"}]}
     poly["annotations"] = [
-        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[5, 5, 30, 5, 30, 40, 5, 40]], "area": 875.0, "bbox": [5, 5, 25, 35], "iscrowd": 0}
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": [[5, 5, 30, 5, 30, 40, 5, 40]],
+            "area": 875.0,
+            "bbox": [5, 5, 25, 35],
+            "iscrowd": 0,
+        }
     ]
     m = np.zeros((50, 60), np.uint8)
     m[6:38, 4:29] = 1
     res = [{"image_id": 1, "category_id": 1, "segmentation": _rle(m), "score": 0.9}]
     assert_same_as_pycocotools(poly, res, "segm")
+    # results carrying both a box and a mask (detectron2's format): loadRes takes the *box* area
+    # for the area ranges, even in segm evaluation
+    gt, res = make_case(31, segm=True, n_images=5)
+    rng = np.random.default_rng(0)
+    for r in res:
+        x, y, w, h = mask_utils.toBbox(r["segmentation"]).tolist()
+        r["bbox"] = [x, y, w * rng.uniform(0.5, 3), h * rng.uniform(0.5, 3)]
+    assert_same_as_pycocotools(gt, res, "segm")
+    assert_same_as_pycocotools(gt, res, "bbox")
 
 
 def test_no_ground_truth_and_no_detections():
@@ -237,8 +267,16 @@ def _case_as_batches(gt: dict, res: list[dict], segm: bool):
         }
         if segm:
             hw = (img["height"], img["width"])
-            t["masks"] = torch.from_numpy(np.stack([mask_utils.decode(a["segmentation"]) for a in g]) if g else np.zeros((0, *hw), np.uint8))
-            probs = np.stack([mask_utils.decode(r["segmentation"]) for r in d]).astype(np.float32) * 0.9 if d else np.zeros((0, *hw), np.float32)
+            t["masks"] = torch.from_numpy(
+                np.stack([mask_utils.decode(a["segmentation"]) for a in g])
+                if g
+                else np.zeros((0, *hw), np.uint8)
+            )
+            probs = (
+                np.stack([mask_utils.decode(r["segmentation"]) for r in d]).astype(np.float32) * 0.9
+                if d
+                else np.zeros((0, *hw), np.float32)
+            )
             p["masks"] = torch.from_numpy(probs)[:, None]  # Mask R-CNN's [N, 1, H, W] probabilities
         targets.append(t)
         preds.append(p)
@@ -247,9 +285,11 @@ def _case_as_batches(gt: dict, res: list[dict], segm: bool):
 
 @pytest.mark.parametrize("segm", [False, True])
 def test_streaming_update_equals_pycocotools(segm):
-    gt, res = make_case(21, segm=segm, n_images=6)
+    gt, res = make_case(21, segm=segm, n_images=10, tie_fraction=1.0)
     names = [c["name"] for c in gt["categories"]]
     preds, targets = _case_as_batches(gt, res, segm)
+    order = np.random.default_rng(0).permutation(len(preds))  # a shuffled loader: ids arrive out of order
+    preds, targets = [preds[i] for i in order], [targets[i] for i in order]
     ev = DetectionEvaluator(names, iou_type="segm" if segm else "bbox")
     for i in range(0, len(preds), 4):  # batches of 4 images
         ev.update(preds[i : i + 4], targets[i : i + 4])
@@ -268,10 +308,40 @@ def test_streaming_errors_name_the_record():
     ev = DetectionEvaluator(["a", "b"])
     target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1]), "image_id": 5}
     with pytest.raises(EvaluationError, match="image_id 5.*label 0"):
-        ev.update([{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([0])}], [target])
+        ev.update(
+            [
+                {
+                    "boxes": torch.tensor([[0.0, 0, 10, 10]]),
+                    "scores": torch.tensor([0.5]),
+                    "labels": torch.tensor([0]),
+                }
+            ],
+            [target],
+        )
     ev.reset()
     with pytest.raises(EvaluationError, match="NaN"):
-        ev.update([{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([float("nan")]), "labels": torch.tensor([1])}], [target])
+        ev.update(
+            [
+                {
+                    "boxes": torch.tensor([[0.0, 0, 10, 10]]),
+                    "scores": torch.tensor([float("nan")]),
+                    "labels": torch.tensor([1]),
+                }
+            ],
+            [target],
+        )
+    ev.reset()
+    with pytest.raises(EvaluationError, match=r"boxes of shape \(1, 5\)"):
+        ev.update(
+            [
+                {
+                    "boxes": torch.zeros(1, 5),
+                    "scores": torch.ones(1),
+                    "labels": torch.ones(1, dtype=torch.int64),
+                }
+            ],
+            [target],
+        )
     ev.reset()
     with pytest.raises(EvaluationError, match="missing 'scores'"):
         ev.update([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], [target])
@@ -280,9 +350,18 @@ def test_streaming_errors_name_the_record():
 # --------------------------------------------------------------------------- Pascal VOC
 
 
-def _voc_devkit_reference(gt_boxes, gt_difficult, det_image, det_boxes, det_scores, ovthresh=0.5, use_07=False):
+def _voc_devkit_reference(
+    gt_boxes, gt_difficult, det_image, det_boxes, det_scores, ovthresh=0.5, use_07=False
+):
     """One class, transcribed from the VOC devkit's ``voc_eval`` (continuous boxes: no +1)."""
-    recs = {i: {"bbox": np.asarray(b, float).reshape(-1, 4), "difficult": np.asarray(d, bool), "det": [False] * len(b)} for i, (b, d) in enumerate(zip(gt_boxes, gt_difficult, strict=True))}
+    recs = {
+        i: {
+            "bbox": np.asarray(b, float).reshape(-1, 4),
+            "difficult": np.asarray(d, bool),
+            "det": [False] * len(b),
+        }
+        for i, (b, d) in enumerate(zip(gt_boxes, gt_difficult, strict=True))
+    }
     npos = sum(int((~r["difficult"]).sum()) for r in recs.values())
     order = np.argsort(-np.asarray(det_scores), kind="stable")
     tp, fp = np.zeros(len(order)), np.zeros(len(order))
@@ -309,7 +388,9 @@ def _voc_devkit_reference(gt_boxes, gt_difficult, det_image, det_boxes, det_scor
     rec = tp / npos
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     if use_07:
-        return sum((np.max(prec[rec >= t]) if np.sum(rec >= t) else 0) / 11.0 for t in np.arange(0.0, 1.1, 0.1))
+        return sum(
+            (np.max(prec[rec >= t]) if np.sum(rec >= t) else 0) / 11.0 for t in np.arange(0.0, 1.1, 0.1)
+        )
     mrec, mpre = np.concatenate(([0.0], rec, [1.0])), np.concatenate(([0.0], prec, [0.0]))
     for i in range(mpre.size - 1, 0, -1):
         mpre[i - 1] = max(mpre[i - 1], mpre[i])
@@ -321,8 +402,20 @@ def _voc_update(ev, gt_boxes, gt_difficult, det_image, det_boxes, det_scores):
     for i, (b, d) in enumerate(zip(gt_boxes, gt_difficult, strict=True)):
         k = [j for j in range(len(det_image)) if det_image[j] == i]
         ev.update(
-            [{"boxes": torch.tensor([det_boxes[j] for j in k]).reshape(-1, 4), "scores": torch.tensor([det_scores[j] for j in k]), "labels": torch.ones(len(k), dtype=torch.int64)}],
-            [{"boxes": torch.tensor(b).reshape(-1, 4), "labels": torch.ones(len(b), dtype=torch.int64), "difficult": torch.tensor(d, dtype=torch.bool)}],
+            [
+                {
+                    "boxes": torch.tensor([det_boxes[j] for j in k]).reshape(-1, 4),
+                    "scores": torch.tensor([det_scores[j] for j in k]),
+                    "labels": torch.ones(len(k), dtype=torch.int64),
+                }
+            ],
+            [
+                {
+                    "boxes": torch.tensor(b).reshape(-1, 4),
+                    "labels": torch.ones(len(b), dtype=torch.int64),
+                    "difficult": torch.tensor(d, dtype=torch.bool),
+                }
+            ],
         )
 
 
@@ -368,7 +461,9 @@ def test_voc_equals_devkit(seed):
     ev = DetectionEvaluator(["cell"])
     _voc_update(ev, gt_boxes, difficult, det_image, det_boxes, det_scores)
     voc = ev.compute()["bbox"]["voc"]
-    assert voc["map_50"] == pytest.approx(_voc_devkit_reference(gt_boxes, difficult, det_image, det_boxes, det_scores), abs=1e-12)
+    assert voc["map_50"] == pytest.approx(
+        _voc_devkit_reference(gt_boxes, difficult, det_image, det_boxes, det_scores), abs=1e-12
+    )
     assert voc["map_50_11point"] == pytest.approx(
         _voc_devkit_reference(gt_boxes, difficult, det_image, det_boxes, det_scores, use_07=True), abs=1e-12
     )
@@ -390,7 +485,10 @@ def test_voc_from_coco_difficult_flag():
 
 def test_confusion_matrix_hand_computed():
     ev = DetectionEvaluator(["cat", "dog"])
-    target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]), "labels": torch.tensor([1, 2, 2])}
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]),
+        "labels": torch.tensor([1, 2, 2]),
+    }
     pred = {
         "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [80, 80, 90, 90], [0, 0, 10, 11]]),
         "scores": torch.tensor([0.9, 0.8, 0.7, 0.1]),  # the last one is below the score threshold
@@ -422,3 +520,25 @@ def test_pr_curves():
         assert p.mean() == pytest.approx(out["per_class"][name]["ap_50"], abs=1e-12)
     with pytest.raises(EvaluationError):
         ev.pr_curves((0.42,))
+
+
+def test_segm_mask_size_mismatch_is_an_error():
+    ev = DetectionEvaluator(["a"], iou_type="segm")
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 4, 4]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 8, 8, dtype=torch.uint8),
+    }
+    pred = {
+        "boxes": torch.tensor([[0.0, 0, 4, 4]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 1, 16, 16),
+    }
+    with pytest.raises(EvaluationError, match="mask sizes differ"):
+        ev.update([pred], [target])
+
+
+def test_bbox_equals_pycocotools_larger_case():
+    gt, res = make_case(99, n_images=60, n_cats=8, max_gt=12, max_dt=80)
+    assert_same_as_pycocotools(gt, res, "bbox")

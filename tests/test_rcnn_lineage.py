@@ -247,6 +247,13 @@ def test_lineage_measures_and_writes_the_table(lineage_setup):
         for key in ("recall_50", "recall_70"):
             assert all(0 <= r <= 1 for r in curve[key]) and curve[key] == sorted(curve[key])
         assert all(a >= b for a, b in zip(curve["recall_50"], curve["recall_70"], strict=True))
+    sweep = saved["feature_cost_vs_regions"]
+    assert set(sweep) == {"rcnn", "fast_rcnn"}
+    for row in sweep.values():
+        assert len(row["ms_per_image"]) == len(row["counts"]) and all(ms > 0 for ms in row["ms_per_image"])
+        assert row["regions"] == sorted(row["regions"]) and all(
+            r <= c for r, c in zip(row["regions"], row["counts"], strict=True)
+        )
     assert [c["claim"] for c in saved["claims"]] == [c["claim"] for c in result["claims"]]
     assert all(isinstance(c["holds"], bool) for c in saved["claims"])
     assert (root / "detect" / "lineage" / "rcnn_lineage.png").stat().st_size > 10_000

@@ -46,13 +46,16 @@ def test_unreachable_server_is_a_tracking_error(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, mlflow_db_template):
     """A real `mlflow server` on loopback with a sqlite backend and served artifacts."""
     import socket
     import time
     import urllib.request
 
+    import shutil
+
     work = tmp_path_factory.mktemp("server")
+    shutil.copy(mlflow_db_template, work / "mlflow.db")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fcn import train_semantic  # the tiny scenes and training loop shared by the segmentation tests
 
 from components.models import get_model
 from components.models.backbones import build_backbone
 from components.models.unet import UNet
-from test_fcn import train_semantic  # the tiny scenes and training loop shared by the segmentation tests
 
 
 @pytest.mark.parametrize("pretrained_encoder", [False, True])

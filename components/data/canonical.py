@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from components.config import SplitConfig
-from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset
+from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset, category_folder
 from components.data.validation import (
     IngestReport,
     box_iou_xyxy,
@@ -183,10 +183,25 @@ class _Writer:
             return obj.mask.astype(bool), True
         if obj.rle is not None:
             size = obj.rle.get("size") if isinstance(obj.rle, dict) else None
-            if not (isinstance(size, list) and len(size) == 2 and "counts" in obj.rle):
-                self.report.add(where, obj.record, "malformed RLE: needs size [H, W] and counts", "skipped")
+            counts = obj.rle.get("counts") if isinstance(obj.rle, dict) else None
+            well_formed = (
+                isinstance(size, list)
+                and len(size) == 2
+                and all(isinstance(v, int) for v in size)
+                and (
+                    isinstance(counts, str)
+                    or (isinstance(counts, list) and all(isinstance(v, int) for v in counts))
+                )
+            )
+            if not well_formed:
+                self.report.add(
+                    where,
+                    obj.record,
+                    "malformed RLE: needs size [H, W] and counts (string or integers)",
+                    "skipped",
+                )
                 return None, False
-            if [int(v) for v in size] != [height, width]:
+            if list(size) != [height, width]:
                 self.report.add(
                     where,
                     obj.record,
@@ -307,11 +322,10 @@ class _Writer:
         crop = image.crop((left, top, right, bottom))
         if self.source.crop_size:
             crop = crop.resize((self.source.crop_size, self.source.crop_size), Image.BILINEAR)
-        folder = self.root / "classification" / split / category
+        folder = self.root / "classification" / split / category_folder(category)
         folder.mkdir(parents=True, exist_ok=True)
-        if (
-            jpeg
-        ):  # crops of photographs: JPEG at high quality is 10x faster to encode than PNG, and as faithful
+        # crops of photographs: JPEG at high quality is 10x faster to encode than PNG, and as faithful
+        if jpeg:
             crop.save(folder / f"{stem}_{ann_id}.jpg", format="JPEG", quality=95)
         else:
             crop.save(folder / f"{stem}_{ann_id}.png", **PNG_OPTIONS)
@@ -332,7 +346,7 @@ class _Writer:
                 if rec.label not in self.cat_ids:
                     self.report.add(rec.file, rec.record, f"unknown class {rec.label!r}", "skipped")
                     continue
-                folder = self.root / "classification" / split / rec.label
+                folder = self.root / "classification" / split / category_folder(rec.label)
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(rec.file, folder / rec.name)
                 images.append({"id": len(images) + 1, "file_name": rec.name})

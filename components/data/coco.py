@@ -9,6 +9,7 @@ annotations of missing images, unknown categories) go to the report.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,8 @@ def read_coco_file(
             report.add(path, f"annotations[{i}]", "malformed annotation: not an object", "skipped")
             continue
         ident = f"annotation {ann.get('id', f'[{i}]')}"
-        if ann.get("id") in seen_ann:
+        ann_key = json.dumps(ann.get("id"), sort_keys=True)  # any JSON value, hashable
+        if ann_key in seen_ann:
             report.add(
                 path,
                 ident,
@@ -111,8 +113,9 @@ def read_coco_file(
                 "repaired",
                 fix="annotation ids are renumbered in the canonical layout",
             )
-        seen_ann.add(ann.get("id"))
-        image = by_id.get(ann.get("image_id"))  # type: ignore[arg-type]
+        seen_ann.add(ann_key)
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        image = by_id.get(image_id) if isinstance(image_id, int) else None
         if image is None:
             report.add(
                 path,
@@ -121,7 +124,7 @@ def read_coco_file(
                 "skipped",
             )
             continue
-        category = cats.get(ann.get("category_id"))  # type: ignore[arg-type]
+        category = cats.get(category_id) if isinstance(category_id, int) else None
         seg = ann.get("segmentation")
         polygons = seg if isinstance(seg, list) and seg else None
         rle = seg if isinstance(seg, dict) else None

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from components.data.canonical import decode_segmentation
-from components.data.records import natural_key
+from components.data.records import category_folder, natural_key
 from components.data.validation import load_json
 from components.errors import DataError
 
@@ -112,7 +112,7 @@ class ClassificationDataset(Dataset):
         folder = self.root / "classification" / split
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.classes):
-            class_dir = folder / name
+            class_dir = folder / category_folder(name)
             if class_dir.is_dir():
                 self.samples += [
                     (p, index) for p in sorted(class_dir.iterdir(), key=natural_key) if p.is_file()

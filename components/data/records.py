@@ -120,3 +120,10 @@ def list_images(folder: Path) -> list[Path]:
         ),
         key=natural_key,
     )
+
+
+def category_folder(name: str) -> str:
+    """The folder name of a category in the ImageFolder view: a category name from an (untrusted)
+    annotation file never becomes a path (``"a/b"`` -> ``"a_b"``, ``".."`` -> ``"_.."``)."""
+    safe = name.replace("/", "_").replace("\\", "_")
+    return f"_{safe}" if safe in ("", ".", "..") else safe

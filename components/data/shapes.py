@@ -2,7 +2,7 @@
 
 Each image is a textured background (smoothed noise, a linear gradient or stripes) with
 ``min_objects..max_objects`` shapes (circle, square, triangle, star, hexagon, cross, ellipse,
-diamond) of random colour, size (``min_size..max_size`` px) and rotation. Later shapes are drawn
+diamond) of random colour, rotation and size (the longer side of the box, ``min_size..max_size`` px). Later shapes are drawn
 over earlier ones (partial occlusion), so every label is computed from the *visible* pixels:
 the instance mask, its box and area, and the semantic mask. An object whose visible part is
 tiny is dropped, and its remaining pixels are marked 255 (ignore) in the semantic mask.
@@ -137,18 +137,21 @@ def render_scene(
     for _ in range(n):
         kind = cfg.classes[int(rng.integers(len(cfg.classes)))]
         may_overlap = rng.random() < cfg.occlusion
+        angle = rng.uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        shape = _unit_polygon(kind, rng) @ rot.T
+        shape = shape - (shape.min(axis=0) + shape.max(axis=0)) / 2  # centred on its box
+        shape = shape / np.ptp(shape, axis=0).max()  # the longer box side is 1
         for _attempt in range(20):
-            extent = rng.uniform(cfg.min_size, cfg.max_size)  # bounding-circle diameter in px
-            radius = extent / 2
-            cx, cy = rng.uniform(radius, size - radius, size=2)
-            box = (cx - radius, cy - radius, cx + radius, cy + radius)
+            extent = rng.uniform(cfg.min_size, cfg.max_size)  # the object's longer box side in px
+            half = np.ptp(shape, axis=0) * extent / 2
+            cx, cy = rng.uniform(half, size - half)
+            box = (cx - half[0], cy - half[1], cx + half[0], cy + half[1])
             if may_overlap or not any(_boxes_overlap(box, b) for b in boxes):
                 break
         else:
             continue  # no free place for a non-overlapping object: leave it out
-        angle = rng.uniform(0, 2 * math.pi)
-        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-        vertices = _unit_polygon(kind, rng) @ rot.T * radius + np.array([cx, cy])
+        vertices = shape * extent + np.array([cx, cy])
         cover = _coverage(vertices, size)
         mask = cover >= 0.5
         if not mask.any():

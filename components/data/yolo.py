@@ -45,6 +45,8 @@ def load_data_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
 def _names(data: dict[str, Any], path: Path) -> list[str]:
     names = data["names"]
     if isinstance(names, dict):
+        if not all(isinstance(k, int) for k in names):
+            raise DataError("names keys must be class indices 0..nc-1", file=path, record="names")
         keys = sorted(names)
         if keys != list(range(len(keys))):
             raise DataError(
@@ -75,7 +77,14 @@ def _parse_labels(label: Path, image: Path, names: list[str], report: IngestRepo
     except (OSError, UnidentifiedImageError):
         return []  # the canonical writer reports the unreadable image
     objects: list[ObjectRecord] = []
-    for n, line in enumerate(label.read_text().splitlines(), start=1):
+    try:
+        lines = label.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        report.add(
+            label, image.stem, f"label file is not UTF-8 text: {err.reason} at byte {err.start}", "skipped"
+        )
+        return []
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         record = f"{image.stem} line {n}"

@@ -72,6 +72,10 @@ def evaluate_files(
             plots_dir = Path(out).parent / f"{Path(out).stem}_plots"
     if plots_dir is not None:
         write_detection_reports(
-            evaluator, Path(plots_dir), pr_iou_thresholds=pr_iou_thresholds, confusion_iou=confusion_iou, confusion_score=confusion_score
+            evaluator,
+            Path(plots_dir),
+            pr_iou_thresholds=pr_iou_thresholds,
+            confusion_iou=confusion_iou,
+            confusion_score=confusion_score,
         )
     return metrics

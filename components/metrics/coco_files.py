@@ -94,21 +94,36 @@ def to_rle(segm: Any, height: int, width: int, *, file: Path | str | None, recor
     """
     fix = "segmentation is a list of polygons [[x1, y1, x2, y2, ...]] or RLE {'size': [h, w], 'counts': ...}"
     if isinstance(segm, list):
-        if not segm or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_number(v) for v in p) for p in segm):
+        if not segm or not all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_number(v) for v in p)
+            for p in segm
+        ):
             raise _fail("malformed polygon segmentation", file, record, fix)
         if height <= 0 or width <= 0:
-            raise _fail("polygons need the image's height and width", file, record, "give the image 'height' and 'width'")
+            raise _fail(
+                "polygons need the image's height and width",
+                file,
+                record,
+                "give the image 'height' and 'width'",
+            )
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     if not isinstance(segm, Mapping) or "size" not in segm or "counts" not in segm:
         raise _fail("malformed RLE segmentation (needs 'size' and 'counts')", file, record, fix)
     size = segm["size"]
-    if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
+    if not (
+        isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)
+    ):
         raise _fail(f"malformed RLE size {size!r}", file, record, "size is [height, width]")
     h, w = size
     counts = segm["counts"]
     if isinstance(counts, list):
         if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
-            raise _fail("malformed uncompressed RLE: counts must be non-negative and sum to height*width", file, record, fix)
+            raise _fail(
+                "malformed uncompressed RLE: counts must be non-negative and sum to height*width",
+                file,
+                record,
+                fix,
+            )
         return mask_utils.frPyObjects(dict(segm), h, w)
     if isinstance(counts, bytes):
         counts = counts.decode("ascii", errors="replace")
@@ -117,7 +132,9 @@ def to_rle(segm: Any, height: int, width: int, *, file: Path | str | None, recor
     return {"size": [h, w], "counts": counts}
 
 
-def load_ground_truth(data: Any, *, iou_type: IouType = "bbox", file: Path | str | None = None) -> CocoGroundTruth:
+def load_ground_truth(
+    data: Any, *, iou_type: IouType = "bbox", file: Path | str | None = None
+) -> CocoGroundTruth:
     """Validate a COCO instances dict and return it in columns.
 
     Args:
@@ -133,21 +150,35 @@ def load_ground_truth(data: Any, *, iou_type: IouType = "bbox", file: Path | str
         raise _fail("ground truth is not a JSON object", file, "top level", "pass a COCO instances file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise _fail(f"missing list {key!r}", file, key, "a COCO instances file has images, annotations and categories")
+            raise _fail(
+                f"missing list {key!r}",
+                file,
+                key,
+                "a COCO instances file has images, annotations and categories",
+            )
 
     images: dict[int, tuple[int, int]] = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, Mapping) or not isinstance(img.get("id"), int):
-            raise _fail("image without an integer 'id'", file, f"images[{i}]", "every image has an integer id")
+            raise _fail(
+                "image without an integer 'id'", file, f"images[{i}]", "every image has an integer id"
+            )
         if img["id"] in images:
             raise _fail(f"duplicate image id {img['id']}", file, f"images[{i}]", "image ids must be unique")
         images[img["id"]] = (int(img.get("height") or 0), int(img.get("width") or 0))
     categories: dict[int, str] = {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, Mapping) or not isinstance(cat.get("id"), int):
-            raise _fail("category without an integer 'id'", file, f"categories[{i}]", "every category has an integer id")
+            raise _fail(
+                "category without an integer 'id'",
+                file,
+                f"categories[{i}]",
+                "every category has an integer id",
+            )
         if cat["id"] in categories:
-            raise _fail(f"duplicate category id {cat['id']}", file, f"categories[{i}]", "category ids must be unique")
+            raise _fail(
+                f"duplicate category id {cat['id']}", file, f"categories[{i}]", "category ids must be unique"
+            )
         categories[cat["id"]] = str(cat.get("name", cat["id"]))
     if not categories:
         raise _fail("no categories", file, "categories", "list the categories (id, name)")
@@ -174,26 +205,50 @@ def load_ground_truth(data: Any, *, iou_type: IouType = "bbox", file: Path | str
             raise _fail("annotation is not an object", file, record, "each annotation is a JSON object")
         for key in ("id", "image_id", "category_id", "area"):
             if key not in a:
-                raise _fail(f"missing {key!r}", file, record, "COCO annotations carry id, image_id, category_id, bbox, area, iscrowd")
+                raise _fail(
+                    f"missing {key!r}",
+                    file,
+                    record,
+                    "COCO annotations carry id, image_id, category_id, bbox, area, iscrowd",
+                )
         if a["id"] in seen:
             raise _fail(f"duplicate annotation id {a['id']}", file, record, "annotation ids must be unique")
         seen.add(a["id"])
         if a["image_id"] not in image_index:
-            raise _fail(f"image_id {a['image_id']!r} is not in 'images'", file, record, "add the image or drop the annotation")
+            raise _fail(
+                f"image_id {a['image_id']!r} is not in 'images'",
+                file,
+                record,
+                "add the image or drop the annotation",
+            )
         if a["category_id"] not in category_index:
-            raise _fail(f"category_id {a['category_id']!r} is not in 'categories'", file, record, "add the category or drop the annotation")
+            raise _fail(
+                f"category_id {a['category_id']!r} is not in 'categories'",
+                file,
+                record,
+                "add the category or drop the annotation",
+            )
         if not _number(a["area"]):
-            raise _fail(f"area {a['area']!r} is not a finite number", file, record, "area is the object's pixel area")
+            raise _fail(
+                f"area {a['area']!r} is not a finite number", file, record, "area is the object's pixel area"
+            )
         h, w = images[a["image_id"]]
         if iou_type == "segm":
             if "segmentation" not in a:
-                raise _fail("missing 'segmentation' for segm evaluation", file, record, "add masks or evaluate with --iou-type bbox")
+                raise _fail(
+                    "missing 'segmentation' for segm evaluation",
+                    file,
+                    record,
+                    "add masks or evaluate with --iou-type bbox",
+                )
             rle = to_rle(a["segmentation"], h, w, file=file, record=record)
             assert rles is not None
             rles.append(rle)
         if "bbox" in a:
             if not _check_box(a["bbox"]):
-                raise _fail(f"malformed bbox {a['bbox']!r}", file, record, "bbox is [x, y, width, height] in pixels")
+                raise _fail(
+                    f"malformed bbox {a['bbox']!r}", file, record, "bbox is [x, y, width, height] in pixels"
+                )
             bbox[j] = a["bbox"]
         elif iou_type == "segm":
             assert rles is not None
@@ -207,7 +262,13 @@ def load_ground_truth(data: Any, *, iou_type: IouType = "bbox", file: Path | str
         difficult[j] = bool(a.get("difficult", 0))
         ids[j] = a["id"] if isinstance(a["id"], int) else j + 1
     instances = Instances(img_col, cat_col, bbox, area, np.zeros(n), crowd, difficult, ids, rles)
-    return CocoGroundTruth(image_ids, [images[i] for i in image_ids], category_ids, [categories[c] for c in category_ids], instances)
+    return CocoGroundTruth(
+        image_ids,
+        [images[i] for i in image_ids],
+        category_ids,
+        [categories[c] for c in category_ids],
+        instances,
+    )
 
 
 def _result_record(j: int, r: Any) -> str:
@@ -216,7 +277,15 @@ def _result_record(j: int, r: Any) -> str:
     return f"results[{j}]"
 
 
-def _validate_result(j: int, r: Any, gt_images: Mapping[int, int], *, iou_type: IouType, box_area: bool, file: Path | str | None) -> None:
+def _validate_result(
+    j: int,
+    r: Any,
+    gt_images: Mapping[int, int],
+    *,
+    iou_type: IouType,
+    box_area: bool,
+    file: Path | str | None,
+) -> None:
     """Raise EvaluationError if result ``j`` cannot be evaluated (the slow path that names the record)."""
     record = _result_record(j, r)
     fix = "each result is {image_id, category_id, score, bbox: [x, y, w, h]} (segm: segmentation RLE)"
@@ -226,16 +295,28 @@ def _validate_result(j: int, r: Any, gt_images: Mapping[int, int], *, iou_type: 
         if key not in r:
             raise _fail(f"missing {key!r}", file, record, fix)
     if r["image_id"] not in gt_images:
-        raise _fail(f"image_id {r['image_id']!r} is not in the ground truth", file, record, "predict on the ground truth's images only")
+        raise _fail(
+            f"image_id {r['image_id']!r} is not in the ground truth",
+            file,
+            record,
+            "predict on the ground truth's images only",
+        )
     if not isinstance(r["category_id"], int) or isinstance(r["category_id"], bool):
         raise _fail(f"category_id {r['category_id']!r} is not an integer", file, record, fix)
     if not _number(r["score"]):
-        raise _fail(f"score {r['score']!r} is not a finite number", file, record, "scores are finite floats (drop NaN detections)")
+        raise _fail(
+            f"score {r['score']!r} is not a finite number",
+            file,
+            record,
+            "scores are finite floats (drop NaN detections)",
+        )
     if box_area or iou_type == "bbox" and "segmentation" not in r:
         if "bbox" not in r:
             raise _fail("missing 'bbox'", file, record, fix)
     if "bbox" in r and not _check_box(r["bbox"]):
-        raise _fail(f"malformed bbox {r['bbox']!r}", file, record, "bbox is [x, y, width, height] of finite numbers")
+        raise _fail(
+            f"malformed bbox {r['bbox']!r}", file, record, "bbox is [x, y, width, height] of finite numbers"
+        )
     if iou_type == "segm" and "segmentation" not in r and "bbox" not in r:
         raise _fail("missing 'segmentation'", file, record, fix)
 
@@ -264,7 +345,12 @@ def load_results(
             ground truth, NaN score, malformed box or RLE).
     """
     if not isinstance(results, list):
-        raise _fail("results are not a JSON list", file, "top level", "pass the COCO results list [{image_id, category_id, bbox, score}]")
+        raise _fail(
+            "results are not a JSON list",
+            file,
+            "top level",
+            "pass the COCO results list [{image_id, category_id, bbox, score}]",
+        )
     n = len(results)
     gt_images = {k: i for i, k in enumerate(gt.image_ids)}
     # loadRes: the first result decides whether a detection's area is its box's or its mask's.
@@ -283,7 +369,9 @@ def load_results(
             bbox = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(n, 4)
     except (KeyError, TypeError, ValueError, OverflowError):
         slow_path()
-        raise _fail("unreadable results", file, "results", "each result is {image_id, category_id, score, bbox}") from None
+        raise _fail(
+            "unreadable results", file, "results", "each result is {image_id, category_id, score, bbox}"
+        ) from None
     ids = np.asarray(gt.image_ids, dtype=np.int64)
     image = np.searchsorted(ids, image_id).clip(max=max(len(ids) - 1, 0))
     cats = np.asarray(gt.category_ids, dtype=np.int64)
@@ -326,6 +414,7 @@ def load_results(
         rles=[rles[i] for i in idx] if (rles is not None and iou_type == "segm") else None,
     )
     return dets, int(n - len(idx))
+
 
 def read_json(path: Path, what: str) -> Any:
     """Parse a JSON file, raising EvaluationError (not a traceback) when it is missing or not JSON."""

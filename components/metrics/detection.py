@@ -113,10 +113,13 @@ class Instances:
 
     @classmethod
     def empty(cls, with_masks: bool = False) -> Instances:
+        """No instances (``rles`` an empty list when ``with_masks``)."""
         z = np.zeros(0, dtype=np.int64)
         f = np.zeros(0, dtype=np.float64)
         b = np.zeros(0, dtype=bool)
-        return cls(z, z.copy(), np.zeros((0, 4)), f, f.copy(), b, b.copy(), z.copy(), [] if with_masks else None)
+        return cls(
+            z, z.copy(), np.zeros((0, 4)), f, f.copy(), b, b.copy(), z.copy(), [] if with_masks else None
+        )
 
     @classmethod
     def concatenate(cls, parts: Sequence[Instances], with_masks: bool = False) -> Instances:
@@ -165,6 +168,11 @@ def _segment_starts(keys: np.ndarray) -> np.ndarray:
 
 
 def _pair(gt: Instances, dt: Instances, num_categories: int, iou_type: IouType) -> _Pairs:
+    """Sort detections and ground truths by (image, category) and form every same-group pair with its IoU.
+
+    Detections are ordered by decreasing score inside a group with a stable sort (pycocotools'
+    ``argsort(-score, kind="mergesort")``); ground truths keep their file order.
+    """
     K = num_categories
     det_order = np.lexsort((np.arange(len(dt)), -dt.score, dt.category, dt.image))
     det_group = dt.image[det_order] * K + dt.category[det_order]
@@ -200,7 +208,9 @@ def _paired_mask_iou(
     """Mask IoU of every pair, one ``pycocotools.mask.iou`` call per (image, category) with pairs."""
     assert gt.rles is not None and dt.rles is not None
     iou = np.zeros(int(counts.sum()), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, det_group[1:] != det_group[:-1]]) if len(det_group) else np.zeros(0, int)
+    starts = (
+        np.flatnonzero(np.r_[True, det_group[1:] != det_group[:-1]]) if len(det_group) else np.zeros(0, int)
+    )
     ends = np.r_[starts[1:], len(det_group)].astype(np.int64) if len(starts) else starts
     for s, e in zip(starts, ends, strict=True):
         n_gt = counts[s]
@@ -245,7 +255,9 @@ def _coco_match(gt: Instances, dt: Instances, pairs: _Pairs) -> tuple[np.ndarray
     ranges = np.array(list(AREA_RANGES.values()))  # [A, 2]
     g_area = gt.area[pairs.gt_order]
     g_crowd = gt.iscrowd[pairs.gt_order]
-    g_ignore = g_crowd[None, :] | (g_area[None, :] < ranges[:, :1]) | (g_area[None, :] > ranges[:, 1:])  # [A, G]
+    g_ignore = (
+        g_crowd[None, :] | (g_area[None, :] < ranges[:, :1]) | (g_area[None, :] > ranges[:, 1:])
+    )  # [A, G]
     g_id_zero = gt.ann_id[pairs.gt_order] == 0
 
     n_det = len(pairs.det_order)
@@ -258,7 +270,9 @@ def _coco_match(gt: Instances, dt: Instances, pairs: _Pairs) -> tuple[np.ndarray
     # then the within-image order (pycocotools concatenates per-image lists, then mergesorts).
     kept = np.flatnonzero(kept_det)
     det_idx = pairs.det_order[kept]
-    kept = kept[np.lexsort((pairs.det_rank[kept], dt.image[det_idx], -dt.score[det_idx], dt.category[det_idx]))]
+    kept = kept[
+        np.lexsort((pairs.det_rank[kept], dt.image[det_idx], -dt.score[det_idx], dt.category[det_idx]))
+    ]
     column_of = np.full(n_det, -1, dtype=np.int64)
     column_of[kept] = np.arange(len(kept))
     d_area = dt.area[pairs.det_order[kept]]
@@ -323,14 +337,24 @@ def _accumulate(
     recall needs no curve, so only maxDets=100 (the one ``summarize`` reads) gets precision
     curves unless ``all_max_dets`` (then every slot equals pycocotools' array).
     """
-    T, R, K, A, M = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), num_categories, len(AREA_RANGES), len(MAX_DETECTIONS)
+    T, R, K, A, M = (
+        len(IOU_THRESHOLDS),
+        len(RECALL_THRESHOLDS),
+        num_categories,
+        len(AREA_RANGES),
+        len(MAX_DETECTIONS),
+    )
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
     scores = -np.ones((T, R, K, A, M))
 
     ranges = np.array(list(AREA_RANGES.values()))
-    not_ignored = ~gt.iscrowd[None, :] & (gt.area[None, :] >= ranges[:, :1]) & (gt.area[None, :] <= ranges[:, 1:])
-    npig = np.stack([np.bincount(gt.category[not_ignored[a]], minlength=K) for a in range(A)], axis=1)  # [K, A]
+    not_ignored = (
+        ~gt.iscrowd[None, :] & (gt.area[None, :] >= ranges[:, :1]) & (gt.area[None, :] <= ranges[:, 1:])
+    )
+    npig = np.stack(
+        [np.bincount(gt.category[not_ignored[a]], minlength=K) for a in range(A)], axis=1
+    )  # [K, A]
 
     det_idx = pairs.det_order[kept]
     d_cat, d_score, d_rank = dt.category[det_idx], dt.score[det_idx], pairs.det_rank[kept]
@@ -487,7 +511,12 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, *, use_11_point: bool = Fa
 
 
 def evaluate_voc(
-    gt: Instances, dt: Instances, *, num_categories: int, iou_threshold: float = 0.5, pairs: _Pairs | None = None
+    gt: Instances,
+    dt: Instances,
+    *,
+    num_categories: int,
+    iou_threshold: float = 0.5,
+    pairs: _Pairs | None = None,
 ) -> dict[str, Any]:
     """Pascal VOC AP at one IoU threshold, 11-point and all-point, ``difficult`` ignored.
 
@@ -523,7 +552,9 @@ def evaluate_voc(
     claims = hit[order]
     tp = np.zeros(len(order), dtype=bool)
     claim_pos = np.flatnonzero(claims)
-    _, first_claim = np.unique(jmax[order[claim_pos]], return_index=True)  # first detection of each object wins
+    _, first_claim = np.unique(
+        jmax[order[claim_pos]], return_index=True
+    )  # first detection of each object wins
     tp[claim_pos[first_claim]] = True
     cats = dt.category[det_idx[order]]
     bounds = np.searchsorted(cats, np.arange(K + 1))
@@ -555,7 +586,12 @@ def evaluate_voc(
 
 
 def detection_confusion_matrix(
-    gt: Instances, dt: Instances, *, num_categories: int, iou_threshold: float = 0.5, score_threshold: float = 0.25
+    gt: Instances,
+    dt: Instances,
+    *,
+    num_categories: int,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.25,
 ) -> np.ndarray:
     """Class confusion of detections against ground truth, with a background row and column.
 
@@ -645,29 +681,39 @@ class DetectionEvaluator:
     iou_type: IouType = "bbox"
     mask_threshold: float = 0.5
     names: list[str] = field(init=False)
-    _gt: list[Instances] = field(init=False, default_factory=list)
-    _dt: list[Instances] = field(init=False, default_factory=list)
-    _image_ids: list[int] = field(init=False, default_factory=list)
-    _image_sizes: list[tuple[int, int]] = field(init=False, default_factory=list)
-    _seen: set[int] = field(init=False, default_factory=set)
-    _acc: CocoAccumulation | None = field(init=False, default=None)
+    _gt: list[Instances] = field(init=False, default_factory=list, repr=False)
+    _dt: list[Instances] = field(init=False, default_factory=list, repr=False)
+    _image_ids: list[int] = field(init=False, default_factory=list, repr=False)
+    _image_sizes: list[tuple[int, int]] = field(init=False, default_factory=list, repr=False)
+    _seen: set[int] = field(init=False, default_factory=set, repr=False)
+    _acc: CocoAccumulation | None = field(init=False, default=None, repr=False)
     category_ids: list[int] = field(init=False, default_factory=list)
     n_unknown_category: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if self.iou_type not in ("bbox", "segm"):
-            raise EvaluationError(f"unknown iou_type {self.iou_type!r}", record="iou_type", fix="use 'bbox' or 'segm'")
+            raise EvaluationError(
+                f"unknown iou_type {self.iou_type!r}", record="iou_type", fix="use 'bbox' or 'segm'"
+            )
         if isinstance(self.categories, int):
             self.names = [str(k) for k in range(1, self.categories + 1)]
         else:
             self.names = [str(c) for c in self.categories]
         self.category_ids = list(range(1, len(self.names) + 1))
         if not self.names:
-            raise EvaluationError("no categories", record="categories", fix="pass the class names of labels 1..K")
+            raise EvaluationError(
+                "no categories", record="categories", fix="pass the class names of labels 1..K"
+            )
 
     @classmethod
     def from_coco(
-        cls, gt: Mapping[str, Any], results: list[Mapping[str, Any]], *, iou_type: IouType = "bbox", gt_file: Any = None, pred_file: Any = None
+        cls,
+        gt: Mapping[str, Any],
+        results: list[Mapping[str, Any]],
+        *,
+        iou_type: IouType = "bbox",
+        gt_file: Any = None,
+        pred_file: Any = None,
     ) -> DetectionEvaluator:
         """An evaluator loaded with a COCO ground-truth dict and a COCO results list (as ``COCO.loadRes`` takes).
 
@@ -705,16 +751,24 @@ class DetectionEvaluator:
         """Add one batch of predictions and their targets (same length, one entry per image)."""
         if len(preds) != len(targets):
             raise EvaluationError(
-                f"{len(preds)} predictions for {len(targets)} targets", record="update", fix="pass one prediction per image"
+                f"{len(preds)} predictions for {len(targets)} targets",
+                record="update",
+                fix="pass one prediction per image",
             )
         self._acc = None
         for pred, target in zip(preds, targets, strict=True):
-            image_id = int(_to_numpy(target["image_id"]).reshape(-1)[0]) if "image_id" in target else len(self._image_ids)
+            image_id = (
+                int(_to_numpy(target["image_id"]).reshape(-1)[0])
+                if "image_id" in target
+                else len(self._image_ids)
+            )
             while "image_id" not in target and image_id in self._seen:
                 image_id += 1
             if image_id in self._seen:
                 raise EvaluationError(
-                    "image seen twice", record=f"image_id {image_id}", fix="call reset() between evaluations; ids must be unique"
+                    "image seen twice",
+                    record=f"image_id {image_id}",
+                    fix="call reset() between evaluations; ids must be unique",
                 )
             self._seen.add(image_id)
             index = len(self._image_ids)
@@ -723,6 +777,12 @@ class DetectionEvaluator:
             gt.ann_id = gt.ann_id + sum(len(g) for g in self._gt)  # unique over the whole set
             dt = self._instances(pred, index, image_id, is_pred=True)
             rles = (gt.rles or []) + (dt.rles or [])
+            if len({tuple(r["size"]) for r in rles}) > 1:
+                raise EvaluationError(
+                    f"mask sizes differ within the image: {sorted({tuple(r['size']) for r in rles})}",
+                    record=f"image_id {image_id}",
+                    fix="predict masks at the target's size (paste them back into the full image)",
+                )
             self._image_sizes.append(tuple(rles[0]["size"]) if rles else (0, 0))
             self._gt.append(gt)
             self._dt.append(dt)
@@ -732,12 +792,23 @@ class DetectionEvaluator:
         record = f"{what} of image_id {image_id}"
         for key in ("boxes", "labels") + (("scores",) if is_pred else ()):
             if key not in d:
-                raise EvaluationError(f"missing {key!r}", record=record, fix=f"a {what} holds boxes, labels" + (", scores" if is_pred else ""))
-        boxes = _to_numpy(d["boxes"], np.float64).reshape(-1, 4)
+                raise EvaluationError(
+                    f"missing {key!r}",
+                    record=record,
+                    fix=f"a {what} holds boxes, labels" + (", scores" if is_pred else ""),
+                )
+        boxes = _to_numpy(d["boxes"], np.float64)
+        if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
+            raise EvaluationError(
+                f"boxes of shape {boxes.shape}", record=record, fix="boxes are Tensor[N, 4] xyxy pixels"
+            )
+        boxes = boxes.reshape(-1, 4)
         labels = _to_numpy(d["labels"]).reshape(-1).astype(np.int64)
         n = len(boxes)
         if len(labels) != n:
-            raise EvaluationError(f"{n} boxes but {len(labels)} labels", record=record, fix="one label per box")
+            raise EvaluationError(
+                f"{n} boxes but {len(labels)} labels", record=record, fix="one label per box"
+            )
         if n and (labels.min() < 1 or labels.max() > self.num_categories):
             raise EvaluationError(
                 f"label {int(labels.min() if labels.min() < 1 else labels.max())} outside 1..{self.num_categories}",
@@ -745,19 +816,27 @@ class DetectionEvaluator:
                 fix="labels are 1..K (0 is background and never a detection)",
             )
         if not np.isfinite(boxes).all():
-            raise EvaluationError("non-finite box coordinates", record=record, fix="drop NaN/inf boxes before evaluation")
+            raise EvaluationError(
+                "non-finite box coordinates", record=record, fix="drop NaN/inf boxes before evaluation"
+            )
         bbox = xyxy_to_xywh(boxes)
         score = np.zeros(n)
         if is_pred:
             score = _to_numpy(d["scores"], np.float64).reshape(-1)
             if len(score) != n:
-                raise EvaluationError(f"{n} boxes but {len(score)} scores", record=record, fix="one score per box")
+                raise EvaluationError(
+                    f"{n} boxes but {len(score)} scores", record=record, fix="one score per box"
+                )
             if not np.isfinite(score).all():
                 raise EvaluationError("NaN or infinite score", record=record, fix="check the model's outputs")
         rles: list[RLE] | None = None
         if self.iou_type == "segm":
             if "masks" not in d:
-                raise EvaluationError("missing 'masks' for segm evaluation", record=record, fix="pass masks or use iou_type='bbox'")
+                raise EvaluationError(
+                    "missing 'masks' for segm evaluation",
+                    record=record,
+                    fix="pass masks or use iou_type='bbox'",
+                )
             masks = _to_numpy(d["masks"])
             if masks.ndim == 4:
                 masks = masks[:, 0]
@@ -772,9 +851,17 @@ class DetectionEvaluator:
             area = rle_area(rles) if rles is not None else bbox[:, 2] * bbox[:, 3]
         flags = {}
         for key in ("iscrowd", "difficult"):
-            flags[key] = _to_numpy(d[key]).reshape(-1).astype(bool) if (not is_pred and key in d) else np.zeros(n, bool)
+            flags[key] = (
+                _to_numpy(d[key]).reshape(-1).astype(bool)
+                if (not is_pred and key in d)
+                else np.zeros(n, bool)
+            )
             if len(flags[key]) != n:
-                raise EvaluationError(f"{n} boxes but {len(flags[key])} {key} flags", record=record, fix=f"one {key} flag per box")
+                raise EvaluationError(
+                    f"{n} boxes but {len(flags[key])} {key} flags",
+                    record=record,
+                    fix=f"one {key} flag per box",
+                )
         return Instances(
             image=np.full(n, index, dtype=np.int64),
             category=labels - 1,
@@ -788,8 +875,20 @@ class DetectionEvaluator:
         )
 
     def _columns(self) -> tuple[Instances, Instances]:
+        """All instances seen, with ``image`` re-indexed by increasing image id.
+
+        pycocotools walks images in id order, and that order breaks ties between equal scores
+        of different images; images may arrive in any order (a shuffled loader), so they are
+        ranked by id here.
+        """
         masks = self.iou_type == "segm"
-        return Instances.concatenate(self._gt, masks), Instances.concatenate(self._dt, masks)
+        gt, dt = Instances.concatenate(self._gt, masks), Instances.concatenate(self._dt, masks)
+        ids = np.asarray(self._image_ids, dtype=np.int64)
+        if len(ids) > 1 and np.any(ids[1:] < ids[:-1]):
+            rank = np.empty(len(ids), dtype=np.int64)
+            rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+            gt.image, dt.image = rank[gt.image], rank[dt.image]
+        return gt, dt
 
     def compute(self) -> dict[str, dict[str, Any]]:
         """COCO's 12 numbers, per-class AP/AR and VOC AP@0.5 of everything seen since ``reset()``.
@@ -830,32 +929,54 @@ class DetectionEvaluator:
             t = np.flatnonzero(np.isclose(IOU_THRESHOLDS, thr))
             if len(t) == 0:
                 raise EvaluationError(
-                    f"no IoU threshold {thr}", record="pr_iou_thresholds", fix=f"use one of {np.round(IOU_THRESHOLDS, 2).tolist()}"
+                    f"no IoU threshold {thr}",
+                    record="pr_iou_thresholds",
+                    fix=f"use one of {np.round(IOU_THRESHOLDS, 2).tolist()}",
                 )
             for k, name in enumerate(self.names):
                 p = self._acc.precision[t[0], :, k, 0, -1]
                 if (p < 0).all():
                     continue
-                curves.append({"class": name, "iou": float(thr), "recall": RECALL_THRESHOLDS.tolist(), "precision": p.tolist()})
+                curves.append(
+                    {
+                        "class": name,
+                        "iou": float(thr),
+                        "recall": RECALL_THRESHOLDS.tolist(),
+                        "precision": p.tolist(),
+                    }
+                )
         return curves
 
     def confusion_matrix(self, *, iou_threshold: float = 0.5, score_threshold: float = 0.25) -> np.ndarray:
         """See :func:`detection_confusion_matrix`; ``[K + 1, K + 1]``, last row/column background."""
         gt, dt = self._columns()
         return detection_confusion_matrix(
-            gt, dt, num_categories=self.num_categories, iou_threshold=iou_threshold, score_threshold=score_threshold
+            gt,
+            dt,
+            num_categories=self.num_categories,
+            iou_threshold=iou_threshold,
+            score_threshold=score_threshold,
         )
 
     def to_coco(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The seen targets and predictions as a COCO ground-truth dict and results list (for pycocotools)."""
         gt, dt = self._columns()
-        images = [{"id": i, "height": int(h), "width": int(w)} for i, (h, w) in zip(self._image_ids, self._image_sizes, strict=True)]
+        order = np.argsort(np.asarray(self._image_ids, dtype=np.int64), kind="stable")
+        image_ids = [self._image_ids[i] for i in order]  # the order of _columns()' image indices
+        images = [
+            {
+                "id": self._image_ids[i],
+                "height": int(self._image_sizes[i][0]),
+                "width": int(self._image_sizes[i][1]),
+            }
+            for i in order
+        ]
         cats = [{"id": c, "name": n} for c, n in zip(self.category_ids, self.names, strict=True)]
         anns = []
         for j in range(len(gt)):
             a = {
                 "id": int(gt.ann_id[j]),
-                "image_id": self._image_ids[gt.image[j]],
+                "image_id": image_ids[gt.image[j]],
                 "category_id": self.category_ids[gt.category[j]],
                 "bbox": gt.bbox[j].tolist(),
                 "area": float(gt.area[j]),
@@ -867,7 +988,11 @@ class DetectionEvaluator:
             anns.append(a)
         results = []
         for j in range(len(dt)):
-            r = {"image_id": self._image_ids[dt.image[j]], "category_id": self.category_ids[dt.category[j]], "score": float(dt.score[j])}
+            r = {
+                "image_id": image_ids[dt.image[j]],
+                "category_id": self.category_ids[dt.category[j]],
+                "score": float(dt.score[j]),
+            }
             if dt.rles is not None:
                 r["segmentation"] = dt.rles[j]
             else:

@@ -76,7 +76,9 @@ def paired_box_iou(dt: np.ndarray, gt: np.ndarray, iscrowd: np.ndarray | None = 
     return np.where(overlap, iou, 0.0)
 
 
-def box_iou_xywh(dt: np.ndarray, gt: np.ndarray, iscrowd: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+def box_iou_xywh(
+    dt: np.ndarray, gt: np.ndarray, iscrowd: Sequence[bool] | np.ndarray | None = None
+) -> np.ndarray:
     """Pairwise IoU of xywh boxes, equal to ``pycocotools.mask.iou(dt, gt, iscrowd)``.
 
     Args:
@@ -139,11 +141,16 @@ def rle_area(rles: Sequence[RLE]) -> np.ndarray:
     # for n > 255 RLEs, so it is called on chunks of 255.
     rles = list(rles)
     return np.concatenate(
-        [np.asarray(mask_utils.area(rles[i : i + 255]), dtype=np.float64).reshape(-1) for i in range(0, len(rles), 255)]
+        [
+            np.asarray(mask_utils.area(rles[i : i + 255]), dtype=np.float64).reshape(-1)
+            for i in range(0, len(rles), 255)
+        ]
     )
 
 
-def rle_iou(dt: Sequence[RLE], gt: Sequence[RLE], iscrowd: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+def rle_iou(
+    dt: Sequence[RLE], gt: Sequence[RLE], iscrowd: Sequence[bool] | np.ndarray | None = None
+) -> np.ndarray:
     """Pairwise IoU of RLE masks (``pycocotools.mask.iou``), crowd-aware.
 
     Args:
@@ -160,7 +167,9 @@ def rle_iou(dt: Sequence[RLE], gt: Sequence[RLE], iscrowd: Sequence[bool] | np.n
     return np.asarray(mask_utils.iou(list(dt), list(gt), crowd), dtype=np.float64).reshape(len(dt), len(gt))
 
 
-def mask_iou(dt: np.ndarray, gt: np.ndarray, iscrowd: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+def mask_iou(
+    dt: np.ndarray, gt: np.ndarray, iscrowd: Sequence[bool] | np.ndarray | None = None
+) -> np.ndarray:
     """Pairwise IoU of binary masks by one matrix product, crowd-aware.
 
     Args:

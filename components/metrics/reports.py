@@ -49,12 +49,16 @@ def format_detection_table(metrics: Mapping[str, Any], iou_type: str = "bbox") -
         lines.append(f"  {_LABELS[name]} = {_fmt(metrics[name])}   {name}")
     voc = metrics.get("voc", {})
     if voc:
-        lines.append(f"  VOC AP@0.5 all-point = {_fmt(voc['map_50'])}   11-point = {_fmt(voc['map_50_11point'])}")
+        lines.append(
+            f"  VOC AP@0.5 all-point = {_fmt(voc['map_50'])}   11-point = {_fmt(voc['map_50_11point'])}"
+        )
     per_class = metrics.get("per_class", {})
     if per_class:
         width = max(8, *(len(n) for n in per_class))
         lines.append("")
-        lines.append(f"  {'class':<{width}}  {'num_gt':>6}  {'AP':>6}  {'AP50':>6}  {'AP75':>6}  {'AR100':>6}  {'VOC50':>6}  {'VOC07':>6}")
+        lines.append(
+            f"  {'class':<{width}}  {'num_gt':>6}  {'AP':>6}  {'AP50':>6}  {'AP75':>6}  {'AR100':>6}  {'VOC50':>6}  {'VOC07':>6}"
+        )
         for name, row in per_class.items():
             lines.append(
                 f"  {name:<{width}}  {row['num_gt']:>6}  {_fmt(row['ap'])}  {_fmt(row['ap_50'])}  {_fmt(row['ap_75'])}  "
@@ -87,13 +91,19 @@ def write_detection_reports(
 
     out_dir = Path(out_dir)
     curves = evaluator.pr_curves(pr_iou_thresholds)
-    written: dict[str, Path] = {"pr_curves_png": plots.plot_pr_curves(curves, out_dir / "pr_curves.png", title=f"PR curves ({evaluator.iou_type})")}
+    written: dict[str, Path] = {
+        "pr_curves_png": plots.plot_pr_curves(
+            curves, out_dir / "pr_curves.png", title=f"PR curves ({evaluator.iou_type})"
+        )
+    }
     for path in plots.write_dvc_pr_curves(curves, out_dir):
         written[path.stem] = path
     matrix = evaluator.confusion_matrix(iou_threshold=confusion_iou, score_threshold=confusion_score)
     labels = [*evaluator.names, "background"]
     title = f"Detections (score >= {confusion_score:g}, IoU >= {confusion_iou:g})"
-    written["confusion_png"] = plots.plot_confusion_matrix(matrix, labels, out_dir / "confusion_matrix.png", title=title)
+    written["confusion_png"] = plots.plot_confusion_matrix(
+        matrix, labels, out_dir / "confusion_matrix.png", title=title
+    )
     written["confusion_json"] = plots.write_json(
         {
             "labels": labels,

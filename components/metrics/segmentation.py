@@ -47,11 +47,17 @@ def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int
     if p.ndim == t.ndim + 1:
         if p.shape[-3] != num_classes:
             raise EvaluationError(
-                f"scores have {p.shape[-3]} channels for {num_classes} classes", record="preds", fix="pass [N, C, H, W] logits with C = K + 1"
+                f"scores have {p.shape[-3]} channels for {num_classes} classes",
+                record="preds",
+                fix="pass [N, C, H, W] logits with C = K + 1",
             )
         p = p.argmax(axis=-3)
     if p.shape != t.shape:
-        raise EvaluationError(f"prediction shape {p.shape} != target shape {t.shape}", record="preds", fix="predict at the target's size")
+        raise EvaluationError(
+            f"prediction shape {p.shape} != target shape {t.shape}",
+            record="preds",
+            fix="predict at the target's size",
+        )
     t = t.reshape(-1).astype(np.int64)
     p = p.reshape(-1).astype(np.int64)
     valid = t != ignore_index if ignore_index is not None else np.ones(t.shape, bool)
@@ -63,7 +69,9 @@ def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int
             fix=f"classes are 0..{num_classes - 1}, {ignore_index} marks ignored pixels",
         )
     if p.size and (p.min() < 0 or p.max() >= num_classes):
-        raise EvaluationError(f"predicted class outside 0..{num_classes - 1}", record="preds", fix="predict class indices 0..K")
+        raise EvaluationError(
+            f"predicted class outside 0..{num_classes - 1}", record="preds", fix="predict class indices 0..K"
+        )
     return np.bincount(num_classes * t + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -75,12 +83,16 @@ def _confusion_torch(pred: Any, target: Any, num_classes: int, ignore_index: int
     if p.dim() == t.dim() + 1:
         if p.shape[-3] != num_classes:
             raise EvaluationError(
-                f"scores have {p.shape[-3]} channels for {num_classes} classes", record="preds", fix="pass [N, C, H, W] logits with C = K + 1"
+                f"scores have {p.shape[-3]} channels for {num_classes} classes",
+                record="preds",
+                fix="pass [N, C, H, W] logits with C = K + 1",
             )
         p = p.argmax(dim=-3)
     if p.shape != t.shape:
         raise EvaluationError(
-            f"prediction shape {tuple(p.shape)} != target shape {tuple(t.shape)}", record="preds", fix="predict at the target's size"
+            f"prediction shape {tuple(p.shape)} != target shape {tuple(t.shape)}",
+            record="preds",
+            fix="predict at the target's size",
         )
     t = t.reshape(-1).long()
     p = p.reshape(-1).long()
@@ -96,7 +108,11 @@ def _confusion_torch(pred: Any, target: Any, num_classes: int, ignore_index: int
                 fix=f"classes are 0..{num_classes - 1}, {ignore_index} marks ignored pixels",
             )
         if int(p.min()) < 0 or int(p.max()) >= num_classes:
-            raise EvaluationError(f"predicted class outside 0..{num_classes - 1}", record="preds", fix="predict class indices 0..K")
+            raise EvaluationError(
+                f"predicted class outside 0..{num_classes - 1}",
+                record="preds",
+                fix="predict class indices 0..K",
+            )
     counts = torch.bincount(num_classes * t + p, minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
 
@@ -146,13 +162,19 @@ class SegmentationEvaluator:
         class_names: names of indices 0..C-1 (default ``"0".."C-1"``).
     """
 
-    def __init__(self, num_classes: int, *, ignore_index: int | None = 255, class_names: list[str] | None = None) -> None:
+    def __init__(
+        self, num_classes: int, *, ignore_index: int | None = 255, class_names: list[str] | None = None
+    ) -> None:
         if num_classes < 2:
-            raise EvaluationError("need at least 2 classes (background and one)", record="num_classes", fix="pass K + 1")
+            raise EvaluationError(
+                "need at least 2 classes (background and one)", record="num_classes", fix="pass K + 1"
+            )
         names = [str(c) for c in (class_names if class_names is not None else range(num_classes))]
         if len(names) != num_classes:
             raise EvaluationError(
-                f"{len(names)} class names for {num_classes} classes", record="class_names", fix="name every class, background first"
+                f"{len(names)} class names for {num_classes} classes",
+                record="class_names",
+                fix="name every class, background first",
             )
         self.names = names
         self.num_classes = num_classes
@@ -179,5 +201,7 @@ class SegmentationEvaluator:
             "mean_accuracy": scores["mean_accuracy"],
             "fw_iou": scores["fw_iou"],
             # JSON has no NaN: a class absent from target and prediction has IoU None
-            "per_class_iou": {n: (None if v != v else v) for n, v in zip(self.names, scores["iou"], strict=True)},
+            "per_class_iou": {
+                n: (None if v != v else v) for n, v in zip(self.names, scores["iou"], strict=True)
+            },
         }

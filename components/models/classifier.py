@@ -137,11 +137,16 @@ class Classifier(_ClassifierAPI):
         backbone: a built :class:`~components.models.backbones.Backbone`; frozen stages stay frozen.
         num_classes: K.
         dropout: dropout before the linear layer.
+        frozen_bn: keep every BatchNorm of the backbone in eval mode while training (running
+            statistics fixed, affine weights still trained): fine-tuning on a few hundred images
+            in batches of 16 otherwise replaces ImageNet's statistics by noisy batch estimates
+            (torchvision's detection models freeze BatchNorm for the same reason).
     """
 
-    def __init__(self, backbone: Backbone, *, num_classes: int, dropout: float = 0.0):
+    def __init__(self, backbone: Backbone, *, num_classes: int, dropout: float = 0.0, frozen_bn: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.frozen_bn = frozen_bn
         self.num_classes = num_classes
         self.head = nn.Sequential()
         self.head.add_module("pool", nn.AdaptiveAvgPool2d(1))
@@ -152,6 +157,14 @@ class Classifier(_ClassifierAPI):
     def forward_features(self, x: Tensor) -> Tensor:
         """Tensor[N, 3, H, W] in [0, 1] -> the backbone's last stage, Tensor[N, C, H/s, W/s]."""
         return self.backbone.forward_features(self.normalize(x))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def param_groups(self, *, backbone_lr_mult: float) -> list[dict[str, Any]]:
         """Optimiser groups for fine-tuning: the pretrained backbone at ``lr * backbone_lr_mult``, the new head at ``lr``.
@@ -183,6 +196,7 @@ def classifier(
     weights: str | None = None,
     trainable_layers: int | None = None,
     dropout: float = 0.0,
+    frozen_bn: bool = False,
 ) -> Classifier:
     """A registered backbone with a new classification head (transfer learning by arguments).
 
@@ -195,11 +209,12 @@ def classifier(
             extraction (frozen backbone, BatchNorm in eval), ``k`` = fine-tune the last k blocks,
             ``None`` = fine-tune all.
         dropout: before the linear head.
+        frozen_bn: BatchNorm of the trainable backbone stages kept in eval mode too (see :class:`Classifier`).
 
     Input Tensor[N, 3, H, W] in [0, 1] normalised as the backbone expects; output logits Tensor[N, K].
     """
     body = build_backbone(backbone, weights=weights, trainable_layers=trainable_layers)
-    return Classifier(body, num_classes=num_classes, dropout=dropout)
+    return Classifier(body, num_classes=num_classes, dropout=dropout, frozen_bn=frozen_bn)
 
 
 def classification_step(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> dict[str, Tensor]:

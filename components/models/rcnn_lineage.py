@@ -48,15 +48,15 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align, roi_pool
+from torchvision.ops import box_iou, roi_align, roi_pool
 
 from components.errors import DataError
 from components.models.backbones import Backbone, build_backbone
 from components.models.registry import register_model
+from components.models.yolo_v1 import IMAGENET_MEAN, IMAGENET_STD
+from components.ops.boxes import postprocess_detections
 from components.ops.selective_search import ProposalCache, SelectiveSearchParams
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's Fast R-CNN weights: R-CNN's regression targets (t_x, t_y, t_w, t_h) scaled by (10, 10, 5, 5)
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -330,15 +330,17 @@ class RCNN(nn.Module):
             boxes = self.box_coder.decode_single(
                 feats_deltas.reshape(-1, 4), props.repeat_interleave(self.num_classes, dim=0)
             )
-            boxes = clip_boxes_to_image(boxes, size)
-            flat_scores = feats_scores.reshape(-1)
             labels = torch.arange(1, self.num_classes + 1, device=boxes.device).repeat(len(props))
-            keep = torch.where(flat_scores > self.score_threshold)[0]
-            boxes, flat_scores, labels = boxes[keep], flat_scores[keep], labels[keep]
-            keep = remove_small_boxes(boxes, 1e-2)
-            boxes, flat_scores, labels = boxes[keep], flat_scores[keep], labels[keep]
-            keep = batched_nms(boxes, flat_scores, labels, self.nms_iou)[: self.max_detections]
-            out.append({"boxes": boxes[keep], "scores": flat_scores[keep], "labels": labels[keep]})
+            boxes, kept_scores, labels = postprocess_detections(
+                boxes,
+                feats_scores.reshape(-1),
+                labels,
+                score_threshold=self.score_threshold,
+                nms_iou=self.nms_iou,
+                max_detections=self.max_detections,
+                image_size=size,
+            )
+            out.append({"boxes": boxes, "scores": kept_scores, "labels": labels})
         return out
 
     def forward(

@@ -72,7 +72,9 @@ def pairwise_box_iou(boxes1: Tensor, boxes2: Tensor, *, fmt: BoxFormat = "xyxy")
     return box_iou(boxes1, boxes2)
 
 
-def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, *, fmt: BoxFormat = "xyxy", eps: float = 1e-9) -> Tensor:
+def elementwise_box_iou(
+    boxes1: Tensor, boxes2: Tensor, *, fmt: BoxFormat = "xyxy", eps: float = 1e-9
+) -> Tensor:
     """IoU of aligned pairs ``(boxes1[i], boxes2[i])``, differentiable.
 
     Used where each prediction has one target already (YOLO's responsible predictor, the

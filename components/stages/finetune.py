@@ -64,11 +64,12 @@ def strategy_model(strategy: str, cfg: FinetuneConfig, num_classes: int) -> tupl
     else:
         arch, weights = ref.arch, (None if strategy == "scratch" else ref.weights)
     trainable = {"scratch": None, "feature_extraction": 0}.get(strategy, cfg.unfreeze_last_k)
-    model_args = {"num_classes": num_classes, "backbone": arch, "weights": None, "trainable_layers": trainable}
+    fine_tuned = strategy in ("fine_tuning", "own_fine_tuning")
+    model_args = {"num_classes": num_classes, "backbone": arch, "weights": None, "trainable_layers": trainable, "frozen_bn": fine_tuned and cfg.frozen_bn}
     model = get_model("classification", "classifier", **{**model_args, "weights": weights})
     assert isinstance(model, Classifier)
-    groups = model.param_groups(backbone_lr_mult=cfg.backbone_lr_mult) if strategy in ("fine_tuning", "own_fine_tuning") else None
-    init = {"backbone": arch, "weights": weights, "trainable_layers": trainable, "backbone_lr_mult": cfg.backbone_lr_mult if groups else 1.0}
+    groups = model.param_groups(backbone_lr_mult=cfg.backbone_lr_mult) if fine_tuned else None
+    init = {"backbone": arch, "weights": weights, "trainable_layers": trainable, "backbone_lr_mult": cfg.backbone_lr_mult if groups else 1.0, "frozen_bn": model_args["frozen_bn"]}
     return model, model_args, groups, init
 
 

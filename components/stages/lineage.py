@@ -19,7 +19,8 @@ into the same three parts:
 It also evaluates each with the project's :class:`~components.metrics.detection.DetectionEvaluator`
 (mAP@0.5, mAP@[.5:.95]) and measures the recall of ground-truth boxes at IoU 0.5 and 0.7 against
 the number of proposals, for selective search (the detectors' settings and the paper's "fast"
-mode) and for the trained RPN, with the time per image of each search. Everything goes to
+mode) and for the trained RPN, with the time per image of each search, and the CNN + head time of
+R-CNN and Fast R-CNN against the number of regions (given proposals). Everything goes to
 ``metrics/rcnn_lineage.json`` and ``<detect.out>/lineage/rcnn_lineage.png``, with each of the
 lecture's claims checked against the figures.
 """
@@ -49,6 +50,8 @@ from components.ops.selective_search import (
 LINEAGE = ("rcnn", "fast_rcnn", "faster_rcnn")
 METRICS_FILE = Path("metrics/rcnn_lineage.json")
 RECALL_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+SCALING_COUNTS = (10, 50, 100, 200, 500)  # regions per image in the feature-cost sweep
+SCALING_IMAGES = 16  # test images in the sweep
 PAPER_FAST_MODE = {"scales": (50.0, 100.0), "color_spaces": ("hsv", "lab"), "similarities": ("ctsf", "tsf")}
 ACCURACY_TOLERANCE = 0.01  # "keeps" accuracy: within one mAP point
 
@@ -206,7 +209,7 @@ def measure_proposals(
     images: Sequence[Tensor],
     gt_boxes: Sequence[Tensor],
     counts: Sequence[int] = RECALL_COUNTS,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Tensor]]:
     """Recall of the ground-truth boxes at IoU 0.5 / 0.7 against the number of proposals, and time per image.
 
     Args:
@@ -217,7 +220,7 @@ def measure_proposals(
         counts: numbers of proposals at which recall is measured.
 
     Returns:
-        ``{counts, recall_50, recall_70, ms_per_image, mean_proposals}``.
+        ``({counts, recall_50, recall_70, ms_per_image, mean_proposals}, the proposals per image)``.
     """
     proposals, seconds = [], 0.0
     for image in tqdm(images, desc=f"proposals {name}", unit="img"):
@@ -225,21 +228,89 @@ def measure_proposals(
         proposals.append(propose(image).cpu())
         seconds += time.perf_counter() - start
     recall = proposal_recall(proposals, [b.cpu() for b in gt_boxes], counts, (0.5, 0.7))
-    return {
+    summary = {
         "counts": list(counts),
         "recall_50": recall[0.5],
         "recall_70": recall[0.7],
         "ms_per_image": 1000 * seconds / len(images),
         "mean_proposals": sum(len(p) for p in proposals) / len(proposals),
     }
+    return summary, proposals
+
+
+class _FixedProposals:
+    """Stands in for a detector's selective search: hands out the boxes set for the next image."""
+
+    def __init__(self) -> None:
+        self.boxes = torch.zeros(0, 4)
+
+    def __call__(self, images: Sequence[Tensor]) -> list[Tensor]:
+        return [self.boxes.to(images[0].device) for _ in images]
+
+
+@torch.no_grad()
+def feature_cost_vs_regions(
+    models: dict[str, nn.Module],
+    images: Sequence[Tensor],
+    proposals: Sequence[Tensor],
+    counts: Sequence[int] = SCALING_COUNTS,
+) -> dict[str, dict[str, list[float]]]:
+    """CNN + head time per image against the number of regions, proposals given (their search not counted).
+
+    R-CNN runs the CNN once per region, so its cost grows with the count; Fast R-CNN runs it once
+    per image and only RoI pooling and the heads grow.
+
+    Args:
+        models: ``{arch: detector}`` with a ``proposer`` and ``last_timings`` (R-CNN, Fast R-CNN).
+        images: test images on the models' device.
+        proposals: per image, ranked proposals; the first ``n`` are used (fewer where an image has fewer).
+        counts: the numbers of regions ``n``.
+
+    Returns:
+        ``{arch: {counts, regions (mean regions actually used), ms_per_image}}``.
+    """
+    out: dict[str, dict[str, list[float]]] = {}
+    for arch, model in models.items():
+        original, fixed = model.proposer, _FixedProposals()
+        model.proposer = fixed
+        try:
+            ms, regions = [], []
+            for n in counts:
+                seconds, used = 0.0, 0
+                for image, boxes in zip(images, proposals, strict=True):
+                    fixed.boxes = boxes[:n]
+                    used += len(fixed.boxes)
+                    model([image])
+                    seconds += model.last_timings["features_s"] + model.last_timings["head_s"]
+                ms.append(1000 * seconds / len(images))
+                regions.append(used / len(images))
+        finally:
+            model.proposer = original
+        out[arch] = {"counts": list(counts), "regions": regions, "ms_per_image": ms}
+    return out
 
 
 # --------------------------------------------------------------------------- claims
 
 
-def check_claims(detectors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The lecture's claims against the measured figures, each with ``holds`` and the numbers behind it."""
+def check_claims(
+    detectors: dict[str, dict[str, Any]], scaling: dict[str, dict[str, list[float]]] | None = None
+) -> list[dict[str, Any]]:
+    """The lecture's claims against the measured figures, each with ``holds`` and the numbers behind it.
+
+    Args:
+        detectors: :func:`measure_detector`'s rows for ``rcnn``, ``fast_rcnn`` and ``faster_rcnn``.
+        scaling: :func:`feature_cost_vs_regions`' result, quoted as further evidence when given.
+    """
     rc, fast, faster = detectors["rcnn"], detectors["fast_rcnn"], detectors["faster_rcnn"]
+    growth = ""
+    if scaling:
+        growth = "; CNN + heads from {} to {} regions: ".format(
+            round(scaling["rcnn"]["regions"][0]), round(scaling["rcnn"]["regions"][-1])
+        ) + ", ".join(
+            f"{arch} {row['ms_per_image'][0]:.1f} -> {row['ms_per_image'][-1]:.1f} ms"
+            for arch, row in scaling.items()
+        )
     per_region = rc["features_ms"] + rc["head_ms"]
     shared = fast["features_ms"] + fast["head_ms"]
     d50, dmap = faster["map_50"] - fast["map_50"], faster["map"] - fast["map"]
@@ -248,7 +319,8 @@ def check_claims(detectors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "claim": "Fast R-CNN removes R-CNN's per-region feature cost",
             "holds": shared < per_region,
             "evidence": f"CNN + heads per image: R-CNN {per_region:.1f} ms, Fast R-CNN {shared:.1f} ms "
-            f"({per_region / max(shared, 1e-9):.1f}x faster); proposals unchanged ({rc['proposals_ms']:.1f} vs {fast['proposals_ms']:.1f} ms)",
+            f"({per_region / max(shared, 1e-9):.1f}x faster); proposals unchanged ({rc['proposals_ms']:.1f} vs {fast['proposals_ms']:.1f} ms)"
+            + growth,
         },
         {
             "claim": "Faster R-CNN removes the selective-search cost",
@@ -275,7 +347,7 @@ def plot_lineage(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
     for ax, key, iou in ((axes[0], "recall_50", 0.5), (axes[1], "recall_70", 0.7)):
         for name, rec in result["proposals"].items():
             ax.plot(
@@ -300,21 +372,28 @@ def plot_lineage(result: dict[str, Any], path: Path) -> Path:
     axes[2].set_ylabel(f"ms per image ({result['device']})")
     axes[2].set_title("time per image by part")
     axes[2].legend(fontsize=8)
+    for arch, row in result.get("feature_cost_vs_regions", {}).items():
+        axes[3].plot(row["regions"], row["ms_per_image"], marker="o", label=arch)
+    axes[3].set_xlabel("regions per image (proposals given)")
+    axes[3].set_ylabel("CNN + heads, ms per image")
+    axes[3].set_title("per-region cost")
+    axes[3].grid(alpha=0.3)
+    axes[3].legend(fontsize=8)
     width = 0.38
     xs = range(len(archs))
-    axes[3].bar(
+    axes[4].bar(
         [x - width / 2 for x in xs], [result["detectors"][a]["map_50"] for a in archs], width, label="mAP@0.5"
     )
-    axes[3].bar(
+    axes[4].bar(
         [x + width / 2 for x in xs],
         [result["detectors"][a]["map"] for a in archs],
         width,
         label="mAP@[.5:.95]",
     )
-    axes[3].set_xticks(list(xs), archs)
-    axes[3].set_ylim(0, 1)
-    axes[3].set_title(f"test split ({result['num_images']} images)")
-    axes[3].legend(fontsize=8)
+    axes[4].set_xticks(list(xs), archs)
+    axes[4].set_ylim(0, 1)
+    axes[4].set_title(f"test split ({result['num_images']} images)")
+    axes[4].legend(fontsize=8)
     fig.suptitle("R-CNN -> Fast R-CNN -> Faster R-CNN: where the time goes")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -395,22 +474,29 @@ def run_lineage(
         **PAPER_FAST_MODE, sigma=cfg.rcnn.ss_sigma, min_size=cfg.rcnn.ss_min_size, max_proposals=cap
     )
     faster = models["faster_rcnn"]
+    fast_mode_summary, fast_mode_boxes = measure_proposals(
+        "ss fast mode", lambda im: selective_search(im, fast_mode), images, gt_boxes
+    )
     proposals = {
         "selective search (detect.rcnn params)": measure_proposals(
             "ss params", lambda im: selective_search(im, own), images, gt_boxes
-        ),
-        "selective search (paper's fast mode)": measure_proposals(
-            "ss fast mode", lambda im: selective_search(im, fast_mode), images, gt_boxes
-        ),
+        )[0],
+        "selective search (paper's fast mode)": fast_mode_summary,
         "RPN (trained Faster R-CNN)": measure_proposals(
             "rpn", lambda im: _rpn_proposals(faster, im.to(device)), images, gt_boxes
-        ),
+        )[0],
     }
     if cfg.fast_rcnn.model_dump(include=_SEARCH_KEYS) != cfg.rcnn.model_dump(include=_SEARCH_KEYS):
         fast_own = search_params(cfg.fast_rcnn, max_proposals=cap)
         proposals["selective search (detect.fast_rcnn params)"] = measure_proposals(
             "ss fast_rcnn", lambda im: selective_search(im, fast_own), images, gt_boxes
-        )
+        )[0]
+    m = min(SCALING_IMAGES, n)
+    scaling = feature_cost_vs_regions(
+        {arch: models[arch] for arch in ("rcnn", "fast_rcnn")},
+        [im.to(device) for im in images[:m]],
+        fast_mode_boxes[:m],
+    )
 
     result: dict[str, Any] = {
         "dataset": str(cfg.dataset),
@@ -420,7 +506,8 @@ def run_lineage(
         "timing": "batch of 1 image, mean over the test images after one warm-up image; selective search searched afresh (no cache)",
         "detectors": detectors,
         "proposals": proposals,
-        "claims": check_claims(detectors),
+        "feature_cost_vs_regions": scaling,
+        "claims": check_claims(detectors, scaling),
     }
     plot = plot_lineage(result, Path(cfg.out) / "lineage" / "rcnn_lineage.png")
     result["plot"] = str(plot)

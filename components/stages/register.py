@@ -186,8 +186,14 @@ def refusal(candidate: Candidate, gate: Gate, *, tracking: Any = None) -> str | 
 # --------------------------------------------------------------------------- portable checkpoint and examples
 
 
-def write_portable_checkpoint(src: Path, dst: Path) -> dict[str, Any]:
+def write_portable_checkpoint(src: Path, dst: Path, *, as_backbone: bool = False) -> dict[str, Any]:
     """Copy what inference needs (weights, build args without weight paths, categories, preprocessing).
+
+    Args:
+        src: the stage's checkpoint.
+        dst: where the portable checkpoint goes.
+        as_backbone: keep only the backbone of a classifier checkpoint (pretrain's ``backbone.pt``):
+            the registered backbone is a feature extractor (``task: backbone``).
 
     Raises:
         CheckpointError: ``src`` is unreadable or cannot rebuild its model.
@@ -195,12 +201,18 @@ def write_portable_checkpoint(src: Path, dst: Path) -> dict[str, Any]:
     import torch
 
     from components.engine import load_checkpoint, load_model, save_checkpoint
+    from components.models.backbones import load_backbone_state
 
     ckpt = load_checkpoint(src)
     args = {k: (None if k in WEIGHT_ARGS else v) for k, v in dict(ckpt.get("model_args") or {}).items()}
     keep = ("task", "model_name", "categories", "image_size", "mean", "std", "score_threshold", "mask_threshold", "num_classes")
     portable = {k: ckpt[k] for k in keep if k in ckpt}
     portable.update(model_args=args, state_dict=ckpt["state_dict"], source_checkpoint=str(src))
+    if as_backbone and ckpt.get("task") != "backbone":
+        arch = args.get("backbone") or ckpt.get("backbone_arch")
+        if not isinstance(arch, str):
+            raise CheckpointError("cannot tell the backbone architecture", file=src, fix="the checkpoint's model_args need a 'backbone' name")
+        portable.update(task="backbone", model_name=arch, model_args={}, state_dict=load_backbone_state(src, arch=arch), categories=[])
     if "task" not in portable or "model_name" not in portable:
         raise CheckpointError("checkpoint lacks task/model_name", file=src, fix="re-run the stage with this version of visionflow")
     save_checkpoint(dst, portable)
@@ -303,7 +315,7 @@ def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
     value = find_metric(candidate.metrics, gate.metric)
     with tempfile.TemporaryDirectory(prefix="visionflow-register-") as tmp:
         portable_path = Path(tmp) / "model.pt"
-        ckpt = write_portable_checkpoint(candidate.checkpoint, portable_path)
+        ckpt = write_portable_checkpoint(candidate.checkpoint, portable_path, as_backbone=candidate.kind == "backbone")
         task = str(ckpt["task"])
         instance = task == "segmentation" and "mask" in str(ckpt.get("model_name", "")).lower() and "rcnn" in str(ckpt.get("model_name", "")).lower()
         with tracking.start_run(params.tracking, run_name=f"register-{candidate.registered_name}", tags={"visionflow.stage": "register"}) as run:

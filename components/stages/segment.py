@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import AugmentConfig
+from components.config import AugmentConfig, MaskRCNNConfig, SegmentConfig, TrackingConfig
 from components.errors import ConfigError, DataError
 
 METRICS_DIR = Path("metrics")
@@ -252,15 +253,6 @@ def evaluate_instances(
 # --------------------------------------------------------------------------- outputs
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON through a temp file + ``os.replace`` (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 @torch.no_grad()
 def draw_test_overlays(
     model: nn.Module,
@@ -316,7 +308,15 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
         ConfigError: unknown architecture. DataError: the dataset lacks masks or a split.
         CheckpointError: the backbone weights cannot be loaded. TrainingError: training diverged.
     """
-    from components.engine import build_loader, fit, load_checkpoint, load_model, resolve_device, seed_everything
+    from components.engine import (
+        build_loader,
+        fit,
+        load_checkpoint,
+        load_model,
+        resolve_device,
+        seed_everything,
+    )
+    from components.plots import write_json
     from components.tracking import start_run
 
     acfg = cfg.arch(arch)
@@ -346,7 +346,7 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
     else:
         train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
         step = partial(semantic_step, ignore_index=cfg.ignore_index)
-    evaluate = partial(evaluate_semantic, num_classes=num_classes, ignore_index=cfg.ignore_index, instance=instance_cfg)
+    evaluate = partial(evaluate_semantic, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg)
 
     run_id = None
     last = out_dir / "last.pt"
@@ -418,7 +418,7 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             instance=instance_cfg,
             title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
-        metrics_path = write_json_atomic(METRICS_DIR / f"segment_{arch}.json", metrics)
+        metrics_path = write_json(METRICS_DIR / f"segment_{arch}.json", metrics)
         logger.log_metrics(_flat_scalars({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}))
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
@@ -437,7 +437,7 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
     Raises:
         DataError: no architecture has been run yet.
     """
-    from components.plots import plot_segmenter_comparison
+    from components.plots import plot_segmenter_comparison, write_json
 
     table: dict[str, dict[str, Any]] = {}
     missing = []
@@ -463,6 +463,6 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
             fix="run `visionflow segment --arch A` for each architecture first",
         )
     result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json_atomic(METRICS_DIR / "segment_comparison.json", result)
+    write_json(METRICS_DIR / "segment_comparison.json", result)
     plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png")
     return result
