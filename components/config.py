@@ -258,7 +258,7 @@ class FasterRCNNConfig(DetectorConfig):
 
 
 class RetinaNetConfig(DetectorConfig):
-    pass
+    anchor_scale: PositiveFloat = 3.0  # anchors of anchor_scale x stride x 2^(k/3) pixels per pyramid level
 
 
 class SelectiveSearchDetectorConfig(DetectorConfig):

@@ -66,10 +66,9 @@ def registry_store(tmp_path_factory, mlflow_db_template):
     the engine's format; yields ``(TrackingConfig, uri, workdir)``.
     """
     import json
+    import shutil
 
     from components.config import load_params
-
-    import shutil
 
     work = tmp_path_factory.mktemp("registry")
     shutil.copy(mlflow_db_template, work / "mlflow.db")
@@ -104,8 +103,33 @@ def registry_store(tmp_path_factory, mlflow_db_template):
         from components.stages.register import run_register
 
         report = run_register(params)
-        yield params.tracking, uri, work, report
     finally:
         os.chdir(old_cwd)
         if old_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return params.tracking, uri, work, report
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for servers started by tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc) -> None:
+    """Terminate a server started with ``start_new_session=True`` and its workers; kill after 20 s."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # already gone
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

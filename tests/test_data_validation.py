@@ -311,7 +311,7 @@ FIELDS = st.sampled_from(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(["images", "annotations", "categories"]), field=FIELDS, value=JSON_VALUES)
 def test_fuzzed_coco_fields_give_a_dataset_or_a_data_error(tmp_path, where, field, value):
     """Any value in any field: either a dataset with a report, or a DataError - never another exception."""
@@ -325,7 +325,7 @@ def test_fuzzed_coco_fields_give_a_dataset_or_a_data_error(tmp_path, where, fiel
         assert err.file
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     label=st.text(alphabet="0123456789 .-e\nnaif", max_size=40),
     box=st.lists(st.text(max_size=5), min_size=4, max_size=4),

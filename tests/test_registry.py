@@ -104,15 +104,10 @@ def test_gate_worse_stays_better_moves_failed_moves_nothing(registry_store):
     assert str(client.get_model_version_by_alias(name, "candidate").version) == worse["version"]
     assert client.get_model_version(name, worse["version"]).tags["gate.promoted"] == "False"
 
-    slightly = _reregister(work, uri, {"accuracy": 0.82})["registered"][name]  # +0.02 < margin 0.05
-    assert slightly["promoted"] is False and str(client.get_model_version_by_alias(name, "champion").version) == champion
-
     versions_before = len(client.search_model_versions(f"name='{name}'"))
-    for kwargs in ({"diverged": True}, {"status": "failed"}):
+    for kwargs in ({"diverged": True}, {"status": "failed"}):  # (margin and NaN cases: test_gate_decision)
         report = _reregister(work, uri, {"accuracy": 0.99}, **kwargs)
         assert name in report["refused"] and name not in report["registered"]
-    nan = _reregister(work, uri, {"accuracy": float("nan")})
-    assert name in nan["refused"]
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before  # nothing registered from failed runs
     assert str(client.get_model_version_by_alias(name, "champion").version) == champion
 

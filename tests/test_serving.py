@@ -6,23 +6,16 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+from conftest import free_port, stop_process_group
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -41,7 +34,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 def test_models_serve_answers_invocations(registry_store, tmp_path):
     _, uri, _, _ = registry_store
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(
@@ -73,9 +66,4 @@ def test_models_serve_answers_invocations(registry_store, tmp_path):
         except urllib.error.HTTPError as err:
             assert err.code in (400, 500) and "not" in err.read().decode().lower()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop_process_group
 
 from components.config import TrackingConfig
 from components.errors import TrackingError
@@ -48,17 +47,13 @@ def test_unreachable_server_is_a_tracking_error(monkeypatch):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, mlflow_db_template):
     """A real `mlflow server` on loopback with a sqlite backend and served artifacts."""
-    import socket
+    import shutil
     import time
     import urllib.request
 
-    import shutil
-
     work = tmp_path_factory.mktemp("server")
     shutil.copy(mlflow_db_template, work / "mlflow.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [str(REPO / ".venv/bin/mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination",
          str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -77,11 +72,7 @@ def mlflow_server(tmp_path_factory, mlflow_db_template):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def test_runs_against_real_server(mlflow_server, tmp_path, monkeypatch):

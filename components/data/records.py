@@ -8,6 +8,7 @@ once, in :mod:`components.data.canonical`, for every format alike.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,8 +105,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def natural_key(path: Path | str) -> tuple[Any, ...]:
     """Sort key that orders ``img2`` before ``img10`` (a stable, human reading order)."""
-    import re
-
     name = path.name if isinstance(path, Path) else path
     return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name))
 

@@ -108,7 +108,7 @@ def retinanet(
     image_size: int = 128,
     min_stride: int = 8,
     fpn_channels: int = 64,
-    anchor_scale: float = 4.0,
+    anchor_scale: float = 3.0,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     score_threshold: float = 0.05,
     nms_iou: float = 0.5,

@@ -1,0 +1,91 @@
+"""Every detector of the detection track: registered by name, trains (loss falls) and returns valid boxes.
+
+The same contract for all (torchvision's GeneralizedRCNN): ``list[Tensor[3, H, W]]`` in [0, 1];
+training returns a loss dict, eval ``[{boxes xyxy pixels, labels 1..K, scores}]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from components.models import get_model, get_model_builder, list_models
+
+K = 3
+ARCHS = ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "retinanet")
+# small heads so that a few steps on CPU take seconds
+TINY = {
+    "sliding_window": {"window_sizes": [16, 32], "crop_size": 16},
+    "overfeat": {"window_size": 32, "head_channels": 32},
+    "yolo": {"S": 4, "head": "conv", "hidden": 32, "dropout": 0.0},
+    "ssd": {},
+    "faster_rcnn": {"fpn_channels": 16, "representation_size": 64, "rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 50, "box_batch_size_per_image": 32},
+    "retinanet": {"fpn_channels": 16},
+}
+STEPS = 20
+
+
+def _scene(seed: int, size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A dark image with two bright filled rectangles of classes 1 and 3."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, size, size, generator=g) * 0.2
+    boxes = torch.tensor([[6.0, 8.0, 30.0, 34.0], [34.0, 30.0, 60.0, 58.0]])
+    image[0, 8:34, 6:30] = 0.9
+    image[2, 30:58, 34:60] = 0.9
+    return image, {"boxes": boxes, "labels": torch.tensor([1, 3])}
+
+
+def test_every_arch_is_registered_with_a_keyword_only_typed_builder():
+    assert set(ARCHS) <= set(list_models("detection"))
+    for arch in ARCHS:
+        params = inspect.signature(get_model_builder("detection", arch)).parameters
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values()), arch
+        assert {"num_classes", "backbone", "weights_backbone", "trainable_backbone_layers", "image_size"} <= set(params), arch
+        assert all(p.annotation is not inspect.Parameter.empty for p in params.values()), arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trains_a_few_steps_with_falling_loss_and_returns_valid_boxes(arch):
+    torch.manual_seed(0)
+    model = get_model("detection", arch, num_classes=K, image_size=64, score_threshold=0.0, max_detections=20, **TINY[arch])
+    images, targets = zip(*[_scene(s) for s in range(2)], strict=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    losses = []
+    for _ in range(STEPS):
+        loss_dict = model(list(images), list(targets))
+        assert all(torch.isfinite(v) for v in loss_dict.values()), loss_dict
+        loss = sum(loss_dict.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, f"{arch}: loss {first:.3f} -> {last:.3f} ({[round(v, 3) for v in losses]})"
+
+    model.eval()
+    odd = torch.rand(3, 48, 80)  # another size: boxes come back in its own pixels
+    with torch.no_grad():
+        outputs = model([images[0], odd])
+    for out, (h, w) in zip(outputs, [(64, 64), (48, 80)], strict=True):
+        boxes, labels, scores = out["boxes"], out["labels"], out["scores"]
+        n = len(boxes)
+        assert boxes.shape == (n, 4) and labels.shape == (n,) and scores.shape == (n,)
+        assert n <= 20
+        assert labels.dtype == torch.int64 and (n == 0 or (labels.min() >= 1 and labels.max() <= K))
+        assert torch.isfinite(boxes).all() and torch.isfinite(scores).all()
+        assert torch.all((scores >= 0) & (scores <= 1))
+        assert torch.all(boxes[:, 2] >= boxes[:, 0]) and torch.all(boxes[:, 3] >= boxes[:, 1])
+        assert torch.all(boxes[:, 0::2] >= -1e-3) and torch.all(boxes[:, 0::2] <= w + 1e-3)
+        assert torch.all(boxes[:, 1::2] >= -1e-3) and torch.all(boxes[:, 1::2] <= h + 1e-3)
+    assert len(outputs[0]["boxes"]) > 0, f"{arch} found nothing on a training image"
+
+
+def test_training_mode_without_targets_is_refused():
+    for arch in ("sliding_window", "overfeat", "yolo"):
+        model = get_model("detection", arch, num_classes=K, image_size=64, **TINY[arch])
+        model.train()
+        with pytest.raises(ValueError, match="needs targets"):
+            model([torch.rand(3, 64, 64)])

@@ -1,0 +1,383 @@
+"""Reliability: crashes, bad checkpoints and hostile archives (issue 8, "Reliability").
+
+* A training process killed with SIGKILL in the middle of an epoch, and again in the middle of
+  writing ``last.pt``, resumes from the last complete checkpoint (never a half-written file) and
+  ends with exactly the weights and history of an uninterrupted run; resuming with a larger
+  epoch count extends the schedule.
+* A corrupted checkpoint, a checkpoint of another architecture and params pointing at a missing
+  backbone each raise :class:`CheckpointError` naming the file, and the register stage registers
+  nothing.
+* Archive extraction rejects members that escape the target folder (``../``, absolute paths,
+  symbolic and hard links), for zip and tar, before writing anything.
+
+The killed trainer is this file run as a script (``python tests/test_reliability.py train ...``),
+so parent and child share the model, data and settings defined here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # the child trainer: make `components` importable without installing
+    sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from components.config import TrainConfig, load_params  # noqa: E402
+from components.data.archives import extract_archive  # noqa: E402
+from components.engine import build_loader, fit, load_checkpoint, load_model, save_checkpoint, seed_everything  # noqa: E402
+from components.errors import CheckpointError, DataError  # noqa: E402
+from components.models.classifier import classification_step  # noqa: E402
+from components.models.registry import get_model  # noqa: E402
+
+META = {
+    "task": "classification",
+    "model_name": "convnet",
+    "model_args": {"num_classes": 2, "widths": [8, 16], "hidden": 16},
+    "categories": ["red", "blue"],
+    "mlflow_run_id": "0123456789abcdef",  # what a stage keeps so that a resumed run logs into the same run
+}
+STEPS_PER_EPOCH = 6
+KILL_TIMEOUT_S = 120.0
+
+
+class NoisyColours(Dataset):
+    """64 tiny red-ish / blue-ish images; ``__getitem__`` adds noise from the global RNG (augmentation
+    stand-in), so an exact resume needs every RNG state restored, not only the weights."""
+
+    def __init__(self, n: int = 64, size: int = 12):
+        g = torch.Generator().manual_seed(1)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        colour = torch.zeros(n, 3, 1, 1)
+        colour[:, 0] = 1.0 - self.labels.float()[:, None, None]
+        colour[:, 2] = self.labels.float()[:, None, None]
+        self.images = 0.2 + 0.5 * colour + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i] + 0.05 * torch.randn_like(self.images[i]), int(self.labels[i])
+
+
+def train_cfg(epochs: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs, batch_size=8, lr=1e-2, device="cpu", seed=0, warmup_epochs=0.5,
+        max_steps_per_epoch=STEPS_PER_EPOCH, threads=1,
+    )
+
+
+def train(out: Path, epochs: int, *, resume: bool, step=classification_step):
+    """The same run in the parent and in the killed children: seeded model, data order, dropout, noise."""
+    cfg = train_cfg(epochs)
+    seed_everything(cfg.seed)
+    model = get_model("classification", "convnet", **META["model_args"])  # dropout: consumes the RNG
+    data = NoisyColours()
+    return fit(
+        model, train_loader=build_loader(data, cfg, train=True), val_loader=None, step=step, evaluate=None,
+        cfg=cfg, out_dir=out, meta=META, resume=resume,
+    )
+
+
+# --------------------------------------------------------------------------- the child trainer
+
+
+def _child(argv: list[str]) -> None:
+    """``train OUT EPOCHS RESUME {step:N | save}``: train, and stall where the parent will kill us.
+
+    ``step:N`` sleeps inside optimiser step N (1-based, this session), after writing ``OUT/stalled``;
+    ``save`` writes half of the next ``last.pt`` temp file, fsyncs it, writes ``OUT/stalled`` and sleeps.
+    """
+    _, out, epochs, resume, stall = argv
+    out = Path(out)
+    marker = out / "stalled"
+    step = classification_step
+    if stall.startswith("step:"):
+        stall_at, calls = int(stall.split(":")[1]), [0]
+
+        def step(model, batch, device):  # noqa: F811 - the stalling step of this child
+            calls[0] += 1
+            if calls[0] == stall_at:
+                marker.write_text(str(calls[0]))
+                time.sleep(KILL_TIMEOUT_S)
+            return classification_step(model, batch, device)
+    elif stall == "save":
+        real_save = torch.save
+
+        def slow_save(obj, f, *args, **kwargs):
+            if ".last.pt." not in str(getattr(f, "name", f)):
+                return real_save(obj, f, *args, **kwargs)
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            marker.write_text(f.name)
+            time.sleep(KILL_TIMEOUT_S)
+            f.write(data[len(data) // 2 :])
+
+        torch.save = slow_save
+    train(out, int(epochs), resume=resume == "resume", step=step)
+
+
+def kill_when_stalled(out: Path, epochs: int, *, resume: bool, stall: str) -> None:
+    """Start the child trainer, wait until it stalls where asked, and SIGKILL it."""
+    marker = out / "stalled"
+    marker.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, __file__, "train", str(out), str(epochs), "resume" if resume else "fresh", stall]
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not marker.exists():
+            if child.poll() is not None:
+                raise AssertionError(f"trainer exited ({child.returncode}) before stalling:\n{child.stdout.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("trainer did not reach the stall point in time")
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+
+
+# --------------------------------------------------------------------------- kill -9, then resume
+
+
+def test_kill_9_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(tmp_path):
+    reference = train(tmp_path / "reference", 3, resume=False)
+    out = tmp_path / "killed"
+
+    # 1. killed inside epoch 2 (step 2 of it): last.pt is epoch 1's, complete
+    kill_when_stalled(out, 3, resume=False, stall=f"step:{STEPS_PER_EPOCH + 2}")
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, STEPS_PER_EPOCH)
+
+    # 2. resumed, then killed half-way through writing epoch 2's last.pt: the old file is untouched
+    kill_when_stalled(out, 3, resume=True, stall="save")
+    half_written = list(out.glob(".last.pt.*.tmp"))
+    assert half_written, "the child was killed before it began writing last.pt"
+    with pytest.raises(CheckpointError):
+        load_checkpoint(half_written[0])  # what a non-atomic writer would have left as last.pt
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, STEPS_PER_EPOCH)
+
+    # 3. resumed to the end: the same weights, history and run id as the uninterrupted run
+    resumed = train(out, 3, resume=True)
+    final, expected = load_checkpoint(resumed.last_path), load_checkpoint(reference.last_path)
+    assert final["mlflow_run_id"] == META["mlflow_run_id"]
+    for name, tensor in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in reference.history]
+    assert resumed.global_step == reference.global_step == 3 * STEPS_PER_EPOCH
+
+    # 4. resuming with a larger epoch count extends the schedule: the cosine is rebuilt over 4 epochs,
+    #    so epoch 4 trains at a non-zero learning rate (over 3 epochs it had decayed to 0)
+    assert reference.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    extended = train(out, 4, resume=True)
+    assert len(extended.history) == 4 and extended.global_step == 4 * STEPS_PER_EPOCH
+    assert extended.history[:3] == resumed.history
+    four = load_checkpoint(extended.last_path)
+    assert four["train_config"]["epochs"] == 4
+    moved = max((four["state_dict"][k].float() - v.float()).abs().max().item() for k, v in final["state_dict"].items())
+    assert moved > 1e-4, "epoch 4 did not train: the schedule was not extended"
+
+
+# --------------------------------------------------------------------------- unusable checkpoints
+
+
+def _tiny_checkpoint(path: Path, **meta) -> Path:
+    torch.manual_seed(0)
+    model = get_model("classification", "convnet", **META["model_args"])
+    return save_checkpoint(path, {**META, **meta, "state_dict": model.state_dict()})
+
+
+def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path):
+    good = _tiny_checkpoint(tmp_path / "best.pt")
+    blob = good.read_bytes()
+    for name, data in {"truncated.pt": blob[: len(blob) // 3], "garbage.pt": os.urandom(256), "empty.pt": b""}.items():
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(CheckpointError) as err:
+            load_model(bad)
+        assert err.value.file == str(bad) and err.value.fix
+    # resume from a corrupt last.pt: the error names the file, no traceback from torch.load
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(blob[:100])
+    with pytest.raises(CheckpointError) as err:
+        train(run, 1, resume=True)
+    assert err.value.file == str(run / "last.pt")
+
+
+def test_unsafe_pickle_is_refused_by_weights_only(tmp_path):
+    """A checkpoint that would run code when unpickled is refused (``weights_only=True``), not executed."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": Exploit()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert err.value.file == str(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    # weights of a wider convnet under the name/args of the small one
+    torch.manual_seed(0)
+    wide = get_model("classification", "convnet", num_classes=2, widths=[16, 32], hidden=16)
+    path = save_checkpoint(tmp_path / "other.pt", {**META, "state_dict": wide.state_dict()})
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert err.value.file == str(path) and "convnet" in str(err.value)
+    # resume of a run whose last.pt belongs to another model
+    run = tmp_path / "run"
+    _tiny_checkpoint(run / "last.pt", model_name="yolo", task="detection")
+    with pytest.raises(CheckpointError) as err:
+        train(run, 1, resume=True)
+    assert err.value.file == str(run / "last.pt")
+    # a backbone file of another backbone architecture
+    from components.models.backbones import build_backbone
+
+    backbone = save_checkpoint(tmp_path / "backbone.pt", {"backbone_arch": "mobilenet_v2", "state_dict": {}})
+    with pytest.raises(CheckpointError) as err:
+        build_backbone("vfnet_small", weights=str(backbone))
+    assert err.value.file == str(backbone) and "mobilenet_v2" in str(err.value)
+
+
+def test_params_pointing_at_a_missing_backbone(tmp_path):
+    from components.stages.detect import build_detector
+
+    missing = tmp_path / "outputs" / "pretrain" / "backbone.pt"
+    params = load_params(REPO / "params.yaml", [f"detect.yolo.backbone.weights={missing}", "detect.yolo.hidden=16"])
+    with pytest.raises(CheckpointError) as err:
+        build_detector("yolo", params.detect.yolo, num_classes=2)
+    assert err.value.file == str(missing) and "pretrain" in (err.value.fix or "")
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other_architecture"])
+def test_register_refuses_a_bad_checkpoint_and_registers_nothing(tmp_path, monkeypatch, tracking_cfg, damage):
+    from mlflow import MlflowClient
+
+    from components.stages.register import run_register
+
+    monkeypatch.chdir(tmp_path)
+    best = Path("outputs/detect/yolo/best.pt")
+    best.parent.mkdir(parents=True)
+    args = {"num_classes": 2, "image_size": 64, "S": 4, "hidden": 32}
+    if damage == "corrupt":
+        best.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    else:  # a convnet's weights under the yolo name: loads, but does not fit the architecture
+        torch.manual_seed(0)
+        convnet = get_model("classification", "convnet", **META["model_args"])
+        save_checkpoint(best, {"task": "detection", "model_name": "yolo", "model_args": args, "state_dict": convnet.state_dict(), "categories": ["a", "b"]})
+    Path("metrics").mkdir()
+    Path("metrics/detect_yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5}}}))
+    params = load_params(
+        REPO / "params.yaml",
+        [f"tracking.uri={tracking_cfg.uri}", f"tracking.artifact_location={tracking_cfg.artifact_location}",
+         "tracking.experiment=reliability", "detect.architectures=[yolo]", "segment.architectures=[]"],
+    )
+    with pytest.raises(CheckpointError) as err:
+        run_register(params)
+    assert Path(err.value.file).resolve() == best.resolve()
+    client = MlflowClient(tracking_uri=tracking_cfg.uri)
+    assert client.search_registered_models() == []
+
+
+# --------------------------------------------------------------------------- archives that escape the target
+
+
+def _zip(path: Path, members: dict[str, bytes], *, symlink: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data/ok.txt", b"fine")
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+        if symlink is not None:
+            info = zipfile.ZipInfo("data/link")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, symlink)
+    return path
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        ok = tarfile.TarInfo("data/ok.txt")
+        ok.size = 4
+        tf.addfile(ok, io.BytesIO(b"fine"))
+        for info in members:
+            tf.addfile(info, io.BytesIO(b"evil") if info.isfile() else None)
+    return path
+
+
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    info.size = 4 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+ESCAPES = {
+    "zip-dotdot": lambda p, o: _zip(p / "a.zip", {"data/../../evil.txt": b"evil"}),
+    "zip-absolute": lambda p, o: _zip(p / "a.zip", {f"{o}/evil.txt": b"evil"}),
+    "zip-symlink": lambda p, o: _zip(p / "a.zip", {}, symlink=str(o)),
+    "tar-dotdot": lambda p, o: _tar(p / "a.tar.gz", [_tar_member("data/../../evil.txt")]),
+    "tar-absolute": lambda p, o: _tar(p / "a.tar.gz", [_tar_member(f"{o}/evil.txt")]),
+    "tar-symlink-out": lambda p, o: _tar(p / "a.tar.gz", [_tar_member("data/link", tarfile.SYMTYPE, str(o)), _tar_member("data/link/evil.txt")]),
+    "tar-symlink-dotdot": lambda p, o: _tar(p / "a.tar.gz", [_tar_member("data/link", tarfile.SYMTYPE, "../.."), _tar_member("data/link/evil.txt")]),
+    "tar-hardlink-out": lambda p, o: _tar(p / "a.tar.gz", [_tar_member("data/hard", tarfile.LNKTYPE, f"{o}/victim.txt")]),
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_archive_members_escaping_the_target_are_rejected(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("untouched")
+    archive = ESCAPES[case](tmp_path, outside)
+    target = tmp_path / "work" / "extract"
+    with pytest.raises(DataError) as err:
+        extract_archive(archive, target)
+    assert err.value.file == str(archive) and err.value.record
+    # nothing written anywhere: neither outside nor (the whole archive is refused) inside the target
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert (outside / "victim.txt").read_text() == "untouched"
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "work" / "evil.txt").exists()
+    assert not (target / "data" / "ok.txt").exists()
+
+
+def test_ingest_of_a_hostile_archive_is_a_data_error(tmp_path):
+    from components.config import DataConfig
+    from components.data.ingest import ingest
+
+    archive = _zip(tmp_path / "voc.zip", {"voc/../../evil.xml": b"<annotation/>"})
+    with pytest.raises(DataError) as err:
+        ingest(f"voc:{archive}", tmp_path / "out", cfg=DataConfig())
+    assert err.value.file == str(archive)
+    assert not (tmp_path / "evil.xml").exists() and not (tmp_path / "out").exists()
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])
