@@ -188,6 +188,7 @@ class FinetuneConfig(Section):
     dataset: str = "data/hymenoptera"
     label_fraction: Fraction = 1.0
     image_size: Annotated[int, Field(ge=16)] = 160
+    own_image_size: Annotated[int, Field(ge=16)] | None = 64  # own backbone's row (pretrained at 32 px); None: image_size
     imagenet_backbone: BackboneRef = BackboneRef(arch="mobilenet_v2", weights="IMAGENET1K_V1")
     own_backbone: str = "outputs/pretrain/backbone.pt"
     strategies: list[Literal["scratch", "feature_extraction", "fine_tuning", "own_fine_tuning"]] = [

@@ -374,6 +374,8 @@ class FitResult:
         metrics: the last epoch's validation metrics (the best epoch's are ``best_metrics``).
         monitor: the metric that chose ``best.pt`` (``None``: best = last epoch).
         train_time_s: wall time of training + validation over all sessions of a resumed run.
+        cpu_time_s: CPU time of this process over the same span (on a CPU shared with other
+            jobs, with ``threads: 1``, close to what the wall time would be on an idle machine).
     """
 
     best_path: Path | None
@@ -388,6 +390,7 @@ class FitResult:
     global_step: int = 0
     stopped_early: bool = False
     train_time_s: float = 0.0
+    cpu_time_s: float = 0.0
     images_per_s: float = 0.0
 
 
@@ -538,7 +541,7 @@ def _fit(
     stopped_early = False
     history: list[dict[str, Any]] = []
     best_metrics: dict[str, Any] = {}
-    elapsed_before = 0.0
+    elapsed_before = cpu_before = 0.0
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay CPU tensors
         for key in ("task", "model_name"):
@@ -569,6 +572,7 @@ def _fit(
         best_metrics = dict(best.get("metrics", {}))
         history = list(ckpt.get("history", []))
         elapsed_before = float(ckpt.get("train_time_s", 0.0))
+        cpu_before = float(ckpt.get("train_cpu_s", 0.0))
         rng = ckpt["rng"]
         _restore_rng(rng[rank()] if isinstance(rng, list) else rng, train_loader)
         stopped_early = bool(ckpt.get("stopped_early"))
@@ -581,7 +585,7 @@ def _fit(
 
     seen_images, train_seconds = 0, 0.0
     metrics: dict[str, Any] = history[-1].get("val", {}) if history else {}
-    session_start = time.perf_counter()
+    session_start, cpu_start = time.perf_counter(), time.process_time()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         model.train()
@@ -659,6 +663,7 @@ def _fit(
             log_metrics({**logged, **_scalars(metrics, "val_")}, epoch + 1)
         if main:
             elapsed = elapsed_before + time.perf_counter() - session_start
+            cpu_elapsed = cpu_before + time.process_time() - cpu_start
             state = {
                 "format": CHECKPOINT_FORMAT,
                 **dict(meta),
@@ -672,6 +677,7 @@ def _fit(
                 "stopped_early": stopped_early,
                 "history": history,
                 "train_time_s": elapsed,
+                "train_cpu_s": cpu_elapsed,
             }
             if improved:
                 save_checkpoint(best_path, state)
@@ -703,6 +709,7 @@ def _fit(
         global_step=global_step,
         stopped_early=stopped_early,
         train_time_s=total_time,
+        cpu_time_s=cpu_before + time.process_time() - cpu_start,
         images_per_s=seen_images / train_seconds if train_seconds > 0 else 0.0,
     )
 

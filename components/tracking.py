@@ -82,8 +82,7 @@ def connect(cfg: TrackingConfig) -> str:
     import mlflow
 
     uri = resolve_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # the registry follows the tracking URI (MLflow's default)
     try:
         if mlflow.get_experiment_by_name(cfg.experiment) is None:
             location = cfg.artifact_location

@@ -78,6 +78,10 @@ def cmd_detect(args: argparse.Namespace) -> Any:
     params = _params(args)
     if args.compare:
         return detect.compare_detectors(params.detect)
+    if getattr(args, "lineage", False):
+        from components.stages.lineage import run_lineage
+
+        return run_lineage(params.detect)
     return detect.run_detect(params.detect, args.arch, params.augment, params.evaluate, params.tracking, resume=args.resume)
 
 
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--arch", help="architecture name (see params)")
         group.add_argument("--compare", action="store_true", help="write the comparison table of the trained architectures")
+        if name == "detect":
+            group.add_argument("--lineage", action="store_true", help="time R-CNN -> Fast R-CNN -> Faster R-CNN on the test split")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
     p = add("evaluate", cmd_evaluate, "COCO/VOC metrics of a COCO results file against COCO ground truth")

@@ -65,6 +65,9 @@ def fuzz_settings(default_examples: int) -> settings:
 KNOWN_CRASHES: dict[tuple[str, str, str], str] = {
     ("OverflowError", "components/data/voc.py", "read_voc"): "test_known_crash_voc_infinite_size",
     ("TypeError", "components/metrics/coco_files.py", "_validate_result"): "test_known_crash_unhashable_result_image_id",
+    ("OverflowError", "components/data/coco.py", "read_coco_file"): "test_known_crash_coco_non_finite_image_size",
+    ("ValueError", "components/data/coco.py", "read_coco_file"): "test_known_crash_coco_non_finite_image_size",
+    ("TypeError", "components/data/yolo.py", "read_yolo"): "test_known_crash_yolo_split_entry_not_a_path",
 }
 
 
@@ -507,3 +510,32 @@ def test_known_crash_unhashable_result_image_id(tmp_path):
     pred.write_text(json.dumps([{"image_id": [], "category_id": 1, "score": 0.5, "bbox": [0, 0, 1, 1]}]))
     with pytest.raises(EvaluationError):
         evaluate_files(gt, pred, iou_type="bbox", quiet=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(OverflowError, ValueError),
+    reason="components/data/coco.py read_coco_file: an image with width/height Infinity (OverflowError) or NaN "
+    "(ValueError) reaches `size = (int(w), int(h))`; should be reported as a bad size",
+)
+@pytest.mark.parametrize("height", [math.inf, math.nan], ids=["inf", "nan"])
+def test_known_crash_coco_non_finite_image_size(tmp_path, height):
+    document = {"images": [{"id": 1, "file_name": "a.png", "width": 1, "height": height}], "annotations": [], "categories": []}
+    path = write_coco_source(tmp_path / "src", document)
+    with pytest.raises(DataError):
+        ingest(f"coco:{path}", tmp_path / "out", cfg=DataConfig())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="components/data/yolo.py read_yolo: a split entry that is a mapping or a number (`train: {0}`) reaches "
+    "`base / e` and raises TypeError; should be a DataError naming data.yaml and the split",
+)
+def test_known_crash_yolo_split_entry_not_a_path(tmp_path):
+    src = tmp_path / "src"
+    (src / "images" / "train").mkdir(parents=True)
+    (src / "images" / "train" / "a.png").write_bytes(png_bytes())
+    (src / "data.yaml").write_text("train: {0}\nnames: [cat]\n")
+    with pytest.raises(DataError):
+        ingest(f"yolo:{src}", tmp_path / "out", cfg=DataConfig())

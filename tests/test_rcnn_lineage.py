@@ -266,3 +266,40 @@ def test_lineage_names_the_missing_checkpoint(lineage_setup, tmp_path):
     cfg, _ = lineage_setup
     with pytest.raises(CheckpointError, match="visionflow detect --arch rcnn"):
         run_lineage(cfg.model_copy(update={"out": str(tmp_path)}), metrics_file=tmp_path / "m.json")
+
+
+@pytest.mark.slow
+def test_lineage_reproduces_the_lecture_claims_on_shapes(tmp_path, monkeypatch, tracking_cfg):
+    """The README's lineage figures: detect stage for the three detectors, then the lineage (minutes on a GPU, long on CPU).
+
+    Needs the pretrain stage's backbone (``$VISIONFLOW_BACKBONE``, default ``outputs/pretrain/backbone.pt``).
+    """
+    import os
+    from pathlib import Path
+
+    from components.config import DataConfig, load_params
+    from components.data.ingest import ingest
+    from components.stages.detect import run_detect
+    from components.stages.lineage import run_lineage
+
+    backbone = Path(os.environ.get("VISIONFLOW_BACKBONE", "outputs/pretrain/backbone.pt")).resolve()
+    if not backbone.exists():
+        pytest.skip(
+            f"no pretrained backbone at {backbone} (run `visionflow pretrain` or set VISIONFLOW_BACKBONE)"
+        )
+    params = load_params(Path("params.yaml").resolve())
+    monkeypatch.chdir(tmp_path)  # the stages write metrics/ and outputs/ relative to the working directory
+    ingest("shapes", tmp_path / "shapes", cfg=DataConfig())
+    sets = {"dataset": str(tmp_path / "shapes"), "out": str(tmp_path / "outputs/detect")}
+    for arch in ("rcnn", "fast_rcnn", "faster_rcnn"):
+        section = params.detect.arch(arch)
+        sets[arch] = section.model_copy(
+            update={"backbone": section.backbone.model_copy(update={"weights": str(backbone)})}
+        )
+    cfg = params.detect.model_copy(update=sets)
+    for arch in ("rcnn", "fast_rcnn", "faster_rcnn"):
+        run_detect(cfg, arch, params.augment, params.evaluate, tracking_cfg)
+    result = run_lineage(cfg)
+    maps = {arch: row["map_50"] for arch, row in result["detectors"].items()}
+    assert maps["rcnn"] > 0.6 and maps["fast_rcnn"] > 0.75 and maps["faster_rcnn"] > 0.75, maps
+    assert [c["holds"] for c in result["claims"][:2]] == [True, True], result["claims"]

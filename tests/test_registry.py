@@ -152,7 +152,7 @@ def test_consumer_without_repository_loads_champions(registry_store, tmp_path):
     _, uri, _, _ = registry_store
     names = ["visionflow-backbone", "visionflow-classifier", "visionflow-detector-yolo", "visionflow-segmenter-fcn"]
     script = f"REPO = {str(REPO)!r}\nURI = {uri!r}\nNAMES = {names!r}\n" + CONSUMER
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])

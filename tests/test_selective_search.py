@@ -164,3 +164,15 @@ def test_proposal_recall_on_a_hand_made_case():
 def test_bad_input_raises_data_error(bad):
     with pytest.raises(DataError):
         selective_search(bad, FAST)
+
+
+def test_unwritable_cache_falls_back_to_memory(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    cache = ProposalCache(blocker, FAST)
+    image, _ = _scene(2)
+    with pytest.warns(UserWarning, match="not writable"):
+        boxes = cache.get(image)
+    assert cache.root is None and len(boxes) > 0
+    torch.testing.assert_close(cache.get(image), boxes)
+    assert cache.hits == 1

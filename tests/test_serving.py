@@ -35,7 +35,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 def test_models_serve_answers_invocations(registry_store, tmp_path):
     _, uri, _, _ = registry_store
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(
         [str(REPO / ".venv/bin/mlflow"), "models", "serve", "-m", "models:/visionflow-detector-yolo@champion", "--env-manager", "local",

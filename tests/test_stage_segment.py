@@ -43,6 +43,7 @@ def tiny_params(work: Path, **extra: str):
             f"segment.{arch}.train.epochs=2",
             f"segment.{arch}.train.batch_size=4",
             f"segment.{arch}.train.device=cpu",
+            f"segment.{arch}.train.threads=1",
         ]
     overrides += ["segment.unet.base_channels=8", "segment.unet.depth=3", "segment.mask_rcnn.train.epochs=1"]
     overrides += [f"{k}={v}" for k, v in extra.items()]

@@ -456,7 +456,10 @@ class ProposalCache:
             try:
                 self._write(self._path(key), boxes)
             except OSError as err:  # e.g. a consumer's read-only folder: keep serving from memory
-                warnings.warn(f"proposal cache {self.root} is not writable ({err}); caching in memory only", stacklevel=2)
+                warnings.warn(
+                    f"proposal cache {self.root} is not writable ({err}); caching in memory only",
+                    stacklevel=2,
+                )
                 self.root = None
         return boxes
 

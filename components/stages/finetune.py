@@ -104,7 +104,10 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
     parent_id = None
     if resume:
         parent_id = next((r for s in cfg.strategies if (r := resumed_run_id(out / s / "last.pt", "mlflow_parent_run_id"))), None)
-    data = load_classification_data(cfg.dataset, augment, image_size=cfg.image_size, label_fraction=cfg.label_fraction, seed=cfg.train.seed)
+    size_of = {s: (cfg.own_image_size or cfg.image_size) if s == "own_fine_tuning" else cfg.image_size for s in cfg.strategies}
+    data = load_classification_data(
+        cfg.dataset, augment, image_size=max(size_of.values()), label_fraction=cfg.label_fraction, seed=cfg.train.seed
+    )
     rows: dict[str, dict[str, Any]] = {}
     with start_run(tracking, run_name="finetune", tags={"visionflow.stage": "finetune"}, run_id=parent_id) as parent:
         if parent_id is None:
@@ -116,6 +119,7 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
             with start_run(tracking, run_name=f"finetune.{strategy}", tags={"visionflow.stage": "finetune", "visionflow.strategy": strategy}, run_id=child_id, nested=True) as logger:
                 seed_everything(cfg.train.seed)
                 model, model_args, groups, init = strategy_model(strategy, cfg, len(data.classes))
+                init["image_size"] = size_of[strategy]
                 if child_id is None:
                     logger.log_params({"strategy": strategy, **{f"init.{k}": v for k, v in init.items()}, **count_parameters(model)})
                 meta = {
@@ -123,7 +127,7 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                     "model_name": "classifier",
                     "model_args": model_args,
                     "categories": data.classes,
-                    "image_size": cfg.image_size,
+                    "image_size": size_of[strategy],
                     "backbone_arch": init["backbone"],
                     "stage": "finetune",
                     "strategy": strategy,
@@ -134,7 +138,7 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                     "mlflow_parent_run_id": parent.run_id,
                 }
                 result = fit_classifier(
-                    model, data, cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
+                    model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
                 )
                 curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
                 logger.log_artifact(curves, "plots")
@@ -146,6 +150,8 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                     "per_class_accuracy": best.get("per_class_accuracy"),
                     "confusion_matrix": best.get("confusion_matrix"),
                     "train_time_s": round(result.train_time_s, 2),
+                    "train_cpu_s": round(result.cpu_time_s, 2),
+                    "image_size": size_of[strategy],
                     "images_per_s": round(result.images_per_s, 1),
                     "epochs": result.epochs_completed,
                     "best_epoch": result.best_epoch,
@@ -165,10 +171,12 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
             "num_train": len(data.train),
             "num_val": len(data.val),
             "image_size": cfg.image_size,
+            "own_image_size": size_of.get("own_fine_tuning"),
             "classes": data.classes,
             "strategies": rows,
             "best": {"strategy": best_strategy, "accuracy": rows[best_strategy]["accuracy"], "checkpoint": rows[best_strategy]["checkpoint"]},
             "total_train_time_s": round(sum(r["train_time_s"] for r in rows.values()), 2),
+            "total_train_cpu_s": round(sum(r["train_cpu_s"] for r in rows.values()), 2),
             "run_id": parent.run_id,
         }
         bars = plot_strategy_comparison(rows, out / "strategies.png", title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split")

@@ -275,8 +275,11 @@ def predict_files(model_uri: str, images: list[Path], *, out: Path | None = None
     return result
 
 
-def draw_predictions(images: Sequence[Path], records: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
-    """Draw each record on its image (boxes with ``label score``, masks, or the class label) as PNG."""
+def draw_predictions(images: Sequence[Path], records: Sequence[dict[str, Any]], folder: Path, *, min_score: float = 0.25) -> list[Path]:
+    """Draw each record on its image (boxes with ``label score``, masks, or the class label) as PNG.
+
+    Only detections scoring at least ``min_score`` are drawn (the JSON output keeps them all).
+    """
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,6 +291,9 @@ def draw_predictions(images: Sequence[Path], records: Sequence[dict[str, Any]], 
             classes = [int(c) for c in mask.unique() if 0 < int(c) < 255]
             if classes:
                 img = draw_segmentation_masks(img, torch.stack([mask == c for c in classes]), alpha=0.5)
+        keep = [i for i, sc in enumerate(rec.get("scores") or []) if sc >= min_score]
+        if "scores" in rec:
+            rec = {**rec, **{k: [rec[k][i] for i in keep] for k in ("boxes", "labels", "scores", "masks") if k in rec}}
         if rec.get("masks"):
             from pycocotools import mask as mask_utils
 

@@ -118,13 +118,29 @@ def label_budget(targets: Sequence[int], fraction: float, *, seed: int) -> list[
 
 @dataclass
 class ClassificationData:
-    """Train and validation sets of one canonical dataset, decoded once."""
+    """Train and validation sets of one canonical dataset, decoded once, transformed at ``image_size``."""
 
     root: Path
     classes: list[str]
     train: DecodedImages
     val: DecodedImages
     val_split: str
+    image_size: int
+    augment: AugmentConfig
+
+    def at_size(self, image_size: int) -> ClassificationData:
+        """The same decoded images with the train/eval transforms of another resolution (no re-decoding)."""
+        from components.augment import build_transforms
+
+        return ClassificationData(
+            root=self.root,
+            classes=self.classes,
+            train=self.train.with_transform(build_transforms("classification", self.augment, train=True, image_size=image_size)),
+            val=self.val.with_transform(build_transforms("classification", self.augment, train=False, image_size=image_size)),
+            val_split=self.val_split,
+            image_size=image_size,
+            augment=self.augment,
+        )
 
 
 def load_classification_data(
@@ -135,7 +151,6 @@ def load_classification_data(
     Raises:
         DataError: the folder is not an ingested dataset with a classification view, or a split is empty.
     """
-    from components.augment import build_transforms
     from components.data.datasets import ClassificationDataset, load_manifest
 
     root = Path(root)
@@ -155,15 +170,16 @@ def load_classification_data(
         if len(ds) == 0:
             raise DataError(f"the {ds.split} split has no images", file=root / "classification" / ds.split, fix="re-run the ingest stage")
     indices = label_budget(train_base.targets, label_fraction, seed=seed)
-    train = DecodedImages(train_base, image_size=image_size, indices=indices)
-    val = DecodedImages(val_base, image_size=image_size)
-    return ClassificationData(
+    decoded = ClassificationData(
         root=root,
         classes=list(train_base.classes),
-        train=train.with_transform(build_transforms("classification", augment, train=True, image_size=image_size)),
-        val=val.with_transform(build_transforms("classification", augment, train=False, image_size=image_size)),
+        train=DecodedImages(train_base, image_size=image_size, indices=indices),
+        val=DecodedImages(val_base, image_size=image_size),
         val_split=val_split,
+        image_size=image_size,
+        augment=augment,
     )
+    return decoded.at_size(image_size)
 
 
 # --------------------------------------------------------------------------- training
@@ -299,6 +315,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
             "train_time_s": round(result.train_time_s, 2),
+            "train_cpu_s": round(result.cpu_time_s, 2),
             "images_per_s": round(result.images_per_s, 1),
             "num_train": len(data.train),
             "num_val": len(data.val),

@@ -385,9 +385,15 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
         model, _ = load_model(best_path)
         device = resolve_device(acfg.train.device)
         model.to(device)
-        test = evaluate_semantic(
-            model, test_loader, device, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg
-        )
+        threads_before = torch.get_num_threads()
+        if acfg.train.threads is not None:  # the same CPU threads as training, so ms/image is comparable
+            torch.set_num_threads(acfg.train.threads)
+        try:
+            test = evaluate_semantic(
+                model, test_loader, device, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg
+            )
+        finally:
+            torch.set_num_threads(threads_before)
         if is_instance:
             test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
             coco_loader = build_loader(test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch)
@@ -400,11 +406,13 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             "val": result.best_metrics,
             "parameters": count_parameters(model),
             "train_time_s": result.train_time_s,
+            "train_cpu_time_s": result.cpu_time_s,
             "epochs": result.epochs_completed,
             "best_epoch": result.best_epoch,
             "images_per_s": result.images_per_s,
             "device": device.type,
             "eval_batch_size": eval_batch,
+            "threads": torch.get_num_threads() if acfg.train.threads is None else acfg.train.threads,
             "checkpoint": str(best_path),
         }
         overlays = draw_test_overlays(
@@ -418,7 +426,7 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             instance=instance_cfg,
             title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
-        metrics_path = write_json(METRICS_DIR / f"segment_{arch}.json", metrics)
+        metrics_path = write_json(metrics, METRICS_DIR / f"segment_{arch}.json")
         logger.log_metrics(_flat_scalars({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}))
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
@@ -463,6 +471,6 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
             fix="run `visionflow segment --arch A` for each architecture first",
         )
     result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json(METRICS_DIR / "segment_comparison.json", result)
+    write_json(result, METRICS_DIR / "segment_comparison.json")
     plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png")
     return result
