@@ -219,6 +219,7 @@ class DetectorConfig(Section):
 
 
 class SlidingWindowConfig(DetectorConfig):
+    train: TrainConfig = TrainConfig(epochs=6, batch_size=8, lr=1e-3)
     window_sizes: list[PositiveInt] = [24, 40, 64]
     stride_fraction: Fraction = 0.5
     negatives_per_image: PositiveInt = 8
@@ -227,6 +228,7 @@ class SlidingWindowConfig(DetectorConfig):
 
 
 class OverFeatConfig(DetectorConfig):
+    train: TrainConfig = TrainConfig(epochs=6, batch_size=8, lr=1e-3)
     scales: list[PositiveFloat] = [1.0, 1.5]
     merge_iou: Probability = 0.3
     hard_negative_ratio: NonNegativeFloat = 3.0
@@ -235,7 +237,8 @@ class OverFeatConfig(DetectorConfig):
 
 
 class YoloConfig(DetectorConfig):
-    S: Annotated[int, Field(ge=1, le=64)] = 7
+    train: TrainConfig = TrainConfig(epochs=16, batch_size=8, lr=1e-3)
+    S: Annotated[int, Field(ge=1, le=64)] = 8  # the lecture's 7; 8 = the 8x8 feature map of a 128 px image at stride 16
     B: Annotated[int, Field(ge=1, le=10)] = 2
     lambda_coord: NonNegativeFloat = 5.0
     lambda_obj: NonNegativeFloat = 1.0
@@ -243,22 +246,25 @@ class YoloConfig(DetectorConfig):
     lambda_classes: NonNegativeFloat = 1.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    head: Literal["fc", "conv"] = "fc"  # fc: the paper's fully connected head; conv: a 2D conv head
-    hidden: PositiveInt = 512
+    head: Literal["fc", "conv"] = "conv"  # fc: the paper's fully connected head; conv: a 2D conv head
+    hidden: PositiveInt = 128
 
 
 class SSDConfig(DetectorConfig):
+    train: TrainConfig = TrainConfig(epochs=8, batch_size=8, lr=1e-3)
     min_scale: Fraction = 0.1  # default-box scale of the finest map, fraction of the image side
     max_scale: Fraction = 0.9
 
 
 class FasterRCNNConfig(DetectorConfig):
+    train: TrainConfig = TrainConfig(epochs=6, batch_size=8, lr=1e-3)
     rpn_pre_nms_top_n: PositiveInt = 500
     rpn_post_nms_top_n: PositiveInt = 200
-    box_batch_size_per_image: PositiveInt = 128
+    box_batch_size_per_image: PositiveInt = 64
 
 
 class RetinaNetConfig(DetectorConfig):
+    train: TrainConfig = TrainConfig(epochs=8, batch_size=8, lr=1e-3, warmup_epochs=1.0, grad_clip=10.0)  # focal loss spikes without warm-up
     anchor_scale: PositiveFloat = 3.0  # anchors of anchor_scale x stride x 2^(k/3) pixels per pyramid level
 
 
@@ -323,6 +329,8 @@ class SegmenterConfig(Section):
 
 class FCNConfig(SegmenterConfig):
     skips: Literal["32s", "16s", "8s"] = "8s"
+    head_channels: NonNegativeInt = 256  # 3x3 conv before the 1x1 score conv (FCN's fc6); 0: none
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 
 
 class UNetConfig(SegmenterConfig):
@@ -344,6 +352,7 @@ class SegmentConfig(Section):
     dataset: str = "data/shapes"
     architectures: list[Literal[SEGMENTER_ARCHS]] = list(SEGMENTER_ARCHS)  # type: ignore[valid-type]
     out: str = "outputs/segment"
+    metrics: str = "metrics"  # folder of segment_<arch>.json and segment_comparison.json
     ignore_index: int = 255
     overlays: PositiveInt = 8  # test images drawn with their true and predicted masks
     fcn: FCNConfig = FCNConfig()

@@ -309,3 +309,59 @@ def plot_segmenter_comparison(table: dict[str, dict[str, Any]], path: Path) -> P
     ax.legend()
     fig.tight_layout()
     return _save_figure(fig, Path(path), dpi=100)
+
+
+# --------------------------------------------------------------------------- classification (pretrain / finetune stages)
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Per-epoch loss (train, val) and validation accuracy / macro F1 of one engine run.
+
+    Args:
+        history: ``FitResult.history``: ``{"epoch", "train_loss", "train_accuracy", "val": {"loss", "accuracy", "macro_f1"}}``.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    val = [h.get("val") or {} for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
+    if val and "loss" in val[0]:
+        ax_loss.plot(epochs, [v["loss"] for v in val], "s-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    for key, style in (("accuracy", "o-"), ("macro_f1", "s--")):
+        if val and key in val[0]:
+            ax_acc.plot(epochs, [v[key] for v in val], style, label=f"val {key}")
+    if history and "train_accuracy" in history[0]:
+        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "^:", label="train accuracy")
+    ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy")
+    ax_acc.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, Path(path), dpi=110)
+
+
+def plot_strategy_comparison(rows: dict[str, dict[str, Any]], path: Path, *, labels: dict[str, str] | None = None, title: str = "") -> Path:
+    """Bars of validation accuracy and macro F1 per transfer-learning strategy, train time above each pair.
+
+    Args:
+        rows: ``{strategy: {"accuracy", "macro_f1", "train_time_s"}}`` (``metrics/finetune.json``'s ``strategies``).
+        path: the PNG to write.
+        labels: display names of the strategies.
+    """
+    plt = _pyplot()
+    names = list(rows)
+    x = np.arange(len(names))
+    acc = [float(rows[n].get("accuracy") or 0.0) for n in names]
+    f1 = [float(rows[n].get("macro_f1") or 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2, 4))
+    ax.bar(x - 0.18, acc, 0.36, label="accuracy")
+    ax.bar(x + 0.18, f1, 0.36, label="macro F1")
+    for i, n in enumerate(names):
+        ax.text(i, max(acc[i], f1[i]) + 0.02, f"{acc[i]:.3f}\n{float(rows[n].get('train_time_s') or 0):.0f} s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [(labels or {}).get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set(ylim=(0, 1.15), ylabel="validation score", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, Path(path), dpi=110)

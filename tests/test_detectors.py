@@ -24,7 +24,7 @@ TINY = {
     "faster_rcnn": {"fpn_channels": 16, "representation_size": 64, "rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 50, "box_batch_size_per_image": 32},
     "retinanet": {"fpn_channels": 16},
 }
-STEPS = 20
+STEPS = 15
 
 
 def _scene(seed: int, size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -46,29 +46,35 @@ def test_every_arch_is_registered_with_a_keyword_only_typed_builder():
         assert all(p.annotation is not inspect.Parameter.empty for p in params.values()), arch
 
 
+def _probe_loss(model, images, targets) -> float:
+    """The training loss with a fixed seed, so that the samplers (RPN, RoI, negatives) draw the same windows."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return sum(model(images, targets).values()).item()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trains_a_few_steps_with_falling_loss_and_returns_valid_boxes(arch):
     torch.manual_seed(0)
     model = get_model("detection", arch, num_classes=K, image_size=64, score_threshold=0.0, max_detections=20, **TINY[arch])
-    images, targets = zip(*[_scene(s) for s in range(2)], strict=True)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    image, target = _scene(0)
+    images, targets = [image], [target]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    losses = []
+    before = _probe_loss(model, images, targets)
     for _ in range(STEPS):
-        loss_dict = model(list(images), list(targets))
+        loss_dict = model(images, targets)
         assert all(torch.isfinite(v) for v in loss_dict.values()), loss_dict
-        loss = sum(loss_dict.values())
         optimizer.zero_grad()
-        loss.backward()
+        sum(loss_dict.values()).backward()
         optimizer.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
-    assert last < 0.6 * first, f"{arch}: loss {first:.3f} -> {last:.3f} ({[round(v, 3) for v in losses]})"
+    after = _probe_loss(model, images, targets)
+    assert after < 0.7 * before, f"{arch}: loss {before:.3f} -> {after:.3f} after {STEPS} steps"
 
     model.eval()
     odd = torch.rand(3, 48, 80)  # another size: boxes come back in its own pixels
     with torch.no_grad():
-        outputs = model([images[0], odd])
+        outputs = model([image, odd])
     for out, (h, w) in zip(outputs, [(64, 64), (48, 80)], strict=True):
         boxes, labels, scores = out["boxes"], out["labels"], out["scores"]
         n = len(boxes)

@@ -118,14 +118,6 @@ def _worker(argv: list[str]) -> None:
         (out / f"rank{rank()}.json").write_text(json.dumps(report))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     launch_torchrun(NPROCS, [__file__, "worker", str(tmp_path)], cwd=REPO, env={"TQDM_DISABLE": "1"}, timeout=300, capture=True)
     reference = train(tmp_path / "single", batch_size=GLOBAL_BATCH, distributed=False)

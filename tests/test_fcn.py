@@ -93,10 +93,10 @@ def test_bilinear_initialisation_upsamples_a_smooth_image_almost_exactly(factor)
     assert (nearest - high).abs().mean() > 5 * (up - high).abs().mean()
 
 
-@pytest.mark.parametrize("skips", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("skips,head_channels", [("32s", 0), ("16s", 0), ("8s", 0), ("8s", 32)])
 @pytest.mark.parametrize("size", [(64, 64), (37, 51), (33, 32), (1, 1)])
-def test_fcn_output_has_the_input_size(skips, size):
-    model = get_model("segmentation", "fcn", num_classes=4, skips=skips).eval()
+def test_fcn_output_has_the_input_size(skips, head_channels, size):
+    model = get_model("segmentation", "fcn", num_classes=4, skips=skips, head_channels=head_channels, dropout=0.1).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 3, *size))
     assert logits.shape == (2, 4, *size)
@@ -159,8 +159,9 @@ def train_semantic(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list
     return losses
 
 
-def test_fcn_trains_with_falling_loss():
+@pytest.mark.parametrize("head_channels", [0, 32])
+def test_fcn_trains_with_falling_loss(head_channels):
     torch.manual_seed(0)
-    model = get_model("segmentation", "fcn", num_classes=3, skips="8s")
+    model = get_model("segmentation", "fcn", num_classes=3, skips="8s", head_channels=head_channels)
     losses = train_semantic(model, steps=25)
     assert losses[-1] < 0.4 * losses[0], losses

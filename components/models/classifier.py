@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from components.models.backbones import Backbone, build_backbone
 from components.models.registry import register_model
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -179,7 +178,7 @@ class Classifier(_ClassifierAPI):
 
 @register_model("classification")
 def convnet(
-    *, num_classes: int, widths: Sequence[int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.3, in_channels: int = 3
+    *, num_classes: int, widths: Sequence[int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.1, in_channels: int = 3
 ) -> ConvNet:
     """The lecture's convnet from scratch (conv, pooling, fully connected, softmax/cross-entropy).
 

@@ -130,8 +130,8 @@ class ImageNormalize(nn.Module):
 class FCN(nn.Module):
     """FCN-32s / 16s / 8s on a multi-level backbone.
 
-    ``score`` (1x1 convolution, channels -> K + 1 classes) turns the last backbone stage into coarse
-    class scores; with skips, each earlier stage gets its own 1x1 ``skip_scores`` convolution
+    ``score`` (1x1 convolution, channels -> K + 1 classes) turns the last backbone stage (optionally
+    after a 3x3 ``head`` convolution) into coarse class scores; with skips, each earlier stage gets its own 1x1 ``skip_scores`` convolution
     (initialised at zero, as in the paper, so training starts from the coarse FCN-32s prediction),
     added after a learnable 2x transposed-convolution up-sampling of the coarser scores. A final
     transposed convolution up-samples by the finest used stride to the input size.
@@ -142,6 +142,9 @@ class FCN(nn.Module):
         skips: ``"32s"`` scores from the last stage only; ``"16s"`` adds the second-to-last stage;
             ``"8s"`` also the third-to-last. (The names follow the paper's VGG strides; on a backbone
             of strides 2..16 "32s" means "last stage only".)
+        head_channels: if > 0, a 3x3 convolution (+ BatchNorm, ReLU) of this width on the last stage
+            before ``score``, the convolutionalised fully connected layer of the FCN paper (fc6);
+            0 gives the lecture's simplest design (backbone, then the 1x1 convolution).
         dropout: dropout on the last features before ``score`` (0 disables it).
         image_mean, image_std: per-channel normalisation applied to the [0, 1] input.
     """
@@ -152,6 +155,7 @@ class FCN(nn.Module):
         num_classes: int,
         *,
         skips: FCNSkips = "8s",
+        head_channels: int = 0,
         dropout: float = 0.0,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
@@ -173,8 +177,15 @@ class FCN(nn.Module):
         last = len(backbone.strides) - 1
         # feature levels used, coarse to fine: last stage, then the skip stages
         self.levels = [last - i for i in range(n_skips + 1)]
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.score = nn.Conv2d(backbone.channels[last], num_classes, kernel_size=1)
+        head: list[nn.Module] = []
+        channels = backbone.channels[last]
+        if head_channels > 0:  # FCN's convolutionalised fc6: a 3x3 convolution adds context and capacity
+            head += [nn.Conv2d(channels, head_channels, 3, padding=1, bias=False), nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True)]
+            channels = head_channels
+        if dropout > 0:
+            head.append(nn.Dropout2d(dropout))
+        self.head = nn.Sequential(*head)
+        self.score = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.skip_scores = nn.ModuleList()
         self.skip_upsample = nn.ModuleList()
         for coarse, fine in zip(self.levels[:-1], self.levels[1:], strict=True):
@@ -198,7 +209,7 @@ class FCN(nn.Module):
         h, w = images.shape[-2:]
         x = pad_to_multiple(self.normalize(images), self.output_stride)
         feats = list(self.backbone(x).values())
-        scores = self.score(self.dropout(feats[self.levels[0]]))
+        scores = self.score(self.head(feats[self.levels[0]]))
         for level, skip, up in zip(self.levels[1:], self.skip_scores, self.skip_upsample, strict=True):
             scores = up(scores) + skip(feats[level])
         return self.upsample(scores)[..., :h, :w]
@@ -212,6 +223,7 @@ def fcn(
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
     skips: FCNSkips = "8s",
+    head_channels: int = 0,
     dropout: float = 0.0,
 ) -> FCN:
     """FCN on a project backbone: semantic segmentation contract.
@@ -224,7 +236,8 @@ def fcn(
         backbone_weights: None (random), a torchvision enum name (``IMAGENET1K_V1``) or a checkpoint path.
         trainable_layers: backbone stages left trainable (None = all).
         skips: ``"32s"``, ``"16s"`` or ``"8s"`` (see :class:`FCN`).
+        head_channels: width of the 3x3 convolution before the 1x1 score convolution (0: none).
         dropout: dropout before the 1x1 score convolution.
     """
     backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
-    return FCN(backbone, num_classes, skips=skips, dropout=dropout)
+    return FCN(backbone, num_classes, skips=skips, head_channels=head_channels, dropout=dropout)

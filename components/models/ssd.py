@@ -43,12 +43,10 @@ class SSDFeatures(nn.Module):
         c = self.channels[-1]
         for _ in range(extra_blocks):
             extras.append(
-                nn.Sequential(
-                    nn.Conv2d(c, c // 2, 1, bias=False),
-                    nn.BatchNorm2d(c // 2),
+                nn.Sequential(  # as SSD's extra layers: no normalisation, so 1x1 maps and batches of 1 work
+                    nn.Conv2d(c, c // 2, 1),
                     nn.ReLU(inplace=True),
-                    nn.Conv2d(c // 2, c, 3, stride=2, padding=1, bias=False),
-                    nn.BatchNorm2d(c),
+                    nn.Conv2d(c // 2, c, 3, stride=2, padding=1),
                     nn.ReLU(inplace=True),
                 )
             )
@@ -123,3 +121,4 @@ def _init_extras(features: SSDFeatures) -> None:
     for m in features.extras.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)

@@ -14,8 +14,9 @@ same classifier (``components.models.classifier.classifier``) through the one en
 
 Writes ``<out>/<strategy>/{best,last}.pt``, ``<out>/best.json`` (the strategy with the best
 validation accuracy and its checkpoint, for the register stage), ``<out>/strategies.png`` (bar
-chart), ``<out>/confusion_matrices.png``, ``<out>/<strategy>/training_curves.png`` and
-``metrics/finetune.json``; one MLflow run with a nested run per strategy.
+chart), ``<out>/confusion_matrix.png`` (the best strategy's), per strategy
+``training_curves.png`` and ``confusion_matrix.png``, and ``metrics/finetune.json``; one MLflow
+run with a nested run per strategy.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from components.config import AugmentConfig, FinetuneConfig, TrackingConfig
 from components.engine import load_checkpoint, seed_everything
 from components.errors import CheckpointError
 from components.models.classifier import Classifier
+from components.plots import plot_confusion_matrix, plot_strategy_comparison, plot_training_curves, write_json
 from components.stages.pretrain import (
     METRICS_DIR,
     count_parameters,
     fit_classifier,
     load_classification_data,
-    plot_training_curves,
     resumed_run_id,
-    write_json,
 )
 
 STRATEGY_TITLES = {
@@ -140,9 +140,14 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                 result = fit_classifier(
                     model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
                 )
-                curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
-                logger.log_artifact(curves, "plots")
                 best = result.best_metrics
+                curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
+                matrix = plot_confusion_matrix(
+                    best["confusion_matrix"], data.classes, strategy_dir / "confusion_matrix.png",
+                    title=f"{STRATEGY_TITLES[strategy]}: accuracy {best['accuracy']:.3f}",
+                )
+                for path in (curves, matrix):
+                    logger.log_artifact(path, "plots")
                 rows[strategy] = {
                     "accuracy": best.get("accuracy"),
                     "macro_f1": best.get("macro_f1"),
@@ -179,68 +184,17 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
             "total_train_cpu_s": round(sum(r["train_cpu_s"] for r in rows.values()), 2),
             "run_id": parent.run_id,
         }
-        bars = plot_strategy_comparison(rows, out / "strategies.png", title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split")
-        matrices = plot_confusion_matrices(rows, data.classes, out / "confusion_matrices.png")
-        write_json(out / "best.json", {"strategy": best_strategy, "checkpoint": rows[best_strategy]["checkpoint"], "metric": "accuracy", "value": rows[best_strategy]["accuracy"]})
-        write_json(METRICS_DIR / "finetune.json", metrics)
-        for path in (bars, matrices):
+        bars = plot_strategy_comparison(
+            rows, out / "strategies.png", labels=STRATEGY_TITLES, title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split"
+        )
+        matrix = plot_confusion_matrix(
+            rows[best_strategy]["confusion_matrix"], data.classes, out / "confusion_matrix.png",
+            title=f"best: {STRATEGY_TITLES[best_strategy]} (accuracy {rows[best_strategy]['accuracy']:.3f})",
+        )
+        write_json({"strategy": best_strategy, "checkpoint": rows[best_strategy]["checkpoint"], "metric": "accuracy", "value": rows[best_strategy]["accuracy"]}, out / "best.json")
+        write_json(metrics, METRICS_DIR / "finetune.json")
+        for path in (bars, matrix):
             parent.log_artifact(path, "plots")
         parent.log_artifact(METRICS_DIR / "finetune.json")
         parent.set_tags({"visionflow.best_strategy": best_strategy})
     return metrics
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def plot_strategy_comparison(rows: dict[str, dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Bar chart: validation accuracy and macro F1 per strategy, train time written above the bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(rows)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2, 4))
-    acc = [rows[n]["accuracy"] or 0.0 for n in names]
-    f1 = [rows[n]["macro_f1"] or 0.0 for n in names]
-    ax.bar(x - 0.18, acc, 0.36, label="accuracy")
-    ax.bar(x + 0.18, f1, 0.36, label="macro F1")
-    for i, n in enumerate(names):
-        ax.text(i, max(acc[i], f1[i]) + 0.02, f"{acc[i]:.3f}\n{rows[n]['train_time_s']:.0f} s", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [STRATEGY_TITLES.get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
-    ax.set(ylim=(0, 1.15), ylabel="validation score", title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion_matrices(rows: dict[str, dict[str, Any]], classes: list[str], path: Path) -> Path:
-    """One confusion matrix (rows: true class, columns: predicted) per strategy, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [n for n in rows if rows[n].get("confusion_matrix")]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2 * max(1, len(names)), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        m = np.asarray(rows[name]["confusion_matrix"])
-        ax.imshow(m, cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{STRATEGY_TITLES.get(name, name)}\nacc {rows[name]['accuracy']:.3f}")
-        ax.title.set_fontsize(9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

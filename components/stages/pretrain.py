@@ -10,7 +10,7 @@ The lecture: "pre-trained models [are] generic and re-usable assets". Two source
 
 Writes ``<out>/backbone.pt`` (a classifier checkpoint whose ``backbone.*`` keys
 ``components.models.backbones.load_backbone_state`` extracts; ``backbone_arch`` set),
-``<out>/train/{best,last}.pt``, ``<out>/training_curves.png``, ``metrics/pretrain.json``, and an
+``<out>/train/{best,last}.pt``, ``<out>/training_curves.png`` (:mod:`components.plots`), ``metrics/pretrain.json``, and an
 MLflow run (params, per-epoch metrics, lineage, the plot).
 
 The helpers that load a classification view and train a classifier on it live here too;
@@ -19,9 +19,7 @@ the finetune stage re-uses them.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -39,6 +37,7 @@ from components.engine import FitResult, build_loader, fit, load_checkpoint, sav
 from components.errors import CheckpointError, DataError
 from components.metrics.classification import evaluate_classification
 from components.models.classifier import classification_step
+from components.plots import plot_training_curves, write_json
 
 METRICS_DIR = Path("metrics")
 #: images are decoded once and kept with their shorter side at most this factor x image_size
@@ -223,15 +222,6 @@ def resumed_run_id(checkpoint: Path, key: str = "mlflow_run_id") -> str | None:
     return value if isinstance(value, str) else None
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    """Atomic JSON write (temp file + rename) of a metrics file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(data), indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -265,7 +255,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             metrics = _pretrain_imagenet(cfg, out)
             metrics["run_id"] = logger.run_id
             logger.log_metrics({k: v for k, v in metrics.items() if k in ("accuracy", "params")})
-            write_json(METRICS_DIR / "pretrain.json", metrics)
+            write_json(metrics, METRICS_DIR / "pretrain.json")
             logger.log_artifact(METRICS_DIR / "pretrain.json")
         return metrics
 
@@ -323,7 +313,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "checkpoint": str(backbone_path),
             "run_id": logger.run_id,
         }
-        write_json(METRICS_DIR / "pretrain.json", metrics)
+        write_json(metrics, METRICS_DIR / "pretrain.json")
         logger.log_metrics({"best_accuracy": metrics["accuracy"], "best_macro_f1": metrics["macro_f1"], "train_time_s": metrics["train_time_s"]})
         logger.log_artifact(curves, "plots")
         logger.log_artifact(METRICS_DIR / "pretrain.json")
@@ -378,39 +368,7 @@ def _torchvision_fc(model: nn.Module) -> nn.Linear:
     """The last linear layer of a torchvision classifier (``fc`` or ``classifier[-1]``)."""
     fc = getattr(model, "fc", None)
     if fc is None:
-        head = getattr(model, "classifier")
+        head = model.classifier
         fc = head[-1] if isinstance(head, nn.Sequential) else head
     assert isinstance(fc, nn.Linear)
     return fc
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Loss (train, val) and validation accuracy / macro F1 per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
-    if history and "loss" in history[0].get("val", {}):
-        ax_loss.plot(epochs, [h["val"]["loss"] for h in history], "s-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.legend()
-    for key, marker in (("accuracy", "o-"), ("macro_f1", "s--")):
-        if history and key in history[0].get("val", {}):
-            ax_acc.plot(epochs, [h["val"][key] for h in history], marker, label=f"val {key}")
-    if history and "train_accuracy" in history[0]:
-        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "^:", label="train accuracy")
-    ax_acc.set(xlabel="epoch", ylim=(0, 1), title="accuracy")
-    ax_acc.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -3,15 +3,17 @@
 ``visionflow segment --arch A`` calls :func:`run_segment`; ``visionflow segment --compare`` calls
 :func:`compare_segmenters`. The stage reads its params section and the canonical dataset, and writes
 
-* ``outputs/segment/<arch>/``: ``best.pt`` / ``last.pt`` (through the engine), ``overlays.png``
-  (true and predicted masks drawn on test images with ``draw_segmentation_masks``);
-* ``metrics/segment_<arch>.json``: per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
+* ``<segment.out>/<arch>/`` (``outputs/segment/<arch>/``): ``best.pt`` / ``last.pt`` (through the
+  engine), ``overlays.png`` (true and predicted masks drawn on test images with ``draw_segmentation_masks``);
+* ``<segment.metrics>/segment_<arch>.json`` (``metrics/segment_<arch>.json``): per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
   split, milliseconds per image, parameters, train time; for Mask R-CNN also the COCO ``segm`` and
   ``bbox`` metrics, its semantic numbers coming from its instance masks rendered as a semantic map;
 * one MLflow run per architecture (params, per-epoch metrics, test metrics, the JSON and the PNGs).
 
 Semantic models (FCN, UNet) minimise the pixel-wise cross-entropy over K + 1 classes, ignoring
-``ignore_index`` pixels. Mask R-CNN minimises torchvision's sum of RPN, box and mask losses. All
+``ignore_index`` pixels, on images augmented by the ``augment.segmentation`` preset. Mask R-CNN is
+trained on the instance view with the ``augment.detection`` preset (which keeps boxes, labels and
+masks consistent and drops instances pushed out of the image) and minimises torchvision's sum of RPN, box and mask losses. All
 three are validated every epoch on the same quantity, the mean IoU of a semantic map on the
 validation split, and compared on the same ground truth: the dataset's semantic masks.
 """
@@ -32,7 +34,6 @@ from torch import Tensor, nn
 from components.config import AugmentConfig, MaskRCNNConfig, SegmentConfig, TrackingConfig
 from components.errors import ConfigError, DataError
 
-METRICS_DIR = Path("metrics")
 SEMANTIC_ARCHS = ("fcn", "unet")
 INSTANCE_ARCHS = ("mask_rcnn",)
 
@@ -46,13 +47,10 @@ def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
     Raises:
         DataError: no manifest, or the dataset lacks semantic masks (or instance masks for Mask R-CNN).
     """
+    from components.data.datasets import load_manifest
+
+    manifest = load_manifest(root)
     manifest_path = root / "dataset.json"
-    if not manifest_path.is_file():
-        raise DataError("no canonical dataset here (dataset.json missing)", file=manifest_path, fix="run `visionflow ingest` first or set segment.dataset")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"dataset.json is not JSON ({err})", file=manifest_path, fix="re-run `visionflow ingest`") from None
     tasks = manifest.get("tasks", [])
     needed = ["semantic_segmentation"] + (["instance_segmentation"] if arch in INSTANCE_ARCHS else [])
     missing = [t for t in needed if t not in tasks]
@@ -114,7 +112,7 @@ def build_segmenter(arch: str, acfg: Any, num_classes: int) -> tuple[nn.Module, 
 
     backbone = {"backbone_arch": acfg.backbone.arch, "trainable_layers": acfg.backbone.trainable_layers}
     if arch == "fcn":
-        args: dict[str, Any] = {**backbone, "skips": acfg.skips}
+        args: dict[str, Any] = {**backbone, "skips": acfg.skips, "head_channels": acfg.head_channels, "dropout": acfg.dropout}
     elif arch == "unet":
         args = {"base_channels": acfg.base_channels, "depth": acfg.depth, "pretrained_encoder": acfg.pretrained_encoder}
         if acfg.pretrained_encoder:
@@ -297,12 +295,16 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
     Args:
         cfg: the ``segment`` params section.
         arch: ``"fcn"``, ``"unet"`` or ``"mask_rcnn"``.
-        augment: the augmentation presets (``augment.segmentation`` for the train split).
+        augment: the augmentation presets (``augment.segmentation`` for FCN/UNet, ``augment.detection``
+            for Mask R-CNN; the train split only).
         tracking: where MLflow runs go.
         resume: continue an interrupted run from ``outputs/segment/<arch>/last.pt`` (and its MLflow run).
 
     Returns:
-        The test metrics written to ``metrics/segment_<arch>.json``.
+        What is written to ``<segment.metrics>/segment_<arch>.json``: ``{"arch", "dataset", "test":
+        {miou, pixel_accuracy, mean_accuracy, fw_iou, per_class_iou, ms_per_image, num_images,
+        [segm, bbox]}, "val" (best epoch), "parameters", "train_time_s", "train_cpu_time_s", "epochs",
+        "best_epoch", "checkpoint", ...}``.
 
     Raises:
         ConfigError: unknown architecture. DataError: the dataset lacks masks or a split.
@@ -426,7 +428,7 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             instance=instance_cfg,
             title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
-        metrics_path = write_json(metrics, METRICS_DIR / f"segment_{arch}.json")
+        metrics_path = write_json(metrics, Path(cfg.metrics) / f"segment_{arch}.json")
         logger.log_metrics(_flat_scalars({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}))
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
@@ -450,7 +452,7 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
     table: dict[str, dict[str, Any]] = {}
     missing = []
     for arch in cfg.architectures:
-        path = METRICS_DIR / f"segment_{arch}.json"
+        path = Path(cfg.metrics) / f"segment_{arch}.json"
         if not path.is_file():
             missing.append(arch)
             continue
@@ -467,10 +469,10 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
     if not table:
         raise DataError(
             f"no segmentation metrics yet for {list(cfg.architectures)}",
-            file=METRICS_DIR,
+            file=Path(cfg.metrics),
             fix="run `visionflow segment --arch A` for each architecture first",
         )
     result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json(result, METRICS_DIR / "segment_comparison.json")
+    write_json(result, Path(cfg.metrics) / "segment_comparison.json")
     plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png")
     return result

@@ -1,0 +1,198 @@
+"""The pretrain and finetune stages end to end on a tiny ingested ImageFolder (real files, real MLflow store)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from components.config import AugmentConfig, DataConfig, FinetuneConfig, PretrainConfig
+from components.engine import load_checkpoint, load_model
+from components.errors import DataError, TrainingError
+from components.models.backbones import build_backbone, load_backbone_state
+
+IMAGENET_FILE = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
+needs_imagenet = pytest.mark.skipif(not IMAGENET_FILE.exists(), reason="ImageNet weights not in torchvision's cache")
+TINY = {"batch_size": 8, "lr": 3e-3, "threads": 1, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A 2-class ImageFolder (red-ish vs blue-ish 40x30 photos, JPEG), ingested like the real ones."""
+    from components.data.ingest import ingest
+
+    src = tmp_path_factory.mktemp("src")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for c, name in enumerate(("ants", "bees")):
+            folder = src / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                base = torch.tensor([200, 60, 40] if c == 0 else [40, 60, 200], dtype=torch.float32)
+                pixels = (base + 40 * torch.randn(30, 40, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg", quality=90)
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    ingest(f"imagefolder:{src}", out, cfg=DataConfig())
+    return out
+
+
+def _pretrain_cfg(dataset: Path, tmp: Path, **train) -> PretrainConfig:
+    return PretrainConfig(dataset=str(dataset), image_size=16, out=str(tmp / "outputs/pretrain"), train={**TINY, "epochs": 2, **train})
+
+
+def _finetune_cfg(dataset: Path, tmp: Path, strategies: list[str], **kw) -> FinetuneConfig:
+    train = {**TINY, "epochs": 2, **kw.pop("train", {})}
+    return FinetuneConfig(
+        dataset=str(dataset), image_size=32, own_image_size=16, strategies=strategies, out=str(tmp / "outputs/finetune"),
+        own_backbone=str(tmp / "outputs/pretrain/backbone.pt"), unfreeze_last_k=1, train=train, **kw,
+    )
+
+
+def _runs(tracking_cfg, name: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_cfg.uri)
+    return mlflow.search_runs(experiment_names=[tracking_cfg.experiment], filter_string=f"attributes.run_name = '{name}'", output_format="list")
+
+
+@needs_imagenet
+def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.finetune import run_finetune
+    from components.stages.pretrain import run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    pre = run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path), AugmentConfig(), tracking_cfg)
+    backbone_pt = tmp_path / "outputs/pretrain/backbone.pt"
+    assert pre["checkpoint"] == str(backbone_pt) and pre["epochs"] == 2 and 0.0 <= pre["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "metrics/pretrain.json").read_text())["run_id"] == pre["run_id"]
+    assert (tmp_path / "outputs/pretrain/training_curves.png").stat().st_size > 0
+    state = load_backbone_state(backbone_pt, arch="vfnet_small")
+    assert state and not any(k.startswith(("backbone.", "head.")) for k in state)
+    build_backbone("vfnet_small", weights=str(backbone_pt))  # the path other stages put in params
+    history = _runs(tracking_cfg, "pretrain")[0].data.metrics
+    assert {"train_loss", "val_accuracy", "best_accuracy"} <= set(history)
+
+    strategies = ["scratch", "feature_extraction", "fine_tuning", "own_fine_tuning"]
+    result = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, strategies), AugmentConfig(), tracking_cfg)
+    on_disk = json.loads((tmp_path / "metrics/finetune.json").read_text())
+    assert on_disk["best"] == result["best"] and list(on_disk["strategies"]) == strategies
+    for name, row in on_disk["strategies"].items():
+        assert {"accuracy", "macro_f1", "per_class_accuracy", "train_time_s", "confusion_matrix"} <= set(row), name
+        assert sum(map(sum, row["confusion_matrix"])) == on_disk["num_val"] == 12
+    assert on_disk["strategies"]["own_fine_tuning"]["image_size"] == 16
+    rows = on_disk["strategies"]
+    assert rows["feature_extraction"]["trainable_params"] < rows["fine_tuning"]["trainable_params"] < rows["scratch"]["trainable_params"]
+    best = json.loads((tmp_path / "outputs/finetune/best.json").read_text())
+    assert best["strategy"] == result["best"]["strategy"] and Path(best["checkpoint"]).is_file()
+    for png in ("strategies.png", "confusion_matrix.png", "fine_tuning/training_curves.png", "scratch/confusion_matrix.png"):
+        assert (tmp_path / "outputs/finetune" / png).stat().st_size > 0
+
+    model, ckpt = load_model(best["checkpoint"])  # rebuilt from the file alone
+    assert ckpt["categories"] == ["ants", "bees"] and ckpt["strategy"] == best["strategy"]
+    size = ckpt["image_size"]
+    for n in (1, 5):
+        probs = model.predict_proba(torch.rand(n, 3, size, size))
+        assert probs.shape == (n, 2) and torch.allclose(probs.sum(1), torch.ones(n))
+    children = {r.info.run_name: r for r in _runs(tracking_cfg, "finetune.fine_tuning")}
+    assert children["finetune.fine_tuning"].data.tags["mlflow.parentRunId"] == result["run_id"]
+
+
+def test_finetune_resume_logs_into_the_same_run_and_extends(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.finetune import run_finetune
+
+    monkeypatch.chdir(tmp_path)
+    first = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"}, train={"epochs": 1}), AugmentConfig(), tracking_cfg)
+    again = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"}, train={"epochs": 2}), AugmentConfig(), tracking_cfg, resume=True)
+    assert again["run_id"] == first["run_id"]
+    assert again["strategies"]["scratch"]["run_id"] == first["strategies"]["scratch"]["run_id"]
+    assert again["strategies"]["scratch"]["epochs"] == 2
+    import mlflow
+
+    steps = [m.step for m in mlflow.MlflowClient(tracking_cfg.uri).get_metric_history(first["strategies"]["scratch"]["run_id"], "val_accuracy")]
+    assert steps == [1, 2]
+
+
+def test_nan_loss_fails_the_stage_and_nothing_can_be_registered(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
+    import components.stages.pretrain as pretrain
+    from components.config import Params
+    from components.stages.finetune import run_finetune
+    from components.stages.register import discover_candidates, refusal
+
+    monkeypatch.chdir(tmp_path)
+
+    def diverging(model, batch, device):
+        out = pretrain_step(model, batch, device)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    pretrain_step = pretrain.classification_step
+    monkeypatch.setattr(pretrain, "classification_step", diverging)
+    cfg = _finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"})
+    with pytest.raises(TrainingError, match=r"finetune\.scratch epoch 1 step 1"):
+        run_finetune(cfg, AugmentConfig(), tracking_cfg)
+    assert not (tmp_path / "outputs/finetune/best.json").exists()
+    assert not (tmp_path / "outputs/finetune/scratch/best.pt").exists()
+    assert (tmp_path / "outputs/finetune/scratch/diverged.json").exists()
+    assert _runs(tracking_cfg, "finetune.scratch")[0].info.status == "FAILED"
+    params = Params(finetune=cfg)
+    candidate = next(c for c in discover_candidates(params, metrics_dir=tmp_path / "metrics") if c.kind == "classifier")
+    assert refusal(candidate, params.register.classifier) is not None
+
+
+@needs_imagenet
+def test_pretrain_imagenet_source_is_torchvision_classifier(tmp_path, tracking_cfg, monkeypatch):
+    import torchvision
+
+    from components.stages.pretrain import run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    cfg = PretrainConfig(source="imagenet", backbone={"arch": "mobilenet_v2", "weights": "IMAGENET1K_V1"}, out=str(tmp_path / "pre"))
+    metrics = run_pretrain(cfg, AugmentConfig(), tracking_cfg)
+    assert metrics["accuracy"] == pytest.approx(0.71878)  # torchvision's published acc@1 of these weights
+    model, ckpt = load_model(tmp_path / "pre/backbone.pt")
+    assert len(ckpt["categories"]) == 1000 and ckpt["backbone_arch"] == "mobilenet_v2"
+    reference = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+    x = torch.rand(2, 3, 64, 64)
+    norm = torchvision.transforms.v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(norm(x)), atol=1e-4)
+    assert build_backbone("mobilenet_v2", weights=str(tmp_path / "pre/backbone.pt")).out_channels == 1280
+
+
+def test_label_budget_is_stratified_and_seeded():
+    from components.stages.pretrain import label_budget
+
+    targets = [0] * 50 + [1] * 30 + [2] * 3
+    picked = label_budget(targets, 0.1, seed=0)
+    assert [sum(targets[i] == c for i in picked) for c in range(3)] == [5, 3, 1]
+    assert picked == label_budget(targets, 0.1, seed=0) != label_budget(targets, 0.1, seed=1)
+    assert label_budget(targets, 1.0, seed=0) == list(range(83))
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.pretrain import run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="visionflow ingest"):
+        run_pretrain(_pretrain_cfg(tmp_path / "nowhere", tmp_path), AugmentConfig(), tracking_cfg)
+
+
+def test_checkpoints_of_the_stage_load_weights_only(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.pretrain import run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path, epochs=1), AugmentConfig(), tracking_cfg)
+    for path in (tmp_path / "outputs/pretrain").rglob("*.pt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["model_name"] == "classifier"
+    assert load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")["mlflow_run_id"]
