@@ -181,7 +181,7 @@ class PretrainConfig(Section):
     backbone: BackboneRef = BackboneRef()
     image_size: Annotated[int, Field(ge=16)] = 32
     out: str = "outputs/pretrain"
-    train: TrainConfig = TrainConfig(epochs=4, batch_size=128, lr=3e-3)
+    train: TrainConfig = TrainConfig(epochs=3, batch_size=128, lr=3e-3, threads=1)
 
 
 class FinetuneConfig(Section):
@@ -197,11 +197,11 @@ class FinetuneConfig(Section):
         "fine_tuning",
         "own_fine_tuning",
     ]
-    unfreeze_last_k: NonNegativeInt | None = None  # None = all blocks
+    unfreeze_last_k: NonNegativeInt | None = 1  # fine-tune the last k backbone stages (None = all)
     backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     frozen_bn: bool = True  # fine-tuning keeps the backbone's BatchNorm statistics (eval mode); weights still train
     out: str = "outputs/finetune"
-    train: TrainConfig = TrainConfig(epochs=3, batch_size=16, lr=1e-3)
+    train: TrainConfig = TrainConfig(epochs=3, batch_size=16, lr=1e-3, threads=1)
 
 
 # --------------------------------------------------------------------------- detection
@@ -302,6 +302,7 @@ class DetectConfig(Section):
     dataset: str = "data/shapes"
     architectures: list[Literal[DETECTOR_ARCHS]] = list(DETECTOR_ARCHS)  # type: ignore[valid-type]
     out: str = "outputs/detect"
+    metrics: str = "metrics"  # folder of detect_<arch>.json and detect_comparison.json
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     overfeat: OverFeatConfig = OverFeatConfig()
     yolo: YoloConfig = YoloConfig()

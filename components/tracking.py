@@ -237,7 +237,6 @@ class RunLogger:
         """
         import json
 
-        import mlflow
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import Dataset as DatasetEntity
         from mlflow.entities import DatasetInput, InputTag
@@ -263,7 +262,6 @@ class RunLogger:
         self.set_tags({f"{TAG_PREFIX}data_hash": digest, f"{TAG_PREFIX}data_path": str(source)})
         if profile:
             self.log_dict(dict(profile), f"datasets/{name}_profile.json")
-        _ = mlflow  # the import registers mlflow's dataset sources
         return digest
 
     def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:

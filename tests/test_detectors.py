@@ -17,14 +17,20 @@ K = 3
 ARCHS = ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "retinanet")
 # small heads so that a few steps on CPU take seconds
 TINY = {
-    "sliding_window": {"window_sizes": [16, 32], "crop_size": 16},
-    "overfeat": {"window_size": 32, "head_channels": 32},
+    "sliding_window": {"window_sizes": [24], "crop_size": 16},
+    "overfeat": {"window_size": 32, "head_channels": 32, "scales": [1.0]},
     "yolo": {"S": 4, "head": "conv", "hidden": 32, "dropout": 0.0},
     "ssd": {},
-    "faster_rcnn": {"fpn_channels": 16, "representation_size": 64, "rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 50, "box_batch_size_per_image": 32},
+    "faster_rcnn": {
+        "fpn_channels": 16,
+        "representation_size": 64,
+        "rpn_pre_nms_top_n": 100,
+        "rpn_post_nms_top_n": 50,
+        "box_batch_size_per_image": 32,
+    },
     "retinanet": {"fpn_channels": 16},
 }
-STEPS = 15
+STEPS = 12
 
 
 def _scene(seed: int, size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -42,7 +48,13 @@ def test_every_arch_is_registered_with_a_keyword_only_typed_builder():
     for arch in ARCHS:
         params = inspect.signature(get_model_builder("detection", arch)).parameters
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values()), arch
-        assert {"num_classes", "backbone", "weights_backbone", "trainable_backbone_layers", "image_size"} <= set(params), arch
+        assert {
+            "num_classes",
+            "backbone",
+            "weights_backbone",
+            "trainable_backbone_layers",
+            "image_size",
+        } <= set(params), arch
         assert all(p.annotation is not inspect.Parameter.empty for p in params.values()), arch
 
 
@@ -56,7 +68,9 @@ def _probe_loss(model, images, targets) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trains_a_few_steps_with_falling_loss_and_returns_valid_boxes(arch):
     torch.manual_seed(0)
-    model = get_model("detection", arch, num_classes=K, image_size=64, score_threshold=0.0, max_detections=20, **TINY[arch])
+    model = get_model(
+        "detection", arch, num_classes=K, image_size=64, score_threshold=0.0, max_detections=20, **TINY[arch]
+    )
     image, target = _scene(0)
     images, targets = [image], [target]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -146,6 +146,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert moved > 1e-2  # the comparison is not between two untrained models
 
 
+@pytest.mark.slow  # another torchrun start-up (~10 s on a shared CPU) for an error path
 def test_a_failing_rank_is_a_training_error(tmp_path):
     bad = tmp_path / "fail.py"
     bad.write_text("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")

@@ -260,3 +260,19 @@ def test_max_steps_per_epoch_and_grad_clip(tmp_path):
 
     _, result = _run(tmp_path, _cfg(epochs=2, max_steps_per_epoch=2, grad_clip=0.5, optimizer="sgd"), step=step)
     assert len(seen) == 4 and result.global_step == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_training_and_exact_resume(tmp_path):
+    """On CUDA the engine trains under autocast + GradScaler, keeps the scaler in last.pt, and resumes exactly."""
+    cfg = _cfg(device="cuda", amp=True)
+    straight, r1 = _run(tmp_path / "straight", cfg)
+    assert next(straight.parameters()).is_cuda
+    last = load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert last["scaler"]["scale"] > 0 and last["rng"]["cuda"]
+    assert r1.history[-1]["train_loss"] < r1.history[0]["train_loss"]
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "resumed", cfg, step=_interrupting_step(at=6 * 2 + 3))
+    resumed, _ = _run(tmp_path / "resumed", cfg, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -236,7 +236,7 @@ def write_coco_source(root: Path, document: Any) -> Path:
     return path
 
 
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(document=coco_document)
 def test_coco_documents_fail_clearly(scratch, document):
     work = fresh(scratch)
@@ -255,7 +255,7 @@ VALID_COCO = {
 }
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(blob=mangled(json.dumps(VALID_COCO).encode()))
 def test_coco_bytes_fail_clearly(scratch, blob):
     work = fresh(scratch)
@@ -264,7 +264,7 @@ def test_coco_bytes_fail_clearly(scratch, blob):
     run_ingest(f"coco:{path}", work)
 
 
-@fuzz_settings(30)
+@fuzz_settings(20)
 @given(image_a=mangled(png_bytes()), image_b=mangled(jpeg_bytes()))
 def test_corrupt_images_fail_clearly(scratch, image_a, image_b):
     """Truncated, bit-flipped or random image bytes behind a valid annotation file."""
@@ -302,7 +302,7 @@ def voc_xml(draw) -> str:
     return doc[:cut]
 
 
-@fuzz_settings(50)
+@fuzz_settings(35)
 @given(first=voc_xml(), second=voc_xml(), split_list=st.one_of(st.none(), st.text(max_size=20)))
 def test_voc_annotations_fail_clearly(scratch, first, second, split_list):
     work = fresh(scratch)
@@ -339,7 +339,7 @@ data_yaml = st.one_of(
 )
 
 
-@fuzz_settings(50)
+@fuzz_settings(35)
 @given(yaml_text=data_yaml, train_labels=label_file, val_labels=label_file)
 def test_yolo_sources_fail_clearly(scratch, yaml_text, train_labels, val_labels):
     work = fresh(scratch)
@@ -440,20 +440,20 @@ def run_evaluate(work: Path, gt: Any, results: Any, iou_type: str, *, raw: bool 
     return expect_clear_error(lambda: evaluate_files(gt_path, pred_path, iou_type=iou_type, quiet=True), EvaluationError)
 
 
-@fuzz_settings(80)
+@fuzz_settings(50)
 @given(gt=eval_gt, iou_type=st.sampled_from(["bbox", "segm"]))
 def test_evaluate_ground_truth_fails_clearly(scratch, gt, iou_type):
     run_evaluate(fresh(scratch), gt, EVAL_RESULTS, iou_type)
 
 
-@fuzz_settings(80)
+@fuzz_settings(50)
 @given(results=eval_results, iou_type=st.sampled_from(["bbox", "segm"]))
 def test_evaluate_results_fail_clearly(scratch, results, iou_type):
     """Garbage results: NaN/inf scores, wrong types, malformed boxes, malformed RLE and polygons."""
     run_evaluate(fresh(scratch), EVAL_GT, results, iou_type)
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(gt_blob=mangled(json.dumps(EVAL_GT).encode()), pred_blob=mangled(json.dumps(EVAL_RESULTS).encode()))
 def test_evaluate_truncated_files_fail_clearly(scratch, gt_blob, pred_blob):
     run_evaluate(fresh(scratch), gt_blob, pred_blob, "bbox", raw=True)

@@ -57,7 +57,9 @@ def test_greedy_merge_stops_below_the_threshold():
 
 
 def test_greedy_merge_of_nothing():
-    b, s, lab = greedy_merge(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), iou_threshold=0.3)
+    b, s, lab = greedy_merge(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), iou_threshold=0.3
+    )
     assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
 
 
@@ -101,7 +103,9 @@ def test_windows_follow_the_feature_grid_and_the_scale():
     w2 = model.windows_at(6, 6, 1.5, torch.device("cpu"))
     stride = model.stride
     torch.testing.assert_close(w1[0], torch.tensor([stride / 2, stride / 2, 32.0, 32.0]))
-    torch.testing.assert_close(w2[-1], torch.tensor([5.5 * stride / 1.5, 5.5 * stride / 1.5, 32 / 1.5, 32 / 1.5]))
+    torch.testing.assert_close(
+        w2[-1], torch.tensor([5.5 * stride / 1.5, 5.5 * stride / 1.5, 32 / 1.5, 32 / 1.5])
+    )
 
 
 def test_assign_labels_centre_positives_ignores_the_rest_of_the_box():

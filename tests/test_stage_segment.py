@@ -44,6 +44,7 @@ def tiny_params(work: Path, **extra: str):
             f"segment.{arch}.train.batch_size=4",
             f"segment.{arch}.train.device=cpu",
             f"segment.{arch}.train.threads=1",
+            f"segment.{arch}.train.max_steps_per_epoch=2",
         ]
     overrides += ["segment.unet.base_channels=8", "segment.unet.depth=3", "segment.mask_rcnn.train.epochs=1"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
@@ -180,3 +181,30 @@ def test_render_semantic_map_paints_confident_instances_most_confident_last():
     assert torch.equal(semantic, expected)
     empty = {"masks": torch.zeros(0, 1, 6, 6), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
     assert torch.equal(render_semantic_map(empty, (6, 6), score_threshold=0.5, mask_threshold=0.5), torch.zeros(6, 6, dtype=torch.int64))
+
+
+MEMBRANE = Path("/work/shared/data/membrane")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MEMBRANE.is_dir(), reason="the ISBI 2012 membrane data is not on this machine")
+def test_unet_on_the_isbi_membranes(tmp_path, monkeypatch):
+    """configs/membrane.yaml end to end: UNet with elastic + flip augmentation, scored on 6 held-out slices.
+
+    About 40 epochs of 21 slices at 256x256: roughly 30-60 minutes on a shared 2-core CPU.
+    """
+    from components.data.ingest import ingest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(
+        ROOT / "configs/membrane.yaml",
+        [f"segment.dataset={tmp_path / 'membrane'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+    )
+    ingest(f"masks:{MEMBRANE}", tmp_path / "membrane", cfg=params.data)
+    metrics = run_segment(params.segment, "unet", params.augment, params.tracking)
+    test = metrics["test"]
+    assert test["num_images"] == 6
+    assert test["pixel_accuracy"] >= 0.88
+    assert test["per_class_iou"]["membrane"] >= 0.6
+    assert (tmp_path / "outputs/membrane/unet/overlays.png").is_file()

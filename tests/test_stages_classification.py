@@ -28,6 +28,24 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory):
+    """One sqlite MLflow store for the module: creating one costs ~10 s of migrations on a busy CPU."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
+        yield {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": (root / "mlartifacts").as_uri()}
+
+
+@pytest.fixture()
+def tracking_cfg(tracking_store, request):
+    """A TrackingConfig on the module's store, one experiment per test."""
+    from components.config import TrackingConfig
+
+    return TrackingConfig(experiment=request.node.name[:200], **tracking_store)
+
+
+@pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 2-class ImageFolder (red-ish vs blue-ish 40x30 photos, JPEG), ingested like the real ones."""
     from components.data.ingest import ingest
@@ -72,9 +90,10 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
     from components.stages.pretrain import run_pretrain
 
     monkeypatch.chdir(tmp_path)
-    pre = run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path), AugmentConfig(), tracking_cfg)
+    pre = run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path, epochs=1), AugmentConfig(), tracking_cfg)
     backbone_pt = tmp_path / "outputs/pretrain/backbone.pt"
-    assert pre["checkpoint"] == str(backbone_pt) and pre["epochs"] == 2 and 0.0 <= pre["accuracy"] <= 1.0
+    assert pre["checkpoint"] == str(backbone_pt) and pre["epochs"] == 1 and 0.0 <= pre["accuracy"] <= 1.0
+    assert load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")["mlflow_run_id"] == pre["run_id"]
     assert json.loads((tmp_path / "metrics/pretrain.json").read_text())["run_id"] == pre["run_id"]
     assert (tmp_path / "outputs/pretrain/training_curves.png").stat().st_size > 0
     state = load_backbone_state(backbone_pt, arch="vfnet_small")
@@ -84,7 +103,7 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
     assert {"train_loss", "val_accuracy", "best_accuracy"} <= set(history)
 
     strategies = ["scratch", "feature_extraction", "fine_tuning", "own_fine_tuning"]
-    result = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, strategies), AugmentConfig(), tracking_cfg)
+    result = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, strategies, train={"epochs": 1}), AugmentConfig(), tracking_cfg)
     on_disk = json.loads((tmp_path / "metrics/finetune.json").read_text())
     assert on_disk["best"] == result["best"] and list(on_disk["strategies"]) == strategies
     for name, row in on_disk["strategies"].items():
@@ -106,6 +125,8 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
         assert probs.shape == (n, 2) and torch.allclose(probs.sum(1), torch.ones(n))
     children = {r.info.run_name: r for r in _runs(tracking_cfg, "finetune.fine_tuning")}
     assert children["finetune.fine_tuning"].data.tags["mlflow.parentRunId"] == result["run_id"]
+    for path in (tmp_path / "outputs").rglob("*.pt"):  # every checkpoint the stages wrote is weights_only-safe
+        assert torch.load(path, map_location="cpu", weights_only=True)["model_name"] == "classifier"
 
 
 def test_finetune_resume_logs_into_the_same_run_and_extends(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
@@ -185,14 +206,3 @@ def test_missing_dataset_is_a_clear_error(tmp_path, tracking_cfg, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="visionflow ingest"):
         run_pretrain(_pretrain_cfg(tmp_path / "nowhere", tmp_path), AugmentConfig(), tracking_cfg)
-
-
-def test_checkpoints_of_the_stage_load_weights_only(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
-    from components.stages.pretrain import run_pretrain
-
-    monkeypatch.chdir(tmp_path)
-    run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path, epochs=1), AugmentConfig(), tracking_cfg)
-    for path in (tmp_path / "outputs/pretrain").rglob("*.pt"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["model_name"] == "classifier"
-    assert load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")["mlflow_run_id"]

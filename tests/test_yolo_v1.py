@@ -19,7 +19,14 @@ def _random_boxes(g: torch.Generator, n: int, size: int) -> torch.Tensor:
 def test_encoding_round_trips_boxes():
     """encode -> decode returns the input boxes (one object centre per cell), labels included."""
     S, C, H, W = 7, 5, 112, 140
-    boxes = torch.tensor([[3.0, 4.0, 40.0, 50.0], [70.0, 10.0, 139.0, 30.0], [20.0, 80.0, 60.0, 111.0], [100.0, 60.0, 110.0, 100.0]])
+    boxes = torch.tensor(
+        [
+            [3.0, 4.0, 40.0, 50.0],
+            [70.0, 10.0, 139.0, 30.0],
+            [20.0, 80.0, 60.0, 111.0],
+            [100.0, 60.0, 110.0, 100.0],
+        ]
+    )
     labels = torch.tensor([1, 5, 2, 3])
     target = encode_targets([boxes], [labels], S=S, num_classes=C, image_size=(H, W))
     obj = target[0, ..., 4] > 0
@@ -65,13 +72,19 @@ def _reference_loss(pred, target, S, B, C, lambdas):
                 t = target[n, row, col].tolist()
                 p = pred[n, row, col].tolist()
                 has_obj = t[4] == 1.0
-                ious = [iou(xyxy(*p[5 * j : 5 * j + 4], row, col), xyxy(*t[:4], row, col)) if has_obj else 0.0 for j in range(B)]
+                ious = [
+                    iou(xyxy(*p[5 * j : 5 * j + 4], row, col), xyxy(*t[:4], row, col)) if has_obj else 0.0
+                    for j in range(B)
+                ]
                 responsible = max(range(B), key=lambda j: (ious[j], -j)) if has_obj else None
                 for j in range(B):
                     x, y, w, h, c = p[5 * j : 5 * j + 5]
                     if j == responsible:
                         terms["loss_coord"] += lc * (
-                            (t[0] - x) ** 2 + (t[1] - y) ** 2 + (math.sqrt(t[2]) - math.sqrt(w)) ** 2 + (math.sqrt(t[3]) - math.sqrt(h)) ** 2
+                            (t[0] - x) ** 2
+                            + (t[1] - y) ** 2
+                            + (math.sqrt(t[2]) - math.sqrt(w)) ** 2
+                            + (math.sqrt(t[3]) - math.sqrt(h)) ** 2
                         )
                         terms["loss_obj"] += lo * (ious[j] - c) ** 2
                     else:
@@ -91,9 +104,19 @@ def test_loss_equals_loop_reference_term_by_term(S, B, C):
     target = encode_targets(boxes, labels, S=S, num_classes=C, image_size=(96, 96)).double()
     # make some predicted boxes overlap their cell's target so that IoUs are not all zero
     obj = target[..., 4] > 0
-    pred[..., 0:4][obj] = (target[..., :4][obj] + 0.05 * torch.rand(int(obj.sum()), 4, generator=g, dtype=torch.float64)).clamp(0, 1)
+    pred[..., 0:4][obj] = (
+        target[..., :4][obj] + 0.05 * torch.rand(int(obj.sum()), 4, generator=g, dtype=torch.float64)
+    ).clamp(0, 1)
     lambdas = (5.0, 1.3, 0.5, 0.7)
-    got = yolo_v1_loss(pred, target, B=B, lambda_coord=lambdas[0], lambda_obj=lambdas[1], lambda_noobj=lambdas[2], lambda_classes=lambdas[3])
+    got = yolo_v1_loss(
+        pred,
+        target,
+        B=B,
+        lambda_coord=lambdas[0],
+        lambda_obj=lambdas[1],
+        lambda_noobj=lambdas[2],
+        lambda_classes=lambdas[3],
+    )
     want = _reference_loss(pred, target, S, B, C, lambdas)
     assert set(got) == set(want)
     for key in want:
@@ -104,9 +127,13 @@ def test_loss_equals_loop_reference_term_by_term(S, B, C):
 def test_confidence_target_is_detached():
     """The IoU used as the confidence target carries no gradient to the box outputs."""
     S, B, C = 2, 1, 2
-    target = encode_targets([torch.tensor([[4.0, 4.0, 20.0, 28.0]])], [torch.tensor([1])], S=S, num_classes=C, image_size=(32, 32))
+    target = encode_targets(
+        [torch.tensor([[4.0, 4.0, 20.0, 28.0]])], [torch.tensor([1])], S=S, num_classes=C, image_size=(32, 32)
+    )
     pred = torch.full((1, S, S, 5 * B + C), 0.5, requires_grad=True)
-    loss = yolo_v1_loss(pred, target, B=B, lambda_coord=0.0, lambda_obj=1.0, lambda_noobj=0.0, lambda_classes=0.0)
+    loss = yolo_v1_loss(
+        pred, target, B=B, lambda_coord=0.0, lambda_obj=1.0, lambda_noobj=0.0, lambda_classes=0.0
+    )
     loss["loss_obj"].backward()
     assert torch.count_nonzero(pred.grad[..., :4]) == 0
     assert torch.count_nonzero(pred.grad[..., 4]) == 1

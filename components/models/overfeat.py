@@ -32,7 +32,9 @@ from components.models.yolo_v1 import IMAGENET_MEAN, IMAGENET_STD, fixed_size_tr
 # --------------------------------------------------------------------------- windows
 
 
-def sliding_windows(image_size: tuple[int, int], window_sizes: Sequence[int], stride_fraction: float) -> Tensor:
+def sliding_windows(
+    image_size: tuple[int, int], window_sizes: Sequence[int], stride_fraction: float
+) -> Tensor:
     """Every square window of every size, at a stride of ``stride_fraction * size``, covering the image.
 
     The last window of a row or column is aligned to the image border so that no strip is left out.
@@ -51,13 +53,17 @@ def sliding_windows(image_size: tuple[int, int], window_sizes: Sequence[int], st
             xs.append(width - size)
         if ys[-1] != height - size:
             ys.append(height - size)
-        grid_y, grid_x = torch.meshgrid(torch.tensor(ys, dtype=torch.float32), torch.tensor(xs, dtype=torch.float32), indexing="ij")
+        grid_y, grid_x = torch.meshgrid(
+            torch.tensor(ys, dtype=torch.float32), torch.tensor(xs, dtype=torch.float32), indexing="ij"
+        )
         x0, y0 = grid_x.reshape(-1), grid_y.reshape(-1)
         out.append(torch.stack([x0, y0, x0 + size, y0 + size], dim=1))
     return torch.cat(out)
 
 
-def label_windows(windows: Tensor, boxes: Tensor, labels: Tensor, *, positive_iou: float = 0.5, negative_iou: float = 0.3) -> Tensor:
+def label_windows(
+    windows: Tensor, boxes: Tensor, labels: Tensor, *, positive_iou: float = 0.5, negative_iou: float = 0.3
+) -> Tensor:
     """Class of each window: the best-overlapping object's label when IoU >= ``positive_iou``,
     0 (background) when the best IoU < ``negative_iou``, -1 (ignored) in between.
 
@@ -77,7 +83,9 @@ def label_windows(windows: Tensor, boxes: Tensor, labels: Tensor, *, positive_io
     return out
 
 
-def greedy_merge(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def greedy_merge(
+    boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """OverFeat's ad-hoc greedy merge of the boxes predicted for one image.
 
     Per class, repeatedly take the pair of boxes that match best (highest IoU); if their IoU is
@@ -125,7 +133,9 @@ def greedy_merge(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_threshold
     return b[order], s[order], lab[order]
 
 
-def _select_detections(boxes: Tensor, probs: Tensor, *, score_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def _select_detections(
+    boxes: Tensor, probs: Tensor, *, score_threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-class candidates from window boxes and (K+1)-way probabilities (column 0 = background).
 
     Args:
@@ -179,12 +189,23 @@ class SlidingWindowDetector(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(backbone.out_channels, num_classes + 1))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(backbone.out_channels, num_classes + 1)
+        )
         self.transform = fixed_size_transform(image_size, image_mean, image_std)
         self.num_classes, self.image_size, self.crop_size = num_classes, image_size, crop_size
         self.negatives_per_image, self.positives_per_image = negatives_per_image, positives_per_image
-        self.score_threshold, self.nms_iou, self.max_detections, self.window_batch = score_threshold, nms_iou, max_detections, window_batch
-        self.register_buffer("windows", sliding_windows((image_size, image_size), window_sizes, stride_fraction), persistent=False)
+        self.score_threshold, self.nms_iou, self.max_detections, self.window_batch = (
+            score_threshold,
+            nms_iou,
+            max_detections,
+            window_batch,
+        )
+        self.register_buffer(
+            "windows",
+            sliding_windows((image_size, image_size), window_sizes, stride_fraction),
+            persistent=False,
+        )
 
     @property
     def windows_per_image(self) -> int:
@@ -200,7 +221,9 @@ class SlidingWindowDetector(nn.Module):
         Returns:
             logits Tensor[sum W_n, K + 1].
         """
-        crops = roi_align(batch, windows, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        crops = roi_align(
+            batch, windows, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
         return self.classifier(self.backbone.forward_features(crops))
 
     def _training_windows(self, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -215,7 +238,9 @@ class SlidingWindowDetector(nn.Module):
         lab = torch.cat([labels.long(), window_labels[pos], window_labels[neg]])
         return win, lab
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: ``{"loss_classifier"}`` (cross-entropy over sampled windows); eval: detections."""
         if self.training and targets is None:
             raise ValueError("SlidingWindowDetector in training mode needs targets")
@@ -235,7 +260,9 @@ class SlidingWindowDetector(nn.Module):
                     for chunk in self.windows.split(self.window_batch)
                 ]
             )
-            boxes, scores, labels = _select_detections(self.windows, probs, score_threshold=self.score_threshold)
+            boxes, scores, labels = _select_detections(
+                self.windows, probs, score_threshold=self.score_threshold
+            )
             keep = batched_nms(boxes, scores, labels, self.nms_iou)[: self.max_detections]
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
@@ -298,14 +325,34 @@ class OverFeat(nn.Module):
         super().__init__()
         self.backbone = backbone
         c = backbone.out_channels
-        self.cls_head = nn.Sequential(nn.Conv2d(c, head_channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(head_channels, num_classes + 1, 1))
-        self.reg_head = nn.Sequential(nn.Conv2d(c, head_channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(head_channels, 4, 1))
+        self.cls_head = nn.Sequential(
+            nn.Conv2d(c, head_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(head_channels, num_classes + 1, 1),
+        )
+        self.reg_head = nn.Sequential(
+            nn.Conv2d(c, head_channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(head_channels, 4, 1)
+        )
         self.transform = fixed_size_transform(image_size, image_mean, image_std)
         self.stride = backbone.strides[-1]
-        self.num_classes, self.image_size, self.scales, self.window_size = num_classes, image_size, list(scales), window_size
-        self.merge_iou, self.hard_negative_ratio, self.negatives_per_image = merge_iou, hard_negative_ratio, negatives_per_image
+        self.num_classes, self.image_size, self.scales, self.window_size = (
+            num_classes,
+            image_size,
+            list(scales),
+            window_size,
+        )
+        self.merge_iou, self.hard_negative_ratio, self.negatives_per_image = (
+            merge_iou,
+            hard_negative_ratio,
+            negatives_per_image,
+        )
         self.center_fraction = center_fraction
-        self.score_threshold, self.nms_iou, self.max_detections, self.pre_merge_top_n = score_threshold, nms_iou, max_detections, pre_merge_top_n
+        self.score_threshold, self.nms_iou, self.max_detections, self.pre_merge_top_n = (
+            score_threshold,
+            nms_iou,
+            max_detections,
+            pre_merge_top_n,
+        )
 
     def windows_at(self, height: int, width: int, scale: float, device: torch.device) -> Tensor:
         """Windows of a ``height x width`` feature map at ``scale`` as Tensor[h * w, 4] (cx, cy, side, side) in input pixels."""
@@ -319,7 +366,11 @@ class OverFeat(nn.Module):
         """Per scale: (class logits Tensor[N, h*w, K+1], regression Tensor[N, h*w, 4], windows Tensor[h*w, 4] cxcywh)."""
         out = []
         for scale in self.scales:
-            x = batch if scale == 1.0 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            x = (
+                batch
+                if scale == 1.0
+                else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            )
             feats = self.backbone.forward_features(x)
             logits = self.cls_head(feats)
             reg = self.reg_head(feats.detach())  # the conv layers stay fixed for the regression loss
@@ -341,16 +392,28 @@ class OverFeat(nn.Module):
         """
         n_win = len(windows)
         if boxes.numel() == 0:
-            return torch.zeros(n_win, dtype=torch.long, device=windows.device), torch.zeros(n_win, dtype=torch.long, device=windows.device)
+            return torch.zeros(n_win, dtype=torch.long, device=windows.device), torch.zeros(
+                n_win, dtype=torch.long, device=windows.device
+            )
         cx, cy = windows[:, 0:1], windows[:, 1:2]
-        inside = (cx >= boxes[:, 0]) & (cx <= boxes[:, 2]) & (cy >= boxes[:, 1]) & (cy <= boxes[:, 3])  # [W, n]
+        inside = (
+            (cx >= boxes[:, 0]) & (cx <= boxes[:, 2]) & (cy >= boxes[:, 1]) & (cy <= boxes[:, 3])
+        )  # [W, n]
         bcx, bcy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         # the central region never shrinks below one feature cell, so every object has a positive window
-        half_w = torch.maximum((boxes[:, 2] - boxes[:, 0]) * self.center_fraction / 2, windows[:, 2:3] / self.window_size * self.stride / 2)
-        half_h = torch.maximum((boxes[:, 3] - boxes[:, 1]) * self.center_fraction / 2, windows[:, 3:4] / self.window_size * self.stride / 2)
+        half_w = torch.maximum(
+            (boxes[:, 2] - boxes[:, 0]) * self.center_fraction / 2,
+            windows[:, 2:3] / self.window_size * self.stride / 2,
+        )
+        half_h = torch.maximum(
+            (boxes[:, 3] - boxes[:, 1]) * self.center_fraction / 2,
+            windows[:, 3:4] / self.window_size * self.stride / 2,
+        )
         central = ((cx - bcx).abs() <= half_w) & ((cy - bcy).abs() <= half_h)
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        cost = torch.where(central, area.expand_as(central), torch.full_like(central, float("inf"), dtype=area.dtype))
+        cost = torch.where(
+            central, area.expand_as(central), torch.full_like(central, float("inf"), dtype=area.dtype)
+        )
         best_cost, best = cost.min(dim=1)
         out = torch.zeros(n_win, dtype=torch.long, device=windows.device)
         out[inside.any(dim=1)] = -1
@@ -363,7 +426,15 @@ class OverFeat(nn.Module):
         """xyxy boxes -> ``(x, y, w, h)`` relative to cxcywh windows (both Tensor[W, 4])."""
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        return torch.stack([(cx - windows[:, 0]) / windows[:, 2], (cy - windows[:, 1]) / windows[:, 3], w / windows[:, 2], h / windows[:, 3]], 1)
+        return torch.stack(
+            [
+                (cx - windows[:, 0]) / windows[:, 2],
+                (cy - windows[:, 1]) / windows[:, 3],
+                w / windows[:, 2],
+                h / windows[:, 3],
+            ],
+            1,
+        )
 
     @staticmethod
     def decode(reg: Tensor, windows: Tensor) -> Tensor:
@@ -373,7 +444,9 @@ class OverFeat(nn.Module):
         w, h = reg[:, 2].clamp(min=0) * windows[:, 2], reg[:, 3].clamp(min=0) * windows[:, 3]
         return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
-    def losses(self, dense: list[tuple[Tensor, Tensor, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def losses(
+        self, dense: list[tuple[Tensor, Tensor, Tensor]], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
         """``loss_classifier`` (cross-entropy with random and hard negatives) and ``loss_box_reg`` (l2)."""
         logits = torch.cat([d[0] for d in dense], dim=1)  # [N, W, K+1]
         reg = torch.cat([d[1] for d in dense], dim=1)
@@ -397,7 +470,9 @@ class OverFeat(nn.Module):
         loss_reg = torch.cat(reg_losses).mean() if reg_losses else reg.sum() * 0.0
         return {"loss_classifier": loss_cls, "loss_box_reg": loss_reg}
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: ``{loss_classifier, loss_box_reg}``; eval: merged detections per image."""
         if self.training and targets is None:
             raise ValueError("OverFeat in training mode needs targets")

@@ -36,7 +36,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def fixed_size_transform(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> GeneralizedRCNNTransform:
+def fixed_size_transform(
+    image_size: int, image_mean: Sequence[float], image_std: Sequence[float]
+) -> GeneralizedRCNNTransform:
     """torchvision's detection input transform resizing every image to ``image_size x image_size``.
 
     It resizes images and their target boxes together, normalises with ``image_mean/std``,
@@ -56,7 +58,14 @@ def fixed_size_transform(image_size: int, image_mean: Sequence[float], image_std
 # --------------------------------------------------------------------------- boxes <-> grid
 
 
-def encode_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor], *, S: int, num_classes: int, image_size: tuple[int, int]) -> Tensor:
+def encode_targets(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    *,
+    S: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+) -> Tensor:
     """Encode ground-truth boxes into YOLO's grid targets.
 
     Every box is assigned to the cell ``i`` holding its centre; its ``(x, y)`` are the centre's
@@ -214,7 +223,18 @@ class YOLOv1Head(nn.Module):
     Leaky ReLU everywhere, as in the lecture.
     """
 
-    def __init__(self, in_channels: int, *, S: int, B: int, num_classes: int, kind: str, hidden: int, dropout: float, leaky_slope: float):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        S: int,
+        B: int,
+        num_classes: int,
+        kind: str,
+        hidden: int,
+        dropout: float,
+        leaky_slope: float,
+    ):
         super().__init__()
         self.S, self.depth, self.kind = S, 5 * B + num_classes, kind
         if kind == "fc":
@@ -293,10 +313,22 @@ class YOLOv1(nn.Module):
         self.backbone = backbone
         self.transform = fixed_size_transform(image_size, image_mean, image_std)
         self.head = YOLOv1Head(
-            backbone.out_channels, S=S, B=B, num_classes=num_classes, kind=head, hidden=hidden, dropout=dropout, leaky_slope=leaky_slope
+            backbone.out_channels,
+            S=S,
+            B=B,
+            num_classes=num_classes,
+            kind=head,
+            hidden=hidden,
+            dropout=dropout,
+            leaky_slope=leaky_slope,
         )
         self.S, self.B, self.num_classes, self.image_size = S, B, num_classes, image_size
-        self.lambdas = {"lambda_coord": lambda_coord, "lambda_obj": lambda_obj, "lambda_noobj": lambda_noobj, "lambda_classes": lambda_classes}
+        self.lambdas = {
+            "lambda_coord": lambda_coord,
+            "lambda_obj": lambda_obj,
+            "lambda_noobj": lambda_noobj,
+            "lambda_classes": lambda_classes,
+        }
         self.score_threshold, self.nms_iou, self.max_detections = score_threshold, nms_iou, max_detections
 
     def predict_grid(self, batch: Tensor) -> Tensor:
@@ -306,7 +338,9 @@ class YOLOv1(nn.Module):
         classes = torch.softmax(raw[..., 5 * self.B :], dim=-1)
         return torch.cat([boxes, classes], dim=-1)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: the loss terms of :func:`yolo_v1_loss`; eval: per image ``{boxes, labels, scores}``."""
         if self.training and targets is None:
             raise ValueError("YOLOv1 in training mode needs targets")
@@ -317,7 +351,11 @@ class YOLOv1(nn.Module):
         if self.training:
             assert targets is not None
             target = encode_targets(
-                [t["boxes"] for t in targets], [t["labels"] for t in targets], S=self.S, num_classes=self.num_classes, image_size=size
+                [t["boxes"] for t in targets],
+                [t["labels"] for t in targets],
+                S=self.S,
+                num_classes=self.num_classes,
+                image_size=size,
             )
             return yolo_v1_loss(pred, target, B=self.B, **self.lambdas)
         detections = self.decode(pred, image_size=size)

@@ -10,9 +10,10 @@ Outputs per architecture:
 
 * ``outputs/detect/<arch>/``: ``best.pt`` / ``last.pt`` (engine), ``predictions_test.json`` (COCO
   results: ``image_id, category_id, bbox xywh, score``), ``detections.png`` (test images with
-  true boxes in white and predicted boxes in their class colour), ``pr_curves.json`` (DVC plots
-  format: one row per class, IoU threshold and recall point) and ``pr_curves.png``;
-* ``metrics/detect_<arch>.json``: COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
+  true boxes in white and predicted boxes in their class colour), ``pr_iou50.csv`` /
+  ``pr_iou75.csv`` (precision-recall curves in DVC's plots format: ``recall`` then one column
+  per class) and ``pr_curves.png``;
+* ``<detect.metrics>/detect_<arch>.json`` (default ``metrics/``): COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
   inference milliseconds per image, parameters, training time (and windows per image for the
   sliding window);
 * one MLflow run per architecture with the params, per-epoch metrics, test metrics and files.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
@@ -34,9 +34,8 @@ from torch import Tensor, nn
 
 from components.config import AugmentConfig, DetectConfig, DetectorConfig, EvaluateConfig, TrackingConfig
 from components.errors import ConfigError, DataError
+from components.metrics.detection import COCO_METRIC_NAMES as COCO_NAMES
 
-METRICS_DIR = Path("metrics")
-COCO_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
 _BACKBONE_KEYS = ("backbone", "train")
 
 
@@ -51,11 +50,17 @@ def read_detection_manifest(root: Path) -> dict[str, Any]:
     """
     manifest_path = root / "dataset.json"
     if not manifest_path.is_file():
-        raise DataError("no canonical dataset here (dataset.json missing)", file=manifest_path, fix="run `visionflow ingest` first or set detect.dataset")
+        raise DataError(
+            "no canonical dataset here (dataset.json missing)",
+            file=manifest_path,
+            fix="run `visionflow ingest` first or set detect.dataset",
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
-        raise DataError(f"dataset.json is not JSON ({err})", file=manifest_path, fix="re-run `visionflow ingest`") from None
+        raise DataError(
+            f"dataset.json is not JSON ({err})", file=manifest_path, fix="re-run `visionflow ingest`"
+        ) from None
     if "detection" not in manifest.get("tasks", []):
         raise DataError(
             f"the dataset has no detection view (tasks: {manifest.get('tasks')})",
@@ -66,7 +71,12 @@ def read_detection_manifest(root: Path) -> dict[str, Any]:
     splits = manifest.get("splits", {})
     for split in ("train", "val", "test"):
         if not splits.get(split):
-            raise DataError(f"the dataset has no {split!r} images (splits: {splits})", file=manifest_path, record="splits", fix="ingest with a non-empty train/val/test split")
+            raise DataError(
+                f"the dataset has no {split!r} images (splits: {splits})",
+                file=manifest_path,
+                record="splits",
+                fix="ingest with a non-empty train/val/test split",
+            )
     return manifest
 
 
@@ -76,12 +86,18 @@ def detection_datasets(root: Path, augment: AugmentConfig, image_size: int) -> d
     from components.data.datasets import DetectionDataset
 
     return {
-        split: DetectionDataset(root, split, transforms=build_transforms("detection", augment, train=split == "train", image_size=image_size))
+        split: DetectionDataset(
+            root,
+            split,
+            transforms=build_transforms("detection", augment, train=split == "train", image_size=image_size),
+        )
         for split in ("train", "val", "test")
     }
 
 
-def plain_targets(targets: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def plain_targets(
+    targets: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu"
+) -> list[dict[str, Any]]:
     """Targets as plain tensors on ``device`` (``BoundingBoxes`` unwrapped; the models' contract is plain tensors)."""
     out = []
     for t in targets:
@@ -111,7 +127,11 @@ def detector_arguments(arch: str, acfg: DetectorConfig, num_classes: int) -> dic
     builder = get_model_builder("detection", arch)
     accepted = set(inspect.signature(builder).parameters)
     args = {k: v for k, v in acfg.model_dump(mode="python").items() if k not in _BACKBONE_KEYS}
-    args.update(num_classes=num_classes, backbone=acfg.backbone.arch, trainable_backbone_layers=acfg.backbone.trainable_layers)
+    args.update(
+        num_classes=num_classes,
+        backbone=acfg.backbone.arch,
+        trainable_backbone_layers=acfg.backbone.trainable_layers,
+    )
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise ConfigError(
@@ -139,7 +159,9 @@ def count_parameters(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- training and evaluation
 
 
-def detection_step(model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device) -> dict[str, Tensor]:
+def detection_step(
+    model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device
+) -> dict[str, Tensor]:
     """One training step of any detector: the sum of its loss dict (each term also logged on its own)."""
     images, targets = batch
     images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
@@ -154,7 +176,11 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def predict_and_score(
-    model: nn.Module, loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]], device: torch.device, *, categories: list[str]
+    model: nn.Module,
+    loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]],
+    device: torch.device,
+    *,
+    categories: list[str],
 ) -> tuple[Any, float, int]:
     """Run ``model`` over ``loader``, feeding a :class:`DetectionEvaluator`; returns ``(evaluator, seconds, images)``.
 
@@ -173,11 +199,15 @@ def predict_and_score(
         _synchronize(device)
         seconds += time.perf_counter() - start
         n_images += len(images)
-        evaluator.update([{k: v.detach().cpu() for k, v in d.items()} for d in detections], plain_targets(targets))
+        evaluator.update(
+            [{k: v.detach().cpu() for k, v in d.items()} for d in detections], plain_targets(targets)
+        )
     return evaluator, seconds, n_images
 
 
-def evaluate_detector(model: nn.Module, loader: Iterable[Any], device: torch.device, *, categories: list[str]) -> dict[str, float]:
+def evaluate_detector(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, *, categories: list[str]
+) -> dict[str, float]:
     """The engine's per-epoch validation: COCO's 12 numbers, VOC mAP@0.5 and ms per image (flat floats)."""
     evaluator, seconds, n = predict_and_score(model, loader, device, categories=categories)
     bbox = evaluator.compute()["bbox"]
@@ -190,27 +220,17 @@ def evaluate_detector(model: nn.Module, loader: Iterable[Any], device: torch.dev
 # --------------------------------------------------------------------------- outputs
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON through a temp file + ``os.replace`` (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def pr_rows(curves: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Evaluator PR curves -> DVC plots rows ``{class, iou, recall, precision}`` (one per recall point)."""
-    rows = []
-    for c in curves:
-        for r, p in zip(c["recall"], c["precision"], strict=True):
-            rows.append({"class": c["class"], "iou": c["iou"], "recall": round(float(r), 4), "precision": round(max(float(p), 0.0), 6)})
-    return rows
-
-
 @torch.no_grad()
 def draw_detections(
-    model: nn.Module, dataset: Any, device: torch.device, *, categories: list[str], path: Path, count: int = 8, score_threshold: float = 0.3, title: str = ""
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    *,
+    categories: list[str],
+    path: Path,
+    count: int = 8,
+    score_threshold: float = 0.3,
+    title: str = "",
 ) -> Path:
     """A grid PNG of the first ``count`` test images: true boxes in white, predictions (score >= threshold) in class colours."""
     import matplotlib
@@ -252,30 +272,6 @@ def draw_detections(
     return path
 
 
-def plot_pr_curves(curves: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
-    """One panel per IoU threshold, one precision-recall curve per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ious = sorted({c["iou"] for c in curves}) or [0.5]
-    fig, axes = plt.subplots(1, len(ious), figsize=(4.5 * len(ious), 4), squeeze=False)
-    for ax, iou in zip(axes[0], ious, strict=True):
-        for c in curves:
-            if c["iou"] == iou:
-                ax.plot(c["recall"], [max(p, 0.0) for p in c["precision"]], label=c["class"])
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"IoU {iou:g}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``{"bbox": {"map": 0.3, "per_class": {...}}} -> {"bbox_map": 0.3, ...}`` (numbers only, for MLflow)."""
     out: dict[str, float] = {}
@@ -292,7 +288,13 @@ def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def run_detect(
-    cfg: DetectConfig, arch: str, augment: AugmentConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, *, resume: bool = False
+    cfg: DetectConfig,
+    arch: str,
+    augment: AugmentConfig,
+    evaluate: EvaluateConfig,
+    tracking: TrackingConfig,
+    *,
+    resume: bool = False,
 ) -> dict:
     """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
 
@@ -314,7 +316,15 @@ def run_detect(
         TrainingError: training diverged.
     """
     from components.data.datasets import detection_collate
-    from components.engine import build_loader, fit, load_checkpoint, load_model, resolve_device, seed_everything
+    from components.engine import (
+        build_loader,
+        fit,
+        load_checkpoint,
+        load_model,
+        resolve_device,
+        seed_everything,
+    )
+    from components.plots import plot_pr_curves, write_dvc_pr_curves, write_json
     from components.tracking import start_run
 
     acfg = cfg.arch(arch)
@@ -328,16 +338,32 @@ def run_detect(
     datasets = detection_datasets(root, augment, acfg.image_size)
     eval_batch = max(acfg.train.batch_size, 8)
     train_loader = build_loader(datasets["train"], acfg.train, train=True, collate_fn=detection_collate)
-    val_loader = build_loader(datasets["val"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch)
-    test_loader = build_loader(datasets["test"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch)
+    val_loader = build_loader(
+        datasets["val"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
+    )
+    test_loader = build_loader(
+        datasets["test"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
+    )
 
     run_id = None
     last = out_dir / "last.pt"
     if resume and last.exists():
         run_id = load_checkpoint(last).get("mlflow_run_id")
-    with start_run(tracking, run_name=f"detect-{arch}", tags={"stage": "detect", "arch": arch, "task": "detection"}, run_id=run_id) as logger:
+    with start_run(
+        tracking,
+        run_name=f"detect-{arch}",
+        tags={"stage": "detect", "arch": arch, "task": "detection"},
+        run_id=run_id,
+    ) as logger:
         if run_id is None:
-            logger.log_params({"arch": arch, "dataset": str(root), **acfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
+            logger.log_params(
+                {
+                    "arch": arch,
+                    "dataset": str(root),
+                    **acfg.model_dump(mode="json"),
+                    "augment": augment.model_dump(mode="json"),
+                }
+            )
         meta = {
             "task": "detection",
             "model_name": arch,
@@ -396,8 +422,8 @@ def run_detect(
         }
         if hasattr(model, "windows_per_image"):
             metrics["windows_per_image"] = int(model.windows_per_image)
-        predictions = write_json_atomic(out_dir / "predictions_test.json", results)
-        pr_json = write_json_atomic(out_dir / "pr_curves.json", {"pr": pr_rows(curves)})
+        predictions = write_json(results, out_dir / "predictions_test.json")
+        pr_csvs = write_dvc_pr_curves(curves, out_dir)
         pr_png = plot_pr_curves(curves, out_dir / "pr_curves.png", title=f"{arch} on {root.name} test")
         drawn = draw_detections(
             model,
@@ -407,15 +433,19 @@ def run_detect(
             path=out_dir / "detections.png",
             title=f"{arch}: mAP@0.5 {test['map_50']:.3f} on {root.name} test (white: truth)",
         )
-        metrics_path = write_json_atomic(METRICS_DIR / f"detect_{arch}.json", metrics)
-        scalars = {"test": {k: v for k, v in test.items() if k != "per_class"}, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}
+        metrics_path = write_json(metrics, Path(cfg.metrics) / f"detect_{arch}.json")
+        scalars = {
+            "test": {k: v for k, v in test.items() if k != "per_class"},
+            "parameters": metrics["parameters"],
+            "train_time_s": result.train_time_s,
+        }
         if "windows_per_image" in metrics:
             scalars["windows_per_image"] = metrics["windows_per_image"]
         logger.log_metrics(_flat_scalars(scalars))
         logger.log_artifact(metrics_path)
         logger.log_artifact(predictions, artifact_path="predictions")
-        for png in (drawn, pr_png, pr_json):
-            logger.log_artifact(png, artifact_path="plots")
+        for plot in (drawn, pr_png, *pr_csvs):
+            logger.log_artifact(plot, artifact_path="plots")
     return metrics
 
 
@@ -433,10 +463,12 @@ def compare_detectors(cfg: DetectConfig) -> dict:
     Raises:
         DataError: no architecture has been run yet, or a metrics file is not the stage's.
     """
+    from components.plots import write_json
+
     table: dict[str, dict[str, Any]] = {}
     missing = []
     for arch in cfg.architectures:
-        path = METRICS_DIR / f"detect_{arch}.json"
+        path = Path(cfg.metrics) / f"detect_{arch}.json"
         if not path.is_file():
             missing.append(arch)
             continue
@@ -445,15 +477,27 @@ def compare_detectors(cfg: DetectConfig) -> dict:
             test = metrics["test"]
             row = {k: test[k] for k in COMPARED}
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError("not a detect stage metrics file (no 'test' section)", file=path, fix=f"re-run `visionflow detect --arch {arch}`") from None
-        row.update(parameters=metrics.get("parameters"), train_time_s=metrics.get("train_time_s"), kind=DETECTOR_KIND.get(arch, "other"))
+            raise DataError(
+                "not a detect stage metrics file (no 'test' section)",
+                file=path,
+                fix=f"re-run `visionflow detect --arch {arch}`",
+            ) from None
+        row.update(
+            parameters=metrics.get("parameters"),
+            train_time_s=metrics.get("train_time_s"),
+            kind=DETECTOR_KIND.get(arch, "other"),
+        )
         if "windows_per_image" in metrics:
             row["windows_per_image"] = metrics["windows_per_image"]
         table[arch] = row
     if not table:
-        raise DataError(f"no detection metrics yet for {list(cfg.architectures)}", file=METRICS_DIR, fix="run `visionflow detect --arch A` for each architecture first")
+        raise DataError(
+            f"no detection metrics yet for {list(cfg.architectures)}",
+            file=cfg.metrics,
+            fix="run `visionflow detect --arch A` for each architecture first",
+        )
     result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json_atomic(METRICS_DIR / "detect_comparison.json", result)
+    write_json(result, Path(cfg.metrics) / "detect_comparison.json")
     plot_detector_comparison(table, Path(cfg.out) / "comparison.png")
     return result
 
@@ -478,7 +522,12 @@ def plot_detector_comparison(table: Mapping[str, Mapping[str, Any]], path: Path)
     import matplotlib.pyplot as plt
 
     archs = list(table)
-    colors = {"one-stage": "tab:blue", "two-stage": "tab:orange", "window classifier": "tab:gray", "other": "tab:green"}
+    colors = {
+        "one-stage": "tab:blue",
+        "two-stage": "tab:orange",
+        "window classifier": "tab:gray",
+        "other": "tab:green",
+    }
     panels = [
         ("map_50", "mAP@0.5", 1.0),
         ("map", "mAP@[.5:.95]", 1.0),
@@ -489,7 +538,11 @@ def plot_detector_comparison(table: Mapping[str, Mapping[str, Any]], path: Path)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
         values = [float(table[a].get(key) or 0.0) * scale for a in archs]
-        ax.bar(range(len(archs)), values, color=[colors.get(table[a].get("kind", "other"), "tab:green") for a in archs])
+        ax.bar(
+            range(len(archs)),
+            values,
+            color=[colors.get(table[a].get("kind", "other"), "tab:green") for a in archs],
+        )
         ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         for i, v in enumerate(values):

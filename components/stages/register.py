@@ -115,7 +115,6 @@ def discover_candidates(params: Params, *, metrics_dir: Path = METRICS_DIR) -> l
     out.append(
         Candidate("backbone", f"{prefix}-backbone", "pretrain", _checkpoint_for(pre_tree, Path(pre.out) / "backbone.pt"), pre_metrics, Path(pre.dataset), pre, pre_tree)
     )
-    ft = params.finetune
     ft_metrics = metrics_dir / "finetune.json"
     out.append(_best_strategy(params, ft_metrics, _read_json(ft_metrics) or {}))
     for arch in params.detect.architectures:
@@ -128,7 +127,6 @@ def discover_candidates(params: Params, *, metrics_dir: Path = METRICS_DIR) -> l
         tree = _read_json(path) or {}
         ckpt = _checkpoint_for(tree, Path(params.segment.out) / arch / "best.pt")
         out.append(Candidate("segmenter", f"{prefix}-segmenter-{arch}", f"segment.{arch}", ckpt, path, Path(params.segment.dataset), params.segment.arch(arch), tree))
-    del ft
     return out
 
 

@@ -1,0 +1,124 @@
+"""The detect stage end to end on a tiny shapes dataset: outputs, metrics, MLflow run, comparison, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.config import DataConfig, Params, ShapesConfig
+from components.errors import ConfigError, DataError
+from components.metrics.detection import COCO_METRIC_NAMES
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A 12/4/4-image shapes dataset at 64 px (ingested once for the module)."""
+    from components.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    shapes = ShapesConfig(
+        image_size=64, num_train=12, num_val=4, num_test=4, min_size=14, max_size=30, max_objects=2
+    )
+    ingest("shapes", out, cfg=DataConfig(shapes=shapes))
+    return out
+
+
+def _params(dataset: Path, out: Path, arch: str, **extra: object) -> Params:
+    from components.config import validate_params
+
+    section = {
+        "backbone": {"arch": "vfnet_small", "weights": None},
+        "image_size": 64,
+        "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "device": "cpu"},
+        **extra,
+    }
+    return validate_params(
+        {"detect": {"dataset": str(dataset), "out": str(out), "architectures": [arch, "yolo"], arch: section}}
+    )
+
+
+def test_run_detect_writes_every_output_and_one_mlflow_run(tiny_shapes, tmp_path, tracking_cfg, monkeypatch):
+    import mlflow
+
+    from components.stages.detect import compare_detectors, run_detect
+
+    monkeypatch.chdir(tmp_path)
+    params = _params(tiny_shapes, tmp_path / "outputs" / "detect", "ssd")
+    metrics = run_detect(params.detect, "ssd", params.augment, params.evaluate, tracking_cfg)
+
+    out = tmp_path / "outputs" / "detect" / "ssd"
+    for name in (
+        "best.pt",
+        "last.pt",
+        "predictions_test.json",
+        "detections.png",
+        "pr_iou50.csv",
+        "pr_iou75.csv",
+        "pr_curves.png",
+    ):
+        assert (out / name).is_file(), name
+    written = json.loads((tmp_path / "metrics" / "detect_ssd.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    test = written["test"]
+    for key in (*COCO_METRIC_NAMES, "voc_map_50", "ms_per_image"):
+        assert isinstance(test[key], float), key
+    assert set(test["per_class"]) == set(json.loads((tiny_shapes / "dataset.json").read_text())["categories"])
+    assert written["parameters"] > 0 and written["train_time_s"] > 0 and test["num_images"] == 4
+
+    results = json.loads((out / "predictions_test.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
+    header = (out / "pr_iou50.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "recall" and set(header[1:]) <= set(test["per_class"])
+
+    mlflow.set_tracking_uri(tracking_cfg.uri)
+    runs = mlflow.search_runs(experiment_names=[tracking_cfg.experiment], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["arch"] == "ssd"
+    assert "test_map_50" in runs[0].data.metrics and runs[0].data.params["image_size"] == "64"
+
+    # the comparison reads the metrics files; yolo has not run yet, so it is reported missing
+    table = compare_detectors(params.detect)
+    assert set(table["architectures"]) == {"ssd"} and table["missing"] == ["yolo"]
+    assert table["architectures"]["ssd"]["map_50"] == test["map_50"]
+    assert (tmp_path / "metrics" / "detect_comparison.json").is_file()
+    assert (tmp_path / "outputs" / "detect" / "comparison.png").is_file()
+
+
+def test_sliding_window_reports_windows_per_image(tiny_shapes, tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.detect import run_detect
+
+    monkeypatch.chdir(tmp_path)
+    params = _params(
+        tiny_shapes, tmp_path / "out", "sliding_window", window_sizes=[32], stride_fraction=0.5, crop_size=16
+    )
+    metrics = run_detect(params.detect, "sliding_window", params.augment, params.evaluate, tracking_cfg)
+    assert metrics["windows_per_image"] == 9  # 32 px windows every 16 px over 64 px: 3 x 3
+
+
+def test_params_key_unknown_to_the_builder_is_a_config_error():
+    from components.config import SlidingWindowConfig
+    from components.stages.detect import detector_arguments
+
+    with pytest.raises(ConfigError, match="has no argument") as info:
+        detector_arguments("ssd", SlidingWindowConfig(), 3)  # window_sizes etc. mean nothing to SSD
+    assert "window_sizes" in str(info.value) and info.value.record == "detect.ssd"
+
+
+def test_dataset_errors_name_the_file(tmp_path):
+    from components.stages.detect import read_detection_manifest
+
+    with pytest.raises(DataError, match="dataset.json missing"):
+        read_detection_manifest(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"tasks": ["classification"], "splits": {"train": 1}}))
+    with pytest.raises(DataError, match="no detection view") as info:
+        read_detection_manifest(tmp_path)
+    assert str(tmp_path / "dataset.json") in str(info.value)
+
+
+def test_compare_without_any_run_is_a_data_error(tmp_path, monkeypatch):
+    from components.stages.detect import compare_detectors
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="no detection metrics"):
+        compare_detectors(Params().detect)
