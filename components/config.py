@@ -261,6 +261,8 @@ class FasterRCNNConfig(DetectorConfig):
     rpn_pre_nms_top_n: PositiveInt = 500
     rpn_post_nms_top_n: PositiveInt = 200
     box_batch_size_per_image: PositiveInt = 64
+    min_stride: PositiveInt = 4  # backbone levels of smaller stride stay out of the FPN
+    fpn_channels: PositiveInt = 64
 
 
 class RetinaNetConfig(DetectorConfig):

@@ -337,6 +337,10 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, *, title
         ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "^:", label="train accuracy")
     ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy")
     ax_acc.legend(loc="lower right", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     return _save_figure(fig, Path(path), dpi=110)

@@ -6,7 +6,7 @@
   epoch count extends the schedule.
 * A corrupted checkpoint, a checkpoint of another architecture and params pointing at a missing
   backbone each raise :class:`CheckpointError` naming the file, and the register stage registers
-  nothing.
+  nothing; an unreachable tracking server is a :class:`TrackingError` naming its URI.
 * Archive extraction rejects members that escape the target folder (``../``, absolute paths,
   symbolic and hard links), for zip and tar, before writing anything.
 
@@ -322,6 +322,23 @@ def test_register_refuses_a_bad_checkpoint_and_registers_nothing(tmp_path, monke
     if db.exists():
         assert MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models() == []
     assert Path(err.value.file).resolve() == best.resolve()
+
+
+def test_tracking_server_down_is_a_tracking_error(monkeypatch):
+    """No server on the port: the stage's run fails at once with the URI named (MLflow's HTTP retries
+    turned off here; by default it retries with back-off first, then Prefect retries TrackingError)."""
+    from components.config import TrackingConfig
+    from components.distributed import find_free_port
+    from components.errors import TrackingError
+    from components.tracking import start_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = f"http://127.0.0.1:{find_free_port()}"
+    with pytest.raises(TrackingError) as err:
+        with start_run(TrackingConfig(uri=uri, experiment="down"), run_name="train"):
+            pytest.fail("a run opened on a server that is down")
+    assert err.value.file == uri and "start the server" in (err.value.fix or "")
 
 
 # --------------------------------------------------------------------------- archives that escape the target

@@ -122,3 +122,30 @@ def test_compare_without_any_run_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="no detection metrics"):
         compare_detectors(Params().detect)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["detect_raccoon.yaml", "detect_bccd.yaml"])
+@pytest.mark.parametrize("arch", ["faster_rcnn", "yolo"])
+def test_real_data_figures(config, arch, tmp_path, tracking_cfg, monkeypatch):
+    """The README's real-image figures: ImageNet MobileNetV2 backbone, held-out test split (minutes per case on CPU)."""
+    from components.config import load_params
+    from components.data.ingest import ingest
+    from components.stages.detect import run_detect
+
+    params = load_params(REPO / "configs" / config)
+    if not Path(params.data.source.split(":", 1)[1]).is_dir():
+        pytest.skip(f"{params.data.source} is not on this machine")
+    monkeypatch.chdir(tmp_path)
+    ingest(params.data.source, Path(params.data.out), cfg=params.data)
+    metrics = run_detect(params.detect, arch, params.augment, params.evaluate, tracking_cfg)
+    print(
+        config,
+        arch,
+        {k: metrics["test"][k] for k in ("map_50", "map")},
+        {c: v["ap_50"] for c, v in metrics["test"]["per_class"].items()},
+    )
+    assert metrics["test"]["map_50"] > 0.3

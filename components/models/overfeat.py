@@ -466,7 +466,10 @@ class OverFeat(nn.Module):
             if len(pos):
                 target_reg = self.encode(t["boxes"][obj[pos]].to(reg.dtype), windows[pos])
                 reg_losses.append(((reg[k, pos] - target_reg) ** 2).sum(dim=1))
-        loss_cls = torch.cat(cls_losses).mean()
+        chosen_ce = torch.cat(cls_losses)
+        loss_cls = (
+            chosen_ce.mean() if len(chosen_ce) else logits.sum() * 0.0
+        )  # no object and no random negative drawn
         loss_reg = torch.cat(reg_losses).mean() if reg_losses else reg.sum() * 0.0
         return {"loss_classifier": loss_cls, "loss_box_reg": loss_reg}
 
