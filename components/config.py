@@ -334,18 +334,21 @@ class FCNConfig(SegmenterConfig):
     skips: Literal["32s", "16s", "8s"] = "8s"
     head_channels: NonNegativeInt = 256  # 3x3 conv before the 1x1 score conv (FCN's fc6); 0: none
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    train: TrainConfig = TrainConfig(epochs=15, batch_size=8, lr=3e-3)
 
 
 class UNetConfig(SegmenterConfig):
     base_channels: PositiveInt = 16
-    depth: Annotated[int, Field(ge=1, le=6)] = 4
-    pretrained_encoder: bool = False
+    depth: Annotated[int, Field(ge=1, le=6)] = 4  # pooling steps of the classic contracting path
+    pretrained_encoder: bool = True  # the backbone as the contracting path (False: the classic UNet encoder)
+    train: TrainConfig = TrainConfig(epochs=15, batch_size=8, lr=3e-3)
 
 
 class MaskRCNNConfig(SegmenterConfig):
     score_threshold: Probability = 0.05  # detections kept for COCO AP
     mask_threshold: Probability = 0.5  # mask probability that makes a pixel foreground
     semantic_score_threshold: Probability = 0.5  # instances painted into the semantic map (mIoU)
+    train: TrainConfig = TrainConfig(epochs=6, batch_size=4, lr=1e-3)
 
 
 SEGMENTER_ARCHS = ("fcn", "unet", "mask_rcnn")

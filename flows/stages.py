@@ -113,6 +113,13 @@ def _start(params_path: str, overrides: list[str] | None) -> Params:
     return params
 
 
+def _train_or_compare(family: str, params: Params, arch: str | None) -> dict:
+    """``detect``/``segment``: train one architecture (``family@arch``) or compare them (``family_compare``)."""
+    if arch is None:
+        return run_stage(f"{family}_compare", params)
+    return run_stage(f"{family}@{arch}", params, arch=arch)
+
+
 # --------------------------------------------------------------------------- one flow per stage
 
 
@@ -143,19 +150,13 @@ def finetune_flow(params_path: str = "params.yaml", overrides: list[str] | None 
 @flow(name="visionflow-detect", log_prints=True)
 def detect_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, arch: str | None = None) -> dict:
     """Train one detector (``arch``), or compare the trained ones (``arch=None``)."""
-    params = _start(params_path, overrides)
-    if arch is None:
-        return run_stage("detect_compare", params)
-    return run_stage(f"detect@{arch}", params, arch=arch)
+    return _train_or_compare("detect", _start(params_path, overrides), arch)
 
 
 @flow(name="visionflow-segment", log_prints=True)
 def segment_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, arch: str | None = None) -> dict:
     """Train one segmenter (``arch``), or compare the trained ones (``arch=None``)."""
-    params = _start(params_path, overrides)
-    if arch is None:
-        return run_stage("segment_compare", params)
-    return run_stage(f"segment@{arch}", params, arch=arch)
+    return _train_or_compare("segment", _start(params_path, overrides), arch)
 
 
 @flow(name="visionflow-register", log_prints=True)

@@ -30,7 +30,9 @@ TINY = {
     },
     "retinanet": {"fpn_channels": 16},
 }
-STEPS = 12
+STEPS, LR = 12, 1e-3
+# RetinaNet's focal loss spikes in its first steps (the stage warms up and clips for it too: params' retinanet.train)
+TRAIN = {"retinanet": {"steps": 20, "lr": 5e-4, "clip": 10.0}}
 
 
 def _scene(seed: int, size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -73,17 +75,21 @@ def test_trains_a_few_steps_with_falling_loss_and_returns_valid_boxes(arch):
     )
     image, target = _scene(0)
     images, targets = [image], [target]
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    recipe = TRAIN.get(arch, {})
+    steps, clip = recipe.get("steps", STEPS), recipe.get("clip")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.get("lr", LR))
     model.train()
     before = _probe_loss(model, images, targets)
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss_dict = model(images, targets)
         assert all(torch.isfinite(v) for v in loss_dict.values()), loss_dict
         optimizer.zero_grad()
         sum(loss_dict.values()).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
     after = _probe_loss(model, images, targets)
-    assert after < 0.7 * before, f"{arch}: loss {before:.3f} -> {after:.3f} after {STEPS} steps"
+    assert after < 0.7 * before, f"{arch}: loss {before:.3f} -> {after:.3f} after {steps} steps"
 
     model.eval()
     odd = torch.rand(3, 48, 80)  # another size: boxes come back in its own pixels
