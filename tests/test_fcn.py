@@ -81,7 +81,9 @@ def test_bilinear_initialisation_equals_bilinear_interpolation(factor):
 def test_bilinear_initialisation_upsamples_a_smooth_image_almost_exactly(factor):
     n = 16
 
-    def smooth(cells: int) -> torch.Tensor:  # cos(pi x) cos(pi y) sampled at the pixel centres of a cells x cells grid
+    def smooth(
+        cells: int,
+    ) -> torch.Tensor:  # cos(pi x) cos(pi y) sampled at the pixel centres of a cells x cells grid
         c = torch.cos(math.pi * (torch.arange(cells) + 0.5) / cells)
         return (c[:, None] * c[None, :]).view(1, 1, cells, cells)
 
@@ -96,7 +98,9 @@ def test_bilinear_initialisation_upsamples_a_smooth_image_almost_exactly(factor)
 @pytest.mark.parametrize("skips,head_channels", [("32s", 0), ("16s", 0), ("8s", 0), ("8s", 32)])
 @pytest.mark.parametrize("size", [(64, 64), (37, 51), (33, 32), (1, 1)])
 def test_fcn_output_has_the_input_size(skips, head_channels, size):
-    model = get_model("segmentation", "fcn", num_classes=4, skips=skips, head_channels=head_channels, dropout=0.1).eval()
+    model = get_model(
+        "segmentation", "fcn", num_classes=4, skips=skips, head_channels=head_channels, dropout=0.1
+    ).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 3, *size))
     assert logits.shape == (2, 4, *size)

@@ -17,7 +17,13 @@ def instance_targets(masks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     for mask in masks:
         labels = torch.tensor([k for k in (1, 2) if (mask == k).any()], dtype=torch.int64)
         instance_masks = torch.stack([(mask == k) for k in labels.tolist()]).to(torch.uint8)
-        targets.append({"boxes": masks_to_boxes(instance_masks).float() + torch.tensor([0, 0, 1, 1]), "labels": labels, "masks": instance_masks})
+        targets.append(
+            {
+                "boxes": masks_to_boxes(instance_masks).float() + torch.tensor([0, 0, 1, 1]),
+                "labels": labels,
+                "masks": instance_masks,
+            }
+        )
     return targets
 
 
@@ -47,7 +53,11 @@ def test_mask_rcnn_eval_contract():
     assert len(out) == 2
     for image, det in zip(images, out, strict=True):
         n = det["boxes"].shape[0]
-        assert det["boxes"].shape == (n, 4) and det["labels"].dtype == torch.int64 and det["scores"].shape == (n,)
+        assert (
+            det["boxes"].shape == (n, 4)
+            and det["labels"].dtype == torch.int64
+            and det["scores"].shape == (n,)
+        )
         assert det["masks"].shape == (n, 1, *image.shape[-2:])
         if n:
             assert 0.0 <= det["masks"].min() and det["masks"].max() <= 1.0

@@ -63,7 +63,10 @@ def stage_runs(tmp_path_factory):
         params = tiny_params(work)
         ingest("shapes", work / "shapes", cfg=params.data)
         torch.manual_seed(0)
-        results = {arch: run_segment(params.segment, arch, params.augment, params.tracking) for arch in ("fcn", "unet", "mask_rcnn")}
+        results = {
+            arch: run_segment(params.segment, arch, params.augment, params.tracking)
+            for arch in ("fcn", "unet", "mask_rcnn")
+        }
         yield params, work, results
     finally:
         os.chdir(old_cwd)
@@ -80,7 +83,10 @@ def test_stage_writes_metrics_checkpoint_and_overlays(stage_runs, arch):
     assert metrics == json.loads(json.dumps(results[arch]))  # the returned dict is what was written
     test = metrics["test"]
     assert 0.0 <= test["miou"] <= 1.0 and 0.0 <= test["pixel_accuracy"] <= 1.0
-    assert set(test["per_class_iou"]) == {"background", *json.loads((work / "shapes/dataset.json").read_text())["categories"]}
+    assert set(test["per_class_iou"]) == {
+        "background",
+        *json.loads((work / "shapes/dataset.json").read_text())["categories"],
+    }
     assert test["ms_per_image"] > 0 and test["num_images"] == 4
     assert metrics["parameters"] > 0 and metrics["train_time_s"] > 0
     assert metrics["epochs"] == (1 if arch == "mask_rcnn" else 2)
@@ -106,7 +112,9 @@ def test_stage_logs_one_mlflow_run_per_architecture(stage_runs):
         arch = run.data.tags["arch"]
         assert run.data.metrics["test_miou"] == pytest.approx(results[arch]["test"]["miou"])
         assert "val_miou" in run.data.metrics and "train_loss" in run.data.metrics
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+            a.path for a in client.list_artifacts(run.info.run_id, "plots")
+        }
         assert f"segment_{arch}.json" in artifacts and "plots/overlays.png" in artifacts
 
 
@@ -123,7 +131,9 @@ def test_resume_of_a_finished_run_trains_nothing_and_reuses_its_mlflow_run(stage
     assert again["epochs"] == results["fcn"]["epochs"]
     assert again["test"]["miou"] == pytest.approx(results["fcn"]["test"]["miou"])
     client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name(params.tracking.experiment).experiment_id], "tags.arch = 'fcn'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(params.tracking.experiment).experiment_id], "tags.arch = 'fcn'"
+    )
     assert len(runs) == 1
 
 
@@ -138,7 +148,10 @@ def test_compare_segmenters_writes_table_and_png(stage_runs):
     assert set(table["architectures"]) == {"fcn", "unet", "mask_rcnn"} and table["missing"] == []
     assert table["architectures"]["unet"]["miou"] == pytest.approx(results["unet"]["test"]["miou"])
     assert "segm_map" in table["architectures"]["mask_rcnn"]
-    assert json.loads((work / "metrics/segment_comparison.json").read_text())["architectures"].keys() == table["architectures"].keys()
+    assert (
+        json.loads((work / "metrics/segment_comparison.json").read_text())["architectures"].keys()
+        == table["architectures"].keys()
+    )
     assert (work / "outputs/segment/comparison.png").stat().st_size > 1000
 
 
@@ -160,7 +173,13 @@ def test_stage_errors_name_the_file_and_the_fix(tmp_path, monkeypatch, tracking_
     semantic_only = tmp_path / "semantic"
     semantic_only.mkdir()
     (semantic_only / "dataset.json").write_text(
-        json.dumps({"tasks": ["semantic_segmentation"], "categories": ["membrane"], "splits": {"train": 2, "val": 1, "test": 1}})
+        json.dumps(
+            {
+                "tasks": ["semantic_segmentation"],
+                "categories": ["membrane"],
+                "splits": {"train": 2, "val": 1, "test": 1},
+            }
+        )
     )
     params = tiny_params(tmp_path, **{"segment.dataset": str(semantic_only)})
     with pytest.raises(DataError, match="instance_segmentation") as err:
@@ -179,8 +198,15 @@ def test_render_semantic_map_paints_confident_instances_most_confident_last():
     expected[:4, :4] = 1
     expected[2:, 2:] = 2
     assert torch.equal(semantic, expected)
-    empty = {"masks": torch.zeros(0, 1, 6, 6), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
-    assert torch.equal(render_semantic_map(empty, (6, 6), score_threshold=0.5, mask_threshold=0.5), torch.zeros(6, 6, dtype=torch.int64))
+    empty = {
+        "masks": torch.zeros(0, 1, 6, 6),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+    }
+    assert torch.equal(
+        render_semantic_map(empty, (6, 6), score_threshold=0.5, mask_threshold=0.5),
+        torch.zeros(6, 6, dtype=torch.int64),
+    )
 
 
 MEMBRANE = Path("/work/shared/data/membrane")

@@ -14,7 +14,9 @@ from components.models.unet import UNet
 @pytest.mark.parametrize("pretrained_encoder", [False, True])
 @pytest.mark.parametrize("size", [(64, 64), (37, 51), (33, 32), (1, 1)])
 def test_unet_output_has_the_input_size(pretrained_encoder, size):
-    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder).eval()
+    model = get_model(
+        "segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder
+    ).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 3, *size))
     assert logits.shape == (2, 3, *size)
@@ -38,7 +40,9 @@ def test_unet_with_a_pretrained_backbone_encoder(tmp_path):
     backbone = build_backbone("vfnet_small")
     path = tmp_path / "backbone.pt"
     torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "vfnet_small"}, path)
-    model = get_model("segmentation", "unet", num_classes=3, pretrained_encoder=True, backbone_weights=str(path))
+    model = get_model(
+        "segmentation", "unet", num_classes=3, pretrained_encoder=True, backbone_weights=str(path)
+    )
     assert model.strides == [1, *backbone.strides]
     for key, value in backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value)
@@ -47,6 +51,8 @@ def test_unet_with_a_pretrained_backbone_encoder(tmp_path):
 @pytest.mark.parametrize("pretrained_encoder", [False, True])
 def test_unet_trains_with_falling_loss(pretrained_encoder):
     torch.manual_seed(0)
-    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder)
+    model = get_model(
+        "segmentation", "unet", num_classes=3, base_channels=8, depth=3, pretrained_encoder=pretrained_encoder
+    )
     losses = train_semantic(model, steps=25)
     assert losses[-1] < 0.4 * losses[0], losses

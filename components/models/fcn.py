@@ -120,8 +120,12 @@ class ImageNormalize(nn.Module):
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def forward(self, images: Tensor) -> Tensor:  # noqa: D102
         return (images - self.mean) / self.std
@@ -162,7 +166,9 @@ class FCN(nn.Module):
     ):
         super().__init__()
         if skips not in _SKIP_LEVELS:
-            raise ConfigError(f"unknown FCN skips {skips!r}", record="skips", fix=f"use one of {list(_SKIP_LEVELS)}")
+            raise ConfigError(
+                f"unknown FCN skips {skips!r}", record="skips", fix=f"use one of {list(_SKIP_LEVELS)}"
+            )
         n_skips = _SKIP_LEVELS[skips]
         if n_skips >= len(backbone.strides):
             raise ConfigError(
@@ -180,7 +186,11 @@ class FCN(nn.Module):
         head: list[nn.Module] = []
         channels = backbone.channels[last]
         if head_channels > 0:  # FCN's convolutionalised fc6: a 3x3 convolution adds context and capacity
-            head += [nn.Conv2d(channels, head_channels, 3, padding=1, bias=False), nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True)]
+            head += [
+                nn.Conv2d(channels, head_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(head_channels),
+                nn.ReLU(inplace=True),
+            ]
             channels = head_channels
         if dropout > 0:
             head.append(nn.Dropout2d(dropout))
@@ -193,7 +203,9 @@ class FCN(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
             self.skip_scores.append(conv)
-            self.skip_upsample.append(BilinearTransposedConv2d(num_classes, backbone.strides[coarse] // backbone.strides[fine]))
+            self.skip_upsample.append(
+                BilinearTransposedConv2d(num_classes, backbone.strides[coarse] // backbone.strides[fine])
+            )
         self.upsample = BilinearTransposedConv2d(num_classes, backbone.strides[self.levels[-1]])
         self.output_stride = max(backbone.strides)
 

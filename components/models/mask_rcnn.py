@@ -52,9 +52,13 @@ class BackboneWithFPN(nn.Module):
         self.body = backbone
         self.levels = [i for i, s in enumerate(backbone.strides) if s >= min_stride]
         if not self.levels:
-            raise ConfigError(f"{backbone.arch} has no stage of stride >= {min_stride}", record="backbone.arch")
+            raise ConfigError(
+                f"{backbone.arch} has no stage of stride >= {min_stride}", record="backbone.arch"
+            )
         self.strides = [backbone.strides[i] for i in self.levels] + [2 * backbone.strides[self.levels[-1]]]
-        self.fpn = FeaturePyramidNetwork([backbone.channels[i] for i in self.levels], out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            [backbone.channels[i] for i in self.levels], out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
 
     @property

@@ -107,7 +107,11 @@ class UNet(nn.Module):
             self.down = nn.ModuleList()
         for fine, coarse in zip(strides[:-1], strides[1:], strict=True):
             if coarse % fine:
-                raise ConfigError(f"encoder strides {strides} are not nested", record="backbone", fix="use a backbone whose strides double")
+                raise ConfigError(
+                    f"encoder strides {strides} are not nested",
+                    record="backbone",
+                    fix="use a backbone whose strides double",
+                )
         self.strides = strides
         self.up = nn.ModuleList()
         cin = channels[-1]

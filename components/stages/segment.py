@@ -60,12 +60,21 @@ def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
             file=manifest_path,
             record="tasks",
             fix="ingest a source with masks (shapes, coco with segmentation, masks:DIR)"
-            + ("; Mask R-CNN needs instance masks: use fcn or unet for binary mask sources" if arch in INSTANCE_ARCHS else ""),
+            + (
+                "; Mask R-CNN needs instance masks: use fcn or unet for binary mask sources"
+                if arch in INSTANCE_ARCHS
+                else ""
+            ),
         )
     splits = manifest.get("splits", {})
     for split in ("train", "val", "test"):
         if not splits.get(split):
-            raise DataError(f"the dataset has no {split!r} images (splits: {splits})", file=manifest_path, record="splits", fix="ingest with a non-empty train/val/test split")
+            raise DataError(
+                f"the dataset has no {split!r} images (splits: {splits})",
+                file=manifest_path,
+                record="splits",
+                fix="ingest with a non-empty train/val/test split",
+            )
     return manifest
 
 
@@ -75,7 +84,13 @@ def semantic_datasets(root: Path, augment: AugmentConfig, image_size: int) -> di
     from components.data.datasets import SegmentationDataset
 
     return {
-        split: SegmentationDataset(root, split, transforms=build_transforms("segmentation", augment, train=split == "train", image_size=image_size))
+        split: SegmentationDataset(
+            root,
+            split,
+            transforms=build_transforms(
+                "segmentation", augment, train=split == "train", image_size=image_size
+            ),
+        )
         for split in ("train", "val", "test")
     }
 
@@ -89,7 +104,12 @@ def instance_dataset(root: Path, split: str, augment: AugmentConfig, image_size:
     from components.augment import build_transforms
     from components.data.datasets import DetectionDataset
 
-    return DetectionDataset(root, split, transforms=build_transforms("detection", augment, train=train, image_size=image_size), masks=True)
+    return DetectionDataset(
+        root,
+        split,
+        transforms=build_transforms("detection", augment, train=train, image_size=image_size),
+        masks=True,
+    )
 
 
 def semantic_collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -112,15 +132,28 @@ def build_segmenter(arch: str, acfg: Any, num_classes: int) -> tuple[nn.Module, 
 
     backbone = {"backbone_arch": acfg.backbone.arch, "trainable_layers": acfg.backbone.trainable_layers}
     if arch == "fcn":
-        args: dict[str, Any] = {**backbone, "skips": acfg.skips, "head_channels": acfg.head_channels, "dropout": acfg.dropout}
+        args: dict[str, Any] = {
+            **backbone,
+            "skips": acfg.skips,
+            "head_channels": acfg.head_channels,
+            "dropout": acfg.dropout,
+        }
     elif arch == "unet":
-        args = {"base_channels": acfg.base_channels, "depth": acfg.depth, "pretrained_encoder": acfg.pretrained_encoder}
+        args = {
+            "base_channels": acfg.base_channels,
+            "depth": acfg.depth,
+            "pretrained_encoder": acfg.pretrained_encoder,
+        }
         if acfg.pretrained_encoder:
             args.update(backbone)
     elif arch == "mask_rcnn":
         args = {**backbone, "image_size": acfg.image_size, "score_threshold": acfg.score_threshold}
     else:
-        raise ConfigError(f"unknown segmenter {arch!r}", record="segment.architectures", fix=f"use one of {SEMANTIC_ARCHS + INSTANCE_ARCHS}")
+        raise ConfigError(
+            f"unknown segmenter {arch!r}",
+            record="segment.architectures",
+            fix=f"use one of {SEMANTIC_ARCHS + INSTANCE_ARCHS}",
+        )
     args["num_classes"] = num_classes
     uses_backbone = arch != "unet" or acfg.pretrained_encoder
     weights = acfg.backbone.weights if uses_backbone else None
@@ -136,7 +169,9 @@ def count_parameters(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- training steps
 
 
-def semantic_step(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device, *, ignore_index: int) -> dict[str, Tensor]:
+def semantic_step(
+    model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device, *, ignore_index: int
+) -> dict[str, Tensor]:
     """Pixel-wise cross-entropy of the logits ``[N, K+1, H, W]`` against the masks ``[N, H, W]`` (``ignore_index`` skipped)."""
     images, masks = batch
     logits = model(images.to(device, non_blocking=True))
@@ -144,11 +179,16 @@ def semantic_step(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.
     return {"loss": loss}
 
 
-def instance_step(model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device) -> dict[str, Tensor]:
+def instance_step(
+    model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device
+) -> dict[str, Tensor]:
     """Mask R-CNN: the sum of torchvision's RPN, box and mask losses (each also logged on its own)."""
     images, targets = batch
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()}
+        for t in targets
+    ]
     losses = model(images, targets)
     return {"loss": sum(losses.values()), **losses}
 
@@ -214,7 +254,9 @@ def evaluate_semantic(
     """
     from components.metrics.segmentation import SegmentationEvaluator
 
-    evaluator = SegmentationEvaluator(num_classes=num_classes, ignore_index=ignore_index, class_names=class_names)
+    evaluator = SegmentationEvaluator(
+        num_classes=num_classes, ignore_index=ignore_index, class_names=class_names
+    )
     model.eval()
     seconds, n_images = 0.0, 0
     for images, masks in loader:
@@ -233,12 +275,19 @@ def evaluate_semantic(
 
 @torch.no_grad()
 def evaluate_instances(
-    model: nn.Module, loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]], device: torch.device, *, categories: list[str], mask_threshold: float
+    model: nn.Module,
+    loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]],
+    device: torch.device,
+    *,
+    categories: list[str],
+    mask_threshold: float,
 ) -> dict[str, Any]:
     """COCO ``segm`` and ``bbox`` metrics (12 numbers each, per class, VOC AP@0.5) of Mask R-CNN on ``loader``."""
     from components.metrics.detection import DetectionEvaluator
 
-    evaluators = {t: DetectionEvaluator(categories, iou_type=t, mask_threshold=mask_threshold) for t in ("segm", "bbox")}
+    evaluators = {
+        t: DetectionEvaluator(categories, iou_type=t, mask_threshold=mask_threshold) for t in ("segm", "bbox")
+    }
     model.eval()
     for images, targets in loader:
         detections = model([img.to(device, non_blocking=True) for img in images])
@@ -270,8 +319,15 @@ def draw_test_overlays(
     model.eval()
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
     images, masks = semantic_collate(samples)
-    preds = torch.cat([predict_semantic(model, images[i : i + 8].to(device), instance=instance).cpu() for i in range(0, len(images), 8)])
-    return plot_segmentation_overlays(images, masks, preds, class_names, path, ignore_index=ignore_index, title=title)
+    preds = torch.cat(
+        [
+            predict_semantic(model, images[i : i + 8].to(device), instance=instance).cpu()
+            for i in range(0, len(images), 8)
+        ]
+    )
+    return plot_segmentation_overlays(
+        images, masks, preds, class_names, path, ignore_index=ignore_index, title=title
+    )
 
 
 def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -289,7 +345,9 @@ def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]
 # --------------------------------------------------------------------------- the stage
 
 
-def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict:
+def run_segment(
+    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False
+) -> dict:
     """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
 
     Args:
@@ -334,29 +392,52 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
     is_instance = arch in INSTANCE_ARCHS
     semantic = semantic_datasets(root, augment, acfg.image_size)
     eval_batch = max(acfg.train.batch_size, 8)
-    val_loader = build_loader(semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
-    test_loader = build_loader(semantic["test"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
+    val_loader = build_loader(
+        semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch
+    )
+    test_loader = build_loader(
+        semantic["test"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch
+    )
     instance_cfg: dict[str, float] | None = None
     if is_instance:
         from components.data.datasets import detection_collate
 
         assert isinstance(acfg, MaskRCNNConfig)
-        instance_cfg = {"score_threshold": acfg.semantic_score_threshold, "mask_threshold": acfg.mask_threshold}
+        instance_cfg = {
+            "score_threshold": acfg.semantic_score_threshold,
+            "mask_threshold": acfg.mask_threshold,
+        }
         train_set = instance_dataset(root, "train", augment, acfg.image_size, train=True)
         train_loader = build_loader(train_set, acfg.train, train=True, collate_fn=detection_collate)
         step = instance_step
     else:
         train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
         step = partial(semantic_step, ignore_index=cfg.ignore_index)
-    evaluate = partial(evaluate_semantic, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg)
+    evaluate = partial(
+        evaluate_semantic,
+        num_classes=num_classes,
+        ignore_index=cfg.ignore_index,
+        class_names=class_names,
+        instance=instance_cfg,
+    )
 
     run_id = None
     last = out_dir / "last.pt"
     if resume and last.exists():
         run_id = load_checkpoint(last).get("mlflow_run_id")
-    with start_run(tracking, run_name=f"segment-{arch}", tags={"stage": "segment", "arch": arch}, run_id=run_id) as logger:
+    with start_run(
+        tracking, run_name=f"segment-{arch}", tags={"stage": "segment", "arch": arch}, run_id=run_id
+    ) as logger:
         if run_id is None:
-            logger.log_params({"arch": arch, "dataset": str(root), "ignore_index": cfg.ignore_index, **acfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
+            logger.log_params(
+                {
+                    "arch": arch,
+                    "dataset": str(root),
+                    "ignore_index": cfg.ignore_index,
+                    **acfg.model_dump(mode="json"),
+                    "augment": augment.model_dump(mode="json"),
+                }
+            )
         meta = {
             "task": "segmentation",
             "model_name": arch,
@@ -392,15 +473,29 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             torch.set_num_threads(acfg.train.threads)
         try:
             test = evaluate_semantic(
-                model, test_loader, device, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg
+                model,
+                test_loader,
+                device,
+                num_classes=num_classes,
+                ignore_index=cfg.ignore_index,
+                class_names=class_names,
+                instance=instance_cfg,
             )
         finally:
             torch.set_num_threads(threads_before)
         if is_instance:
             test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
-            coco_loader = build_loader(test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch)
-            test.update(evaluate_instances(model, coco_loader, device, categories=categories, mask_threshold=acfg.mask_threshold))
-            test["semantic_from"] = f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
+            coco_loader = build_loader(
+                test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
+            )
+            test.update(
+                evaluate_instances(
+                    model, coco_loader, device, categories=categories, mask_threshold=acfg.mask_threshold
+                )
+            )
+            test["semantic_from"] = (
+                f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
+            )
         metrics: dict[str, Any] = {
             "arch": arch,
             "dataset": str(root),
@@ -429,7 +524,11 @@ def run_segment(cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking:
             title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
         metrics_path = write_json(metrics, Path(cfg.metrics) / f"segment_{arch}.json")
-        logger.log_metrics(_flat_scalars({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}))
+        logger.log_metrics(
+            _flat_scalars(
+                {"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}
+            )
+        )
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
     return metrics
@@ -460,8 +559,14 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
             metrics = json.loads(path.read_text())
             test = metrics["test"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError("not a segment stage metrics file (no 'test' section)", file=path, fix=f"re-run `visionflow segment --arch {arch}`") from None
-        table[arch] = {k: test.get(k, metrics.get(k)) for k in COMPARED} | {"per_class_iou": test.get("per_class_iou", {})}
+            raise DataError(
+                "not a segment stage metrics file (no 'test' section)",
+                file=path,
+                fix=f"re-run `visionflow segment --arch {arch}`",
+            ) from None
+        table[arch] = {k: test.get(k, metrics.get(k)) for k in COMPARED} | {
+            "per_class_iou": test.get("per_class_iou", {})
+        }
         for iou_type in ("segm", "bbox"):
             if isinstance(test.get(iou_type), Mapping):
                 table[arch][f"{iou_type}_map"] = test[iou_type].get("map")
