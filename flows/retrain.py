@@ -34,7 +34,7 @@ from prefect.utilities.annotations import allow_failure
 
 from components.config import Params, load_params
 from components.errors import TrainingError
-from flows.stage_tasks import needs_refresh, set_lineage_env, stage_task
+from flows.stage_tasks import STAGE_SPANS, needs_refresh, set_lineage_env, stage_task
 from flows.stages import STAGE_BODIES
 
 TRAINING_SECTIONS = ("data", "augment", "pretrain", "finetune", "detect", "segment", "evaluate", "register")
@@ -80,7 +80,6 @@ def _outcome(future: PrefectFuture) -> dict[str, Any]:
     if state.is_completed():
         entry["result"] = future.result()
         entry["seconds"] = entry["result"].get("_seconds") if state.name != "Cached" else 0.0
-        entry["span"] = entry["result"].get("_span") if state.name != "Cached" else None
     else:
         entry["error"] = str(state.message or state.name)[:500]
     return entry
@@ -211,8 +210,8 @@ def retrain_flow(params_path: str = "params.yaml", overrides: list[str] | None =
             report.update(_train(params, stages, wait_for=list(ingests.values())))
             report["mlflow_runs"] = _child_runs(params, parent.run_id)
         report.setdefault("outcome", "trained" if all(v["state"] in ("Completed", "Cached") for v in stages.values()) else "partial")
-        spans = [tuple(v["span"]) for v in stages.values() if v.get("span")]
-        inside = _union_seconds(spans)  # type: ignore[arg-type]
+        spans = [span for name in stages for span in STAGE_SPANS.get(name, []) if span[0] >= wall_start]
+        inside = _union_seconds(spans)
         wall = time.perf_counter() - wall_start
         report["timing"] = {"wall_s": round(wall, 2), "stages_s": round(inside, 2), "overhead_s": round(wall - inside, 2),
                             "per_stage_s": {k: v.get("seconds") for k, v in stages.items()}}

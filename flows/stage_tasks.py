@@ -39,6 +39,8 @@ def project_root() -> Path:
     """The DVC project the pipeline runs in: the working directory (commands run from the repository root)."""
     return Path.cwd()
 
+#: perf_counter intervals of every stage body run in this process, by stage name (read by flows/retrain.py)
+STAGE_SPANS: dict[str, list[tuple[float, float]]] = {}
 # DVC's state database (sqlite) and its Repo object are not meant for concurrent use from threads
 _DVC_LOCK = threading.Lock()
 # deterministic OSErrors: retrying cannot make a missing file appear
@@ -166,12 +168,14 @@ def stage_task(fn: Callable[..., Any], stage: str, params: Params) -> Task:
 
     def body(params: Params, **kwargs: Any) -> dict[str, Any]:
         start = time.perf_counter()
-        result = plain(fn(params, **kwargs)) or {}
+        try:
+            result = plain(fn(params, **kwargs)) or {}
+        finally:  # failed stages count as stage time too: the flow measures the time spent outside stages
+            end = time.perf_counter()
+            STAGE_SPANS.setdefault(stage, []).append((start, end))
         if not isinstance(result, dict):
             result = {"result": result}
-        end = time.perf_counter()
         result["_seconds"] = round(end - start, 2)
-        result["_span"] = [start, end]  # perf_counter interval: the flow measures time spent outside stages
         return result
 
     body.__name__ = body.__qualname__ = f"stage_{stage.replace('@', '_')}"
