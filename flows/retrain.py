@@ -39,6 +39,7 @@ from flows.stages import STAGE_BODIES
 
 TRAINING_SECTIONS = ("data", "augment", "pretrain", "finetune", "detect", "segment", "evaluate", "register")
 DEFAULT_DEPLOYMENT = "visionflow-retrain"
+LINEAGE_ARCHS = ("rcnn", "fast_rcnn", "faster_rcnn")  # the lineage stage runs when all three are trained
 
 
 def submit_stage(stage: str, params: Params, *, wait_for: list[Any] | None = None, **kwargs: Any) -> PrefectFuture:
@@ -243,6 +244,9 @@ def _train(params: Params, stages: dict[str, dict[str, Any]], *, wait_for: list[
     compares = {}
     if detectors:
         compares["detect_compare"] = submit_stage("detect_compare", params, wait_for=[allow_failure(f) for f in detectors.values()])
+    lineage = [f"detect@{a}" for a in LINEAGE_ARCHS]
+    if all(stage in detectors for stage in lineage):
+        compares["lineage"] = submit_stage("lineage", params, wait_for=[detectors[stage] for stage in lineage])
     if segmenters:
         compares["segment_compare"] = submit_stage("segment_compare", params, wait_for=[allow_failure(f) for f in segmenters.values()])
     every = [augment, *branches.values(), *compares.values()]

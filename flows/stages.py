@@ -66,6 +66,13 @@ def detect_compare_body(params: Params) -> dict:
     return compare_detectors(params.detect)
 
 
+def lineage_body(params: Params) -> dict:
+    """``visionflow detect --lineage``: R-CNN -> Fast R-CNN -> Faster R-CNN timed on the test split."""
+    from components.stages.lineage import run_lineage
+
+    return run_lineage(params.detect)
+
+
 def segment_body(params: Params, *, arch: str) -> dict:
     from components.stages.segment import run_segment
 
@@ -101,6 +108,7 @@ STAGE_BODIES = {
     "finetune": finetune_body,
     "detect": detect_body,
     "detect_compare": detect_compare_body,
+    "lineage": lineage_body,
     "segment": segment_body,
     "segment_compare": segment_compare_body,
     "register": register_body,
