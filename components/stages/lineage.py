@@ -435,7 +435,7 @@ def run_lineage(
     """
     from components.data.datasets import DetectionDataset
     from components.engine import resolve_device
-    from components.stages.detect import write_json_atomic
+    from components.plots import write_json
 
     device = resolve_device(cfg.faster_rcnn.train.device)
     dataset = DetectionDataset(cfg.dataset, "test")
@@ -511,7 +511,7 @@ def run_lineage(
     }
     plot = plot_lineage(result, Path(cfg.out) / "lineage" / "rcnn_lineage.png")
     result["plot"] = str(plot)
-    write_json_atomic(Path(metrics_file), _finite(result))
+    write_json(_finite(result), Path(metrics_file))
     return result
 
 
