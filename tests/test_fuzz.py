@@ -11,8 +11,8 @@ property on a shared CPU). For a longer fuzzing session raise them, e.g.
 ``VISIONFLOW_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py`` (the random seed then varies per run;
 by default it is derandomised, so CI runs are reproducible).
 
-Crashes found are kept as ``xfail(strict=True)`` regression tests with a minimal reproducer
-(``test_known_crash_*``), so they stay visible until the owner fixes them and then turn red.
+Crashes found were fixed; each keeps a regression test with its minimal reproducer (``test_known_crash_*``)
+that now asserts the clear error.
 """
 
 from __future__ import annotations
@@ -60,17 +60,10 @@ def fuzz_settings(default_examples: int) -> settings:
 
 
 #: Crashes already found and reported, keyed by (exception type, file, function) of the raising frame
-#: inside ``components/``. Each has a strict-xfail reproducer below; the fuzzers discard examples that
+#: inside ``components/``, each with a regression test below; the fuzzers discard examples that
 #: hit one (``reject``), so they keep searching for *new* crashes instead of re-finding a known one.
 #: Remove an entry when its owner fixes it (its reproducer then XPASSes, which strict mode reports).
-KNOWN_CRASHES: dict[tuple[str, str, str], str] = {
-    ("OverflowError", "components/data/voc.py", "read_voc"): "test_known_crash_voc_infinite_size",
-    ("TypeError", "components/metrics/coco_files.py", "_validate_result"): "test_known_crash_unhashable_result_image_id",
-    ("TypeError", "components/metrics/coco_files.py", "load_ground_truth"): "test_known_crash_unhashable_ground_truth_ids",
-    ("OverflowError", "components/data/coco.py", "read_coco_file"): "test_known_crash_coco_non_finite_image_size",
-    ("ValueError", "components/data/coco.py", "read_coco_file"): "test_known_crash_coco_non_finite_image_size",
-    ("TypeError", "components/data/yolo.py", "read_yolo"): "test_known_crash_yolo_split_entry_not_a_path",
-}
+KNOWN_CRASHES: dict[tuple[str, str, str], str] = {}
 
 
 def _crash_site(err: BaseException) -> tuple[str, str, str] | None:
@@ -480,7 +473,7 @@ def test_malformed_rle_is_rejected_before_pycocotools(tmp_path, counts):
     assert "results[0]" in (err.record or "")
 
 
-# --------------------------------------------------------------------------- crashes found, pinned (strict xfail)
+# --------------------------------------------------------------------------- crashes found and fixed: regression tests
 
 
 def write_voc_source(root: Path, xml: str) -> Path:
@@ -491,27 +484,17 @@ def write_voc_source(root: Path, xml: str) -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="components/data/voc.py read_voc: <height>INF</height> passes the `h > 0` check and int(inf) raises "
-    "OverflowError (size = (int(w), int(h))); should be reported as a bad size",
-)
 def test_known_crash_voc_infinite_size(tmp_path):
     src = write_voc_source(
         tmp_path / "src",
         "<annotation><filename>a.jpg</filename><size><width>12</width><height>INF</height></size></annotation>",
     )
-    with pytest.raises(DataError):
-        ingest(f"voc:{src}", tmp_path / "out", cfg=DataConfig())
+    ingest(f"voc:{src}", tmp_path / "out", cfg=DataConfig())  # the image's own size is used, and reported
+    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert [d["action"] for d in report["decisions"]] == ["repaired"]
+    assert "not a valid image size" in report["decisions"][0]["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="components/metrics/coco_files.py _validate_result: `r['image_id'] not in gt_images` with a list image_id "
-    "raises TypeError (unhashable type: 'list') instead of EvaluationError naming results[0]",
-)
 def test_known_crash_unhashable_result_image_id(tmp_path):
     gt, pred = tmp_path / "gt.json", tmp_path / "pred.json"
     gt.write_text(json.dumps(EVAL_GT))
@@ -520,26 +503,15 @@ def test_known_crash_unhashable_result_image_id(tmp_path):
         evaluate_files(gt, pred, iou_type="bbox", quiet=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(OverflowError, ValueError),
-    reason="components/data/coco.py read_coco_file: an image with width/height Infinity (OverflowError) or NaN "
-    "(ValueError) reaches `size = (int(w), int(h))`; should be reported as a bad size",
-)
 @pytest.mark.parametrize("height", [math.inf, math.nan], ids=["inf", "nan"])
 def test_known_crash_coco_non_finite_image_size(tmp_path, height):
     document = {"images": [{"id": 1, "file_name": "a.png", "width": 1, "height": height}], "annotations": [], "categories": []}
     path = write_coco_source(tmp_path / "src", document)
-    with pytest.raises(DataError):
-        ingest(f"coco:{path}", tmp_path / "out", cfg=DataConfig())
+    ingest(f"coco:{path}", tmp_path / "out", cfg=DataConfig())  # the image's own size is used, and reported
+    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert any("not a valid image size" in d["reason"] and d["action"] == "repaired" for d in report["decisions"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="components/data/yolo.py read_yolo: a split entry that is a mapping or a number (`train: {0}`) reaches "
-    "`base / e` and raises TypeError; should be a DataError naming data.yaml and the split",
-)
 def test_known_crash_yolo_split_entry_not_a_path(tmp_path):
     src = tmp_path / "src"
     (src / "images" / "train").mkdir(parents=True)
@@ -549,13 +521,6 @@ def test_known_crash_yolo_split_entry_not_a_path(tmp_path):
         ingest(f"yolo:{src}", tmp_path / "out", cfg=DataConfig())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="components/metrics/coco_files.py load_ground_truth: an annotation whose id, image_id or category_id is a "
-    "list reaches `a['id'] in seen` / `a['image_id'] not in image_index` and raises TypeError (unhashable type: "
-    "'list') instead of EvaluationError naming annotations[0]",
-)
 @pytest.mark.parametrize("key", ["id", "image_id", "category_id"])
 def test_known_crash_unhashable_ground_truth_ids(tmp_path, key):
     gt = json.loads(json.dumps(EVAL_GT))

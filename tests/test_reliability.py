@@ -281,15 +281,7 @@ def test_params_pointing_at_a_missing_backbone(tmp_path):
     "damage",
     [
         "corrupt",
-        pytest.param(
-            "other_architecture",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="components/stages/register.py write_portable_checkpoint: the CheckpointError of a checkpoint of "
-                "another architecture names the temporary portable copy (/tmp/visionflow-register-*/model.pt, from "
-                "load_model(dst)), not the stage's best.pt; nothing is registered (asserted before the file check)",
-            ),
-        ),
+        "other_architecture",
     ],
 )
 def test_register_refuses_a_bad_checkpoint_and_registers_nothing(tmp_path, monkeypatch, damage):

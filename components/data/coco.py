@@ -88,7 +88,9 @@ def read_coco_file(
             )
             continue
         w, h = im.get("width"), im.get("height")
-        size = (int(w), int(h)) if isinstance(w, (int, float)) and isinstance(h, (int, float)) else None
+        size = (int(w), int(h)) if all(isinstance(v, (int, float)) and 0 < v < 1e6 for v in (w, h)) else None
+        if size is None and (w is not None or h is not None):
+            report.add(path, f"image {im['id']}", f"width/height {w!r} x {h!r} is not a valid image size; the image's own size is used", "repaired")
         by_id[im["id"]] = ImageRecord(
             record=f"image {im['id']}",
             name=Path(im["file_name"]).name,

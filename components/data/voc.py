@@ -88,8 +88,10 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
             image = found or image or img_dir / f"{stem}.jpg"
         size = None
         w, h = _number(tree.findtext("size/width")), _number(tree.findtext("size/height"))
-        if isinstance(w, float) and isinstance(h, float) and w > 0 and h > 0:
+        if isinstance(w, float) and isinstance(h, float) and 0 < w < 1e6 and 0 < h < 1e6:
             size = (int(w), int(h))
+        elif tree.find("size") is not None:
+            report.add(xml, stem, f"<size> {w!r} x {h!r} is not a valid image size; the image's own size is used", "repaired")
         objects = []
         for j, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()

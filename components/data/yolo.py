@@ -131,7 +131,15 @@ def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
         entry = data.get(split) or (data.get("valid") if split == "val" else None)
         if not entry:
             continue
-        for folder in [base / e for e in (entry if isinstance(entry, list) else [entry])]:
+        entries = entry if isinstance(entry, list) else [entry]
+        if not all(isinstance(e, str) for e in entries):
+            raise DataError(
+                f"the {split} entry is not a folder path or a list of them: {entry!r}",
+                file=path,
+                record=split,
+                fix=f"write e.g. `{split}: images/{split}` in {path.name}",
+            )
+        for folder in [base / e for e in entries]:
             if not folder.is_dir():
                 raise DataError(
                     f"the {split} image folder does not exist",

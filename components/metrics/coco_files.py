@@ -211,6 +211,9 @@ def load_ground_truth(
                     record,
                     "COCO annotations carry id, image_id, category_id, bbox, area, iscrowd",
                 )
+        for key in ("id", "image_id", "category_id"):
+            if not isinstance(a[key], (int, str)) or isinstance(a[key], bool):
+                raise _fail(f"{key} {a[key]!r} is not an integer id", file, record, "ids are integers")
         if a["id"] in seen:
             raise _fail(f"duplicate annotation id {a['id']}", file, record, "annotation ids must be unique")
         seen.add(a["id"])
@@ -294,6 +297,9 @@ def _validate_result(
     for key in ("image_id", "category_id", "score"):
         if key not in r:
             raise _fail(f"missing {key!r}", file, record, fix)
+    for key in ("image_id", "category_id"):
+        if not isinstance(r[key], (int, str)) or isinstance(r[key], bool):
+            raise _fail(f"{key} {r[key]!r} is not an integer id", file, record, fix)
     if r["image_id"] not in gt_images:
         raise _fail(
             f"image_id {r['image_id']!r} is not in the ground truth",

@@ -214,8 +214,11 @@ def write_portable_checkpoint(src: Path, dst: Path, *, as_backbone: bool = False
     if "task" not in portable or "model_name" not in portable:
         raise CheckpointError("checkpoint lacks task/model_name", file=src, fix="re-run the stage with this version of visionflow")
     save_checkpoint(dst, portable)
-    with torch.no_grad():
-        load_model(dst)  # the portable file must rebuild on its own, exactly as a consumer will
+    try:
+        with torch.no_grad():
+            load_model(dst)  # the portable file must rebuild on its own, exactly as a consumer will
+    except CheckpointError as err:  # name the stage's checkpoint, not the temporary portable copy
+        raise CheckpointError(err.message, file=src, record=err.record, fix=err.fix) from None
     return portable
 
 
