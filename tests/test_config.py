@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from components.config import Params, apply_overrides, load_params, parse_override
 from components.errors import ConfigError
@@ -71,7 +72,7 @@ def test_missing_file_says_how_to_fix(tmp_path):
 
 def test_sections_are_frozen_and_digest_is_stable():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.data.seed = 3  # type: ignore[misc]
     assert params.digest("detect.yolo") == Params().digest("detect.yolo")
     changed = Params.model_validate({"detect": {"yolo": {"S": 5}}})
