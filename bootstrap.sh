@@ -2,6 +2,7 @@
 # Set up .venv/ at the repository root (reused when present) and run a command in it.
 #   ./bootstrap.sh run [visionflow run options]   the whole pipeline on the built-in dataset
 #   ./bootstrap.sh test [pytest options]          the test suite
+#   ./bootstrap.sh dvc repro | visionflow CMD ...   any dvc or visionflow command in the environment
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,12 +24,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 bash scripts/seed_weights.sh .venv/bin/python
 
-# No network here: keep Prefect and MLflow from phoning home.
+# No network here: keep Prefect and MLflow from phoning home. dvc.yaml's commands find `visionflow` on PATH.
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+export PATH="$PWD/.venv/bin:$PATH"
 cmd=${1:-run}
 shift || true
 case "$cmd" in
   run) exec .venv/bin/visionflow run "$@" ;;
   test) exec .venv/bin/python -m pytest "$@" ;;
+  dvc) exec .venv/bin/dvc "$@" ;;
   *) exec .venv/bin/visionflow "$cmd" "$@" ;;
 esac

@@ -108,9 +108,11 @@ def test_params_key_unknown_to_the_builder_is_a_config_error():
 def test_dataset_errors_name_the_file(tmp_path):
     from components.stages.detect import read_detection_manifest
 
-    with pytest.raises(DataError, match="dataset.json missing"):
+    with pytest.raises(DataError, match="no dataset.json") as info:
         read_detection_manifest(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"tasks": ["classification"], "splits": {"train": 1}}))
+    assert str(tmp_path) in str(info.value)
+    manifest = {"tasks": ["classification"], "categories": ["a"], "splits": {"train": 1}}
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="no detection view") as info:
         read_detection_manifest(tmp_path)
     assert str(tmp_path / "dataset.json") in str(info.value)

@@ -48,6 +48,19 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def require_splits(manifest: dict[str, Any], manifest_path: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Raise :class:`DataError` unless every split in ``splits`` has images (training stages need all three)."""
+    present = manifest.get("splits", {})
+    for split in splits:
+        if not present.get(split):
+            raise DataError(
+                f"the dataset has no {split!r} images (splits: {present})",
+                file=manifest_path,
+                record="splits",
+                fix="ingest with a non-empty train/val/test split",
+            )
+
+
 def _require(manifest: dict[str, Any], root: Path, task: str, split: str) -> None:
     if task not in manifest["tasks"]:
         raise DataError(

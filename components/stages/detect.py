@@ -48,19 +48,10 @@ def read_detection_manifest(root: Path) -> dict[str, Any]:
     Raises:
         DataError: no manifest, no detection view, or an empty split.
     """
+    from components.data.datasets import load_manifest, require_splits
+
     manifest_path = root / "dataset.json"
-    if not manifest_path.is_file():
-        raise DataError(
-            "no canonical dataset here (dataset.json missing)",
-            file=manifest_path,
-            fix="run `visionflow ingest` first or set detect.dataset",
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"dataset.json is not JSON ({err})", file=manifest_path, fix="re-run `visionflow ingest`"
-        ) from None
+    manifest = load_manifest(root)
     if "detection" not in manifest.get("tasks", []):
         raise DataError(
             f"the dataset has no detection view (tasks: {manifest.get('tasks')})",
@@ -68,15 +59,7 @@ def read_detection_manifest(root: Path) -> dict[str, Any]:
             record="tasks",
             fix="ingest a source with boxes (shapes, coco:, voc:, yolo:)",
         )
-    splits = manifest.get("splits", {})
-    for split in ("train", "val", "test"):
-        if not splits.get(split):
-            raise DataError(
-                f"the dataset has no {split!r} images (splits: {splits})",
-                file=manifest_path,
-                record="splits",
-                fix="ingest with a non-empty train/val/test split",
-            )
+    require_splits(manifest, manifest_path)
     return manifest
 
 

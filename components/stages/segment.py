@@ -47,7 +47,7 @@ def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
     Raises:
         DataError: no manifest, or the dataset lacks semantic masks (or instance masks for Mask R-CNN).
     """
-    from components.data.datasets import load_manifest
+    from components.data.datasets import load_manifest, require_splits
 
     manifest = load_manifest(root)
     manifest_path = root / "dataset.json"
@@ -66,15 +66,7 @@ def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
                 else ""
             ),
         )
-    splits = manifest.get("splits", {})
-    for split in ("train", "val", "test"):
-        if not splits.get(split):
-            raise DataError(
-                f"the dataset has no {split!r} images (splits: {splits})",
-                file=manifest_path,
-                record="splits",
-                fix="ingest with a non-empty train/val/test split",
-            )
+    require_splits(manifest, manifest_path)
     return manifest
 
 
