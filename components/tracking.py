@@ -58,13 +58,13 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: MLflow params are flat keys."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (or ``a_b`` with ``sep="_"``): MLflow params and metrics are flat keys."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key}".replace(" ", "_")
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
+            out.update(flatten(value, f"{name}{sep}", sep))
         else:
             out[name] = value
     return out
@@ -191,10 +191,12 @@ class RunLogger:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 100]), run_id=self.run_id)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, sep: str = ".") -> None:
+        """Log the numbers of a (nested) dict; nested keys are joined with ``sep``, non-numbers skipped."""
         import mlflow
 
-        clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        flat = flatten(metrics, sep=sep).items()
+        clean = {k.replace("@", "_at_"): float(v) for k, v in flat if isinstance(v, (int, float)) and not isinstance(v, bool)}
         clean = {k: v for k, v in clean.items() if math.isfinite(v)}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)

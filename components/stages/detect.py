@@ -255,17 +255,6 @@ def draw_detections(
     return path
 
 
-def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"bbox": {"map": 0.3, "per_class": {...}}} -> {"bbox_map": 0.3, ...}`` (numbers only, for MLflow)."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}".replace(" ", "_")
-        if isinstance(value, Mapping):
-            out.update(_flat_scalars(value, f"{name}_"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
-
 
 # --------------------------------------------------------------------------- the stage
 
@@ -424,7 +413,7 @@ def run_detect(
         }
         if "windows_per_image" in metrics:
             scalars["windows_per_image"] = metrics["windows_per_image"]
-        logger.log_metrics(_flat_scalars(scalars))
+        logger.log_metrics(scalars, sep="_")
         logger.log_artifact(metrics_path)
         logger.log_artifact(predictions, artifact_path="predictions")
         for plot in (drawn, pr_png, *pr_csvs):

@@ -322,17 +322,6 @@ def draw_test_overlays(
     )
 
 
-def _flat_scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"segm": {"map": 0.3, "per_class": {...}}} -> {"segm_map": 0.3, "segm_per_class_circle_ap": ...}`` (numbers only)."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}".replace(" ", "_")
-        if isinstance(value, Mapping):
-            out.update(_flat_scalars(value, f"{name}_"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
-
 
 # --------------------------------------------------------------------------- the stage
 
@@ -517,9 +506,7 @@ def run_segment(
         )
         metrics_path = write_json(metrics, Path(cfg.metrics) / f"segment_{arch}.json")
         logger.log_metrics(
-            _flat_scalars(
-                {"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}
-            )
+            {"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}, sep="_"
         )
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
