@@ -14,6 +14,17 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for tiny tensors: on 2 shared cores, torch's pool makes them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for the whole session (about 20 s to start), shared by flow tests."""

@@ -13,16 +13,11 @@ from components.engine import build_optimizer, load_model, save_checkpoint
 from components.metrics.classification import ClassificationMetrics, evaluate_classification
 from components.models.registry import get_model, list_models
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMAGENET_FILE = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a CPU shared with other jobs, 2 threads on tiny tensors are ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batch(n: int = 8, k: int = 4, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_data import NoisyColours
 from torch import nn
-from torch.utils.data import Dataset
 
 from components.config import TrainConfig
 from components.engine import (
@@ -29,36 +29,14 @@ from components.metrics.classification import evaluate_classification
 from components.models.classifier import classification_step
 from components.models.registry import get_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ["red", "blue"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a CPU shared with other jobs, 2 threads on tiny tensors are ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 META = {"task": "classification", "model_name": "convnet", "model_args": {"num_classes": 2, "widths": [8, 16], "hidden": 16}, "categories": CLASSES}
 
 
-class NoisyColours(Dataset):
-    """Tiny 2-class images (red-ish vs blue-ish); __getitem__ adds noise from the global RNG (an augmentation stand-in),
-    so exact resume needs the RNG states restored, not only the weights."""
-
-    def __init__(self, n: int = 48, size: int = 12):
-        g = torch.Generator().manual_seed(1)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        colour = torch.zeros(n, 3, 1, 1)
-        colour[:, 0] = 1.0 - self.labels.float()[:, None, None]
-        colour[:, 2] = self.labels.float()[:, None, None]
-        self.images = 0.2 + 0.5 * colour + 0.1 * torch.randn(n, 3, size, size, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i] + 0.05 * torch.randn_like(self.images[i]), int(self.labels[i])
 
 
 def _cfg(**kw) -> TrainConfig:

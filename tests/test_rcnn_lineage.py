@@ -13,6 +13,8 @@ from components.errors import DataError
 from components.models import get_model, list_models
 from components.models.rcnn_lineage import RCNN, FastRCNN, RoIPool, fast_rcnn, rcnn
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {
     "image_size": 64,
     "proposals_per_image": 40,
@@ -23,13 +25,6 @@ TINY = {
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread, so that a shared, busy CPU does not stall torch's thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _toy_batch(

@@ -34,7 +34,7 @@ if __name__ == "__main__":  # the child trainer: make `components` importable wi
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+from tiny_data import NoisyColours  # noqa: E402
 
 from components.config import TrainConfig, load_params  # noqa: E402
 from components.data.archives import extract_archive  # noqa: E402
@@ -54,23 +54,6 @@ STEPS_PER_EPOCH = 6
 KILL_TIMEOUT_S = 120.0
 
 
-class NoisyColours(Dataset):
-    """64 tiny red-ish / blue-ish images; ``__getitem__`` adds noise from the global RNG (augmentation
-    stand-in), so an exact resume needs every RNG state restored, not only the weights."""
-
-    def __init__(self, n: int = 64, size: int = 12):
-        g = torch.Generator().manual_seed(1)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        colour = torch.zeros(n, 3, 1, 1)
-        colour[:, 0] = 1.0 - self.labels.float()[:, None, None]
-        colour[:, 2] = self.labels.float()[:, None, None]
-        self.images = 0.2 + 0.5 * colour + 0.1 * torch.randn(n, 3, size, size, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i] + 0.05 * torch.randn_like(self.images[i]), int(self.labels[i])
 
 
 def train_cfg(epochs: int) -> TrainConfig:
@@ -85,7 +68,7 @@ def train(out: Path, epochs: int, *, resume: bool, step=classification_step):
     cfg = train_cfg(epochs)
     seed_everything(cfg.seed)
     model = get_model("classification", "convnet", **META["model_args"])  # dropout: consumes the RNG
-    data = NoisyColours()
+    data = NoisyColours(64)
     return fit(
         model, train_loader=build_loader(data, cfg, train=True), val_loader=None, step=step, evaluate=None,
         cfg=cfg, out_dir=out, meta=META, resume=resume,

@@ -14,17 +14,13 @@ from components.engine import load_checkpoint, load_model
 from components.errors import DataError, TrainingError
 from components.models.backbones import build_backbone, load_backbone_state
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMAGENET_FILE = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
 needs_imagenet = pytest.mark.skipif(not IMAGENET_FILE.exists(), reason="ImageNet weights not in torchvision's cache")
 TINY = {"batch_size": 8, "lr": 3e-3, "threads": 1, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
