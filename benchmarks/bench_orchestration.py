@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "orchestration.json"
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PER_CLASS = 20
 TRAIN = "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8", "train.threads=1"
 SMALL = [

@@ -29,7 +29,7 @@ from components.data.datasets import (
 from components.data.ingest import ingest
 
 CATS = ["cat", "dog"]
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # name, (width, height), objects [(category, polygon xy list)]
 SCENE = [

@@ -24,7 +24,7 @@ from components.metrics.detection import COCO_METRIC_NAMES
 
 BCCD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bccd" / "BCCD"
 if not BCCD.exists():
-    BCCD = Path("/work/shared/data/bccd/BCCD")
+    BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd" / "BCCD"
 REPO = Path(__file__).resolve().parents[1]
 
 

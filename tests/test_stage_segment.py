@@ -209,7 +209,7 @@ def test_render_semantic_map_paints_confident_instances_most_confident_last():
     )
 
 
-MEMBRANE = Path("/work/shared/data/membrane")
+MEMBRANE = Path(__file__).resolve().parents[2] / "shared" / "data" / "membrane"
 
 
 @pytest.mark.slow

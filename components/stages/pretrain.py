@@ -158,7 +158,7 @@ def load_classification_data(
         raise DataError(
             "no canonical dataset here",
             file=root,
-            fix=f"ingest it first, e.g. `visionflow ingest --source imagefolder:/work/shared/data/... --out {root}`",
+            fix=f"ingest it first, e.g. `visionflow ingest --source imagefolder:../shared/data/... --out {root}`",
         )
     splits = load_manifest(root)["splits"]
     val_split = next((s for s in ("val", "test") if s in splits), None)
