@@ -10,6 +10,7 @@ What the engine owns, so that no stage re-implements it:
   ``(cfg.seed, epoch)`` at the start of every epoch (as ``DistributedSampler.set_epoch`` does);
 * per-epoch validation through a task's ``evaluate`` callback, early stopping on a named metric;
 * ``best.pt`` and ``last.pt`` written atomically (temp file + ``os.replace``) after every epoch;
+  temp files left by a writer killed mid-save are removed when the next run starts;
 * exact resume: ``last.pt`` holds model, optimiser, scheduler, scaler, epoch, global step, best
   metric, early-stopping state, every RNG state (python, numpy, torch, CUDA, the sampler
   generator) and the caller's ``meta`` (e.g. the MLflow run id), so an interrupted run resumed
@@ -225,6 +226,49 @@ def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _temp_owner(path: Path) -> int | None:
+    """The pid in a :func:`save_checkpoint` temp file name (``.<name>.<pid>.tmp``), or None for other files."""
+    parts = path.name.split(".")
+    if len(parts) < 4 or parts[0] != "" or parts[-1] != "tmp" or not parts[-2].isdigit():
+        return None
+    return int(parts[-2])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the half-written checkpoint temp files of writers that are dead (killed mid-save).
+
+    :func:`save_checkpoint` writes ``.<name>.<pid>.tmp`` and renames it; a writer killed before
+    the rename (SIGKILL, OOM, power loss) leaves the temp file behind, never a bad ``last.pt``.
+    Files of a live process (another run still saving into this folder) are kept; a pid that was
+    recycled by an unrelated live process keeps its file too, the safe side. Called by :func:`fit`
+    on rank 0 when a run starts or resumes.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(".*.tmp"):
+        pid = _temp_owner(path)
+        if pid is None or pid == os.getpid() or _process_alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -519,6 +563,7 @@ def _fit(
 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)  # a previous run killed mid-save left its .last.pt.<pid>.tmp
     model.to(device)
     raw_model = model
     if is_distributed():
@@ -628,6 +673,11 @@ def _fit(
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n / max(dt, 1e-9):.0f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             bar.update(1)
         bar.close()
+        if is_distributed() and sums:  # the epoch means of the global batch, not of rank 0's shard alone
+            keys = sorted(sums)
+            totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(keys, (totals / world_size()).tolist(), strict=True))
 
         record: dict[str, Any] = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"]}
         record.update({f"train_{k}": v / max(1, n_steps) for k, v in sums.items()})

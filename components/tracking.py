@@ -30,10 +30,11 @@ import importlib.metadata
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,38 @@ def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None
 # --------------------------------------------------------------------------- runs
 
 
+def _tracking_call(method: Any) -> Any:
+    """Turn a failure of the tracking server during a run into a :class:`TrackingError` naming the URI.
+
+    MLflow's HTTP client has already retried with back-off (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``) when this fires: the server stayed down. The stage
+    fails with one line instead of a urllib3 traceback; its flow task retries (TrackingError is
+    transient) and a resumed run continues from ``last.pt``.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: RunLogger, *args: Any, **kwargs: Any) -> Any:
+        import mlflow
+
+        try:
+            return method(self, *args, **kwargs)
+        except (mlflow.exceptions.MlflowException, OSError) as err:
+            raise TrackingError(
+                f"tracking server failed during run {self.run_id} ({method.__name__}): {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+                file=mlflow.get_tracking_uri(),
+                record=self.run_id,
+                fix="start the server (or fix tracking.uri) and re-run the stage with --resume; nothing was registered",
+            ) from None
+
+    return wrapper
+
+
 class RunLogger:
-    """Thin handle on an active MLflow run; every stage logs through it."""
+    """Thin handle on an active MLflow run; every stage logs through it.
+
+    Every method raises :class:`TrackingError` (naming the tracking URI and the run) when the
+    server fails during the run.
+    """
 
     def __init__(self, run: Any):
         self._run = run
@@ -183,6 +214,7 @@ class RunLogger:
     def run_id(self) -> str:
         return self._run.info.run_id
 
+    @_tracking_call
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow
 
@@ -191,6 +223,7 @@ class RunLogger:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 100]), run_id=self.run_id)
 
+    @_tracking_call
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, sep: str = ".") -> None:
         """Log the numbers of a (nested) dict; nested keys are joined with ``sep``, non-numbers skipped."""
         import mlflow
@@ -201,6 +234,7 @@ class RunLogger:
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)
 
+    @_tracking_call
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
@@ -210,11 +244,13 @@ class RunLogger:
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
+    @_tracking_call
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         import mlflow
 
         mlflow.log_dict(dict(data), name, run_id=self.run_id)
 
+    @_tracking_call
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow import MlflowClient
 
@@ -222,6 +258,7 @@ class RunLogger:
         for key, value in tags.items():
             client.set_tag(self.run_id, key, str(value))
 
+    @_tracking_call
     def log_dataset(
         self, *, name: str, digest: str | None = None, source: str | Path, profile: Mapping[str, Any] | None = None, context: str = "training"
     ) -> str:
@@ -266,6 +303,7 @@ class RunLogger:
             self.log_dict(dict(profile), f"datasets/{name}_profile.json")
         return digest
 
+    @_tracking_call
     def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
         """Tag the run with the params hash of ``section`` and the DVC hash of ``dataset`` (logged as input)."""
         tags = lineage_tags(params_hash=section_hash(section) if section is not None else None)
@@ -291,9 +329,26 @@ def start_run(
     run a child of the pipeline run, also when the stage runs in another process (``dvc repro``).
     A run that raises ends ``FAILED`` (MLflow's context manager), which the registry respects.
 
+    Under torchrun (a process group of ``W > 1`` ranks) this is a collective: rank 0 opens the run
+    and broadcasts its id, ranks 1..W-1 receive a :class:`WorkerRunLogger` that carries the same
+    ``run_id`` (so checkpoints record it) and logs nothing: one MLflow run per job.
+
     Raises:
         TrackingError: the tracking server cannot be reached.
     """
+    if _process_group_rank() is not None:
+        with _start_run_on_rank_zero(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested) as logger:
+            yield logger
+        return
+    with _open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested) as logger:
+        yield logger
+
+
+@contextmanager
+def _open_run(
+    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool
+) -> Iterator[RunLogger]:
+    """What :func:`start_run` does in a single process (or on rank 0 of a torchrun job)."""
     import mlflow
 
     connect(cfg)
@@ -307,8 +362,111 @@ def start_run(
         )
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"cannot open run {run_name!r}: {str(err).splitlines()[0]}", file=resolve_tracking_uri(cfg), fix="check tracking.uri") from None
-    with run_ctx as run:
-        yield RunLogger(run)
+    with run_ctx as run:  # ends the run FINISHED, or FAILED when the body raises
+        try:
+            yield RunLogger(run)
+        except BaseException as body_error:
+            _end_run(run, "FAILED", cfg, after=body_error)
+            raise
+        _end_run(run, "FINISHED", cfg)
+
+
+def _end_run(run: Any, status: str, cfg: TrackingConfig, *, after: BaseException | None = None) -> None:
+    """End ``run`` with ``status``; a server that died during the run is a :class:`TrackingError`, not a traceback.
+
+    ``mlflow.end_run`` pops the run from the active stack before it calls the server, so a run
+    whose end could not be logged does not stay active in this process.
+    """
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        if isinstance(after, TrackingError):
+            return  # the server was already gone: the body's TrackingError (raised next) names the first failure
+        cause = f"; the stage had failed: {after}" if after is not None else ""
+        raise TrackingError(
+            f"tracking server failed while ending run {run.info.run_id} as {status}: "
+            f"{str(err).splitlines()[0][:300] if str(err) else type(err).__name__}{cause}",
+            file=resolve_tracking_uri(cfg),
+            record=run.info.run_id,
+            fix="start the server (or fix tracking.uri) and re-run the stage with --resume; nothing was registered",
+        ) from None
+
+
+# --------------------------------------------------------------------------- torchrun: one run, logged by rank 0
+
+
+class WorkerRunLogger(RunLogger):
+    """The logger of ranks 1..W-1 of a torchrun job: it knows rank 0's run id and logs nothing.
+
+    Every rank runs the same stage code; only rank 0 talks to MLflow, so a job of ``W`` processes
+    is one MLflow run (not ``W``), with one copy of each metric, param and artifact.
+    """
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, sep: str = ".") -> None:
+        return None
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        return None
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        return None
+
+    def log_dataset(self, *, name: str, digest: str | None = None, source: str | Path, profile: Mapping[str, Any] | None = None,
+                    context: str = "training") -> str:
+        return digest or ""
+
+    def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
+        return {}
+
+
+def _process_group_rank() -> int | None:
+    """This process's rank inside a torch.distributed group of more than one process, else None.
+
+    Looked up without importing torch: a process that has not imported ``torch.distributed``
+    cannot be in a group (light commands stay light).
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return int(dist.get_rank())
+
+
+@contextmanager
+def _start_run_on_rank_zero(
+    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool
+) -> Iterator[RunLogger]:
+    """Rank 0 opens the run and broadcasts its id; the other ranks get a :class:`WorkerRunLogger`.
+
+    A collective: every rank of the group must call :func:`start_run` at the same point of the
+    stage (they all run the same code). When rank 0 cannot open the run, every rank raises.
+    """
+    from components.distributed import is_main_process, run_on_main
+
+    with ExitStack() as stack:
+        logger = None
+
+        def open_on_main() -> str:
+            nonlocal logger
+            logger = stack.enter_context(_open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested))
+            return logger.run_id
+
+        shared_id = run_on_main(open_on_main)
+        yield logger if is_main_process() and logger is not None else WorkerRunLogger(shared_id)
 
 
 def find_runs(cfg: TrackingConfig, *, filter_string: str, max_results: int = 10) -> list[dict[str, Any]]:
@@ -490,6 +648,10 @@ def register_version(
 ) -> str:
     """Create a version of ``registered_name`` from a logged model, set ``alias`` on it, return its number.
 
+    All or nothing, as far as the registry allows: when a step after the version's creation fails
+    (description, alias), the version is deleted again, so no half-registered version remains;
+    if the server is gone even for that, the version has no alias and the error says so.
+
     Raises:
         TrackingError: the registry refused the version.
     """
@@ -497,6 +659,7 @@ def register_version(
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    mv = None
     try:
         try:
             client.get_registered_model(registered_name)
@@ -507,9 +670,25 @@ def register_version(
         if model_description:
             client.update_registered_model(registered_name, description=model_description)
         client.set_registered_model_alias(registered_name, alias, mv.version)
-    except mlflow.exceptions.MlflowException as err:
-        raise TrackingError(f"cannot register {registered_name}: {str(err).splitlines()[0]}", record=registered_name, fix="check the registry URI") from None
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        rolled_back = mv is None or _delete_version(client, registered_name, str(mv.version))
+        left = "" if rolled_back else f"; version {mv.version} could not be deleted: it has no '{alias}' alias, so no consumer loads it"
+        raise TrackingError(
+            f"cannot register {registered_name}: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}{left}",
+            file=mlflow.get_tracking_uri(), record=registered_name, fix="check the registry URI / server and re-run `visionflow register`",
+        ) from None
     return str(mv.version)
+
+
+def _delete_version(client: Any, registered_name: str, version: str) -> bool:
+    """Roll back a half-registered version (created, but its card or alias failed); False when the registry refuses."""
+    import mlflow
+
+    try:
+        client.delete_model_version(registered_name, version)
+    except (mlflow.exceptions.MlflowException, OSError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

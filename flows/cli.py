@@ -6,6 +6,10 @@ Stage commands call the same component functions as the Prefect flows and ``dvc 
 
 Every user-facing error is a :class:`components.errors.VisionflowError`: printed as one line
 naming the file, the record and the fix, exit code 2.
+
+A training stage (``pretrain``, ``finetune``, ``detect --arch``, ``segment --arch``) whose
+``train.nprocs > 1`` (params or ``--set``) re-runs its own command line under ``torchrun``
+(:mod:`flows.torchrun_stage`): one MLflow run, one set of files, rank 0's result printed.
 """
 
 from __future__ import annotations
@@ -192,12 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace, argv: list[str]) -> Any:
+    """Run one parsed command; a training stage with ``train.nprocs > 1`` runs under torchrun.
+
+    In the launching process (``train.nprocs > 1``, not yet a worker) the same command line is
+    started under torchrun and rank 0's result is returned; inside a torchrun worker the stage
+    runs in the process group (:mod:`flows.torchrun_stage`); otherwise it simply runs.
+    """
+    if args.command not in ("pretrain", "finetune", "detect", "segment"):
+        return args.func(args)
+    from flows.torchrun_stage import is_torchrun_worker, launch_stage, run_as_worker, stage_train_config
+
+    cfg = stage_train_config(args.command, _params(args), getattr(args, "arch", None))
+    if cfg is None:
+        return args.func(args)
+    if is_torchrun_worker():
+        return run_as_worker(lambda: args.func(args), cfg)
+    if cfg.nprocs > 1:
+        return launch_stage(argv, cfg.nprocs)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from components.errors import VisionflowError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        _print(args.func(args))
+        _print(run_command(args, argv))
     except VisionflowError as err:
         print(f"visionflow {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -263,13 +265,100 @@ def _task_runner(params: Params) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
+RUNS_DIR = "runs"
+LATEST = "latest"
+_SOURCE_FORMATS = ("coco", "voc", "yolo", "imagefolder", "masks")
+
+
+def _absolute(path: str, root: Path) -> str:
+    return str(path if Path(path).is_absolute() else (root / path).resolve())
+
+
+def run_scoped_params(params: Params, root: Path) -> dict[str, Any]:
+    """The params of a run-scoped run: inputs outside the run made absolute, outputs left relative.
+
+    Relative *output* paths (``data.out``, ``<stage>.out``, ``metrics/``, the Prefect results) then
+    resolve inside the run's folder; relative *input* paths (source datasets, ``data.source``'s
+    folder, ``data.images``) and the default MLflow store are pinned to the project, so every run
+    reads the same sources and registers into the same registry. Caching across runs is off (a
+    run-scoped folder starts empty, so every stage's outputs are missing anyway).
+    """
+    from components.tracking import resolve_tracking_uri
+
+    tree = params.model_dump(mode="json")
+    for ds in tree["orchestration"]["datasets"].values():
+        ds["path"] = _absolute(ds["path"], root)
+    fmt, _, where = tree["data"]["source"].partition(":")
+    if fmt in _SOURCE_FORMATS and where:
+        tree["data"]["source"] = f"{fmt}:{_absolute(where, root)}"
+    if tree["data"]["images"]:
+        tree["data"]["images"] = _absolute(tree["data"]["images"], root)
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)  # the default sqlite store and artifact folder are the project's
+        tree["tracking"]["uri"] = resolve_tracking_uri(params.tracking)
+    finally:
+        os.chdir(cwd)
+    tree["orchestration"].update(run_scoped=False, cache=False)
+    return tree
+
+
+@contextmanager
+def run_scoped_workspace(params_path: str | Path, overrides: list[str] | None, *, root: Path | None = None) -> Iterator[tuple[Path, Path]]:
+    """Work in a fresh ``runs/<time>-<params hash>-<pid>/`` folder of the project for one pipeline run.
+
+    Two runs started at the same time with different params write into different folders (never
+    into each other's ``data/``, ``outputs/``, ``metrics/``), and each one's register stage reads
+    its own checkpoints and metrics, so each registers its own model versions. When the run
+    ends, ``runs/latest`` is re-pointed at its folder by an atomic rename of a new symbolic link
+    (``os.replace``) under an exclusive lock (``runs/.lock``), so a reader always sees a complete
+    run and the last run to finish wins. The process changes its working folder for the run:
+    one run-scoped run per process (``visionflow run`` is one process per run).
+
+    Yields:
+        ``(run folder, its params file)``: the effective params, with inputs made absolute
+        (:func:`run_scoped_params`).
+    """
+    import fcntl
+
+    import yaml
+
+    root = (root or Path.cwd()).resolve()
+    params = load_params(params_path, overrides)
+    runs = root / RUNS_DIR
+    runs.mkdir(exist_ok=True)
+    folder = runs / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{params.digest(*TRAINING_SECTIONS)[:8]}-{os.getpid()}"
+    folder.mkdir()
+    params_file = folder / "params.yaml"
+    params_file.write_text(yaml.safe_dump(run_scoped_params(params, root), sort_keys=False))
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield folder, params_file
+    finally:
+        os.chdir(cwd)
+    with open(runs / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        link = runs / f".{LATEST}.{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.name)
+        os.replace(link, runs / LATEST)
+
+
 def run_pipeline(params_path: str | Path, overrides: list[str] | None, *, force: bool = False) -> dict:
     """``visionflow run``: the retrain flow once, with the task runner from params.
+
+    With ``orchestration.run_scoped`` the run works in its own ``runs/<run>/`` folder
+    (:func:`run_scoped_workspace`); the report's ``run_dir`` names it.
 
     Returns:
         The run's report (stages, timings, registry decisions, MLflow and Prefect ids).
     """
     params = load_params(params_path, overrides)
+    if params.orchestration.run_scoped:
+        with run_scoped_workspace(params_path, overrides) as (folder, scoped_params):
+            report = run_pipeline(scoped_params, [], force=force)
+        return {**report, "run_dir": str(folder)}
     runner_flow = retrain_flow.with_options(task_runner=_task_runner(params))
     report = runner_flow(params_path=str(params_path), overrides=list(overrides or []), force=force)
     return {k: v for k, v in report.items() if k != "stages"} | {"stages": {k: v["state"] for k, v in report["stages"].items()}}
@@ -293,6 +382,57 @@ def build_deployment(params_path: str | Path, overrides: list[str] | None, *, cr
         parameters={"params_path": str(params_path), "overrides": list(overrides or []), "force": False},
         description="visionflow retraining: ingest -> pretrain -> finetune -> detect -> segment -> register (champion gate)",
         tags=["visionflow", "retrain"],
+    )
+
+
+RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain_flow"
+
+
+def deploy_to_work_pool(
+    work_pool: str,
+    params_path: str | Path,
+    overrides: list[str] | None,
+    *,
+    name: str = DEFAULT_DEPLOYMENT,
+    entrypoint: str = RETRAIN_ENTRYPOINT,
+    source: str | Path | None = None,
+    cron: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+) -> Any:
+    """Register a flow of this repository as a deployment of ``work_pool``; a worker of that pool runs it.
+
+    The deployment names the code by ``source`` (this checkout by default; a git URL in production,
+    ``Flow.from_source`` pulls it) and ``entrypoint``, and carries the params file and overrides as
+    its parameters. The same call targets a ``process`` pool here and a ``kubernetes`` or ``docker``
+    pool in production: only the pool's base job template (image, resources) differs, set through
+    ``job_variables`` or the pool itself (README, "Teams and scale-out").
+
+    Args:
+        work_pool: an existing work pool (``prefect work-pool create NAME --type process``).
+        params_path, overrides: what the flow run loads (a path the worker can read).
+        name: the deployment's name.
+        entrypoint: ``path/to/file.py:flow_function`` inside ``source`` (default: the retrain flow).
+        source: folder or git URL holding the code (default: this checkout).
+        cron: an optional schedule (UTC).
+        job_variables: overrides of the pool's job template (env, working_dir, image, ...).
+
+    Returns:
+        The deployment id.
+    """
+    from prefect import Flow
+
+    remote = Flow.from_source(source=str(source or Path(__file__).resolve().parents[1]), entrypoint=entrypoint)
+    parameters: dict[str, Any] = {"params_path": str(params_path), "overrides": list(overrides or [])}
+    return remote.deploy(
+        name,
+        work_pool_name=work_pool,
+        build=False,
+        push=False,
+        cron=cron,
+        parameters=parameters,
+        job_variables=job_variables,
+        tags=["visionflow"],
+        print_next_steps=False,
     )
 
 

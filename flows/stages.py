@@ -3,7 +3,9 @@
 The stage bodies below are the only place the flows touch ``components``: they pick the stage's
 params sections and call the entry points named in docs/architecture.md, exactly as the CLI
 (``visionflow <stage>``) and ``dvc.yaml``'s ``cmd`` lines do. :func:`stage_task` turns a body into
-a task with transient-only retries and DVC-keyed caching; ``flows/retrain.py`` chains them.
+a task with transient-only retries and DVC-keyed caching; ``flows/retrain.py`` chains them. A
+training body whose ``train.nprocs > 1`` launches its stage under torchrun
+(:mod:`flows.torchrun_stage`) and returns rank 0's result.
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ from components.config import Params, load_params
 from flows.stage_tasks import needs_refresh, set_lineage_env, stage_task
 
 # --------------------------------------------------------------------------- stage bodies: params -> component call
+
+
+def _launch_if_distributed(stage: str, params: Params, arch: str | None = None) -> dict | None:
+    """A training stage with ``train.nprocs > 1`` runs under torchrun (``flows.cli`` workers); returns rank 0's result.
+
+    None when the stage runs here, in this process (one process asked for, or already a worker).
+    """
+    from components.distributed import should_launch
+    from flows.torchrun_stage import launch_stage_with_params, stage_train_config
+
+    cfg = stage_train_config(stage, params, arch)
+    if cfg is None or not should_launch(cfg):
+        return None
+    result = launch_stage_with_params(stage, params, cfg.nprocs, extra_args=("--arch", arch) if arch else ())
+    return result if isinstance(result, dict) else {"result": result}
 
 
 def ingest_body(params: Params) -> dict:
@@ -45,18 +62,24 @@ def augment_body(params: Params) -> dict:
 def pretrain_body(params: Params) -> dict:
     from components.stages.pretrain import run_pretrain
 
+    if (launched := _launch_if_distributed("pretrain", params)) is not None:
+        return launched
     return run_pretrain(params.pretrain, params.augment, params.tracking, resume=False)
 
 
 def finetune_body(params: Params) -> dict:
     from components.stages.finetune import run_finetune
 
+    if (launched := _launch_if_distributed("finetune", params)) is not None:
+        return launched
     return run_finetune(params.finetune, params.augment, params.tracking, resume=False)
 
 
 def detect_body(params: Params, *, arch: str) -> dict:
     from components.stages.detect import run_detect
 
+    if (launched := _launch_if_distributed("detect", params, arch)) is not None:
+        return launched
     return run_detect(params.detect, arch, params.augment, params.evaluate, params.tracking, resume=False)
 
 
@@ -76,6 +99,8 @@ def lineage_body(params: Params) -> dict:
 def segment_body(params: Params, *, arch: str) -> dict:
     from components.stages.segment import run_segment
 
+    if (launched := _launch_if_distributed("segment", params, arch)) is not None:
+        return launched
     return run_segment(params.segment, arch, params.augment, params.tracking, resume=False)
 
 

@@ -115,3 +115,18 @@ def test_training_mode_without_targets_is_refused():
         model.train()
         with pytest.raises(ValueError, match="needs targets"):
             model([torch.rand(3, 64, 64)])
+
+
+def test_retinanet_subnets_are_group_normalised_and_indivisible_groups_are_a_config_error():
+    from torch import nn
+
+    from components.errors import ConfigError
+
+    model = get_model("detection", "retinanet", num_classes=K, fpn_channels=16, head_groups=8)
+    norms = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 8 and all(m.num_groups == 8 for m in norms)  # 4 convolutions in each of the 2 subnets
+    plain = get_model("detection", "retinanet", num_classes=K, fpn_channels=16, head_groups=0)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.modules())
+    with pytest.raises(ConfigError, match="divisible") as info:
+        get_model("detection", "retinanet", num_classes=K, fpn_channels=24, head_groups=16)
+    assert info.value.record == "detect.retinanet.head_groups"

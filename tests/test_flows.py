@@ -222,3 +222,45 @@ def test_prefect_yaml_declares_the_same_deployment():
     (dep,) = [d for d in spec["deployments"] if d["name"] == "visionflow-retrain"]
     assert dep["entrypoint"] == "flows/retrain.py:retrain_flow"
     assert dep["schedules"][0]["cron"] and dep["work_pool"]["name"]
+
+
+# --------------------------------------------------------------------------- a work pool with a process worker
+
+
+def test_deployment_runs_on_a_process_work_pool(prefect_harness, tmp_path, tracking_cfg):
+    """The production path: a deployment on a work pool, picked up by a worker (a process worker here,
+    a Kubernetes/Docker worker in production), runs the flow from this repository's source."""
+    import os
+    import sys
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import get_current_settings
+
+    from flows.retrain import deploy_to_work_pool
+
+    pool = "visionflow-test-process-pool"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    out = tmp_path / "data" / "shapes"
+    overrides = [*TINY, f"data.out={out}", "orchestration.cache=false", "orchestration.datasets={}",
+                 f"tracking.uri={tracking_cfg.uri}", f"tracking.experiment={tracking_cfg.experiment}"]
+    deploy_to_work_pool(pool, REPO / "params.yaml", overrides, name="vf-pool-test", entrypoint="flows/stages.py:ingest_flow")
+    flow_run = run_deployment(name="visionflow-ingest/vf-pool-test", timeout=0)  # scheduled, not run by us
+    assert flow_run.state.is_scheduled()
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--run-once"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        done = client.read_flow_run(flow_run.id)
+    assert done.state.is_completed(), done.state.message
+    assert done.work_pool_name == pool
+    assert json.loads((out / "dataset.json").read_text())["splits"] == {"train": 8, "val": 4, "test": 4}
+    # the ingest's MLflow run points back at the flow run the worker executed
+    runs = MlflowClient(tracking_uri=tracking_cfg.uri).search_runs(
+        [MlflowClient(tracking_uri=tracking_cfg.uri).get_experiment_by_name(tracking_cfg.experiment).experiment_id])
+    assert str(flow_run.id) in {r.data.tags.get("visionflow.prefect_flow_run_id") for r in runs}

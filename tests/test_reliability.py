@@ -163,8 +163,10 @@ def test_kill_9_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(tmp_path
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["epoch"], ckpt["global_step"]) == (1, STEPS_PER_EPOCH)
 
-    # 3. resumed to the end: the same weights, history and run id as the uninterrupted run
+    # 3. resumed to the end: the same weights, history and run id as the uninterrupted run;
+    #    the dead writer's half-written temp file is cleaned up when the run resumes
     resumed = train(out, 3, resume=True)
+    assert not any(p.exists() for p in half_written) and not list(out.glob(".*.tmp"))
     final, expected = load_checkpoint(resumed.last_path), load_checkpoint(reference.last_path)
     assert final["mlflow_run_id"] == META["mlflow_run_id"]
     for name, tensor in expected["state_dict"].items():
@@ -182,6 +184,30 @@ def test_kill_9_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(tmp_path
     assert four["train_config"]["epochs"] == 4
     moved = max((four["state_dict"][k].float() - v.float()).abs().max().item() for k, v in final["state_dict"].items())
     assert moved > 1e-4, "epoch 4 did not train: the schedule was not extended"
+
+
+def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    from components.engine import remove_stale_temp_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now: a writer killed before its os.replace
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".last.pt.{dead.pid}.tmp"
+        busy = tmp_path / f".best.pt.{alive.pid}.tmp"  # another process still saving here
+        mine = tmp_path / f".last.pt.{os.getpid()}.tmp"
+        other = tmp_path / ".diverged.json.tmp"  # not a checkpoint temp file: no pid, not ours to judge
+        for path in (stale, busy, mine, other):
+            path.write_bytes(b"half")
+        assert remove_stale_temp_files(tmp_path) == [stale]
+        assert not stale.exists() and busy.exists() and mine.exists() and other.exists()
+        # fit() cleans its out_dir when a fresh run starts, too
+        stale.write_bytes(b"half")
+        train(tmp_path, 1, resume=False)
+        assert not stale.exists() and busy.exists()
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 # --------------------------------------------------------------------------- unusable checkpoints
@@ -316,6 +342,78 @@ def test_tracking_server_down_is_a_tracking_error(monkeypatch):
     assert err.value.file == uri and "start the server" in (err.value.fix or "")
 
 
+def test_tracking_server_dying_during_a_run_is_a_tracking_error_and_registers_nothing(tmp_path, monkeypatch, mlflow_db_template):
+    """A real loopback ``mlflow server`` is killed in the middle of a stage's run: the next logging call and the
+    run's end raise TrackingError naming the URI and the run (no urllib3 traceback), and the registry stays empty."""
+    import shutil
+    import urllib.request
+
+    from conftest import free_port, stop_process_group
+    from mlflow import MlflowClient
+
+    from components.config import TrackingConfig
+    from components.errors import TrackingError
+    from components.tracking import start_run
+
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    backend = ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts")]
+    server = subprocess.Popen([str(REPO / ".venv/bin/mlflow"), "server", *backend, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # by default MLflow retries with back-off first
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        with pytest.raises(TrackingError) as err:
+            with start_run(TrackingConfig(uri=url, experiment="dies"), run_name="train") as logger:
+                logger.log_metrics({"loss": 1.0}, step=1)
+                stop_process_group(server)  # the server dies mid-run
+                logger.log_metrics({"loss": 0.5}, step=2)
+                pytest.fail("logging to a dead server did not fail")
+        assert err.value.file == url and err.value.record == logger.run_id and "--resume" in err.value.fix
+        assert "log_metrics" in str(err.value)
+        import mlflow
+
+        assert mlflow.active_run() is None  # the dead run does not stay active in this process
+    finally:
+        stop_process_group(server)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+    assert client.get_metric_history(logger.run_id, "loss")[0].value == 1.0  # what was logged before the failure is kept
+
+
+def test_a_registration_failing_half_way_is_rolled_back(tracking_cfg, monkeypatch, tmp_path):
+    """The registry refuses the alias after the version was created: the version is deleted again (no half-registered model)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.errors import TrackingError
+    from components.tracking import connect, register_version
+
+    connect(tracking_cfg)
+    with mlflow.start_run():
+        mlflow.log_dict({"weights": 1}, "model/weights.json")
+        uri = mlflow.get_artifact_uri("model")
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("503 Service Unavailable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(TrackingError) as err:
+        register_version(uri, "half", version_description="card")
+    assert err.value.record == "half" and "503" in str(err.value) and "could not be deleted" not in str(err.value)
+    assert MlflowClient().search_model_versions("name='half'") == []
+
+
 # --------------------------------------------------------------------------- archives that escape the target
 
 
@@ -375,6 +473,47 @@ def test_archive_members_escaping_the_target_are_rejected(tmp_path, case):
     assert (outside / "victim.txt").read_text() == "untouched"
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "work" / "evil.txt").exists()
     assert not (target / "data" / "ok.txt").exists()
+
+
+def _coco_with_escaping_file_names(root: Path, outside: Path) -> Path:
+    """Four good images plus two whose file_name points at a real file outside images/ ('..' and absolute)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(outside)
+    images, anns = [], []
+    names = [f"{i}.png" for i in range(4)] + [f"../{outside.name}", str(outside)]
+    for i, name in enumerate(names, start=1):
+        if i <= 4:
+            Image.new("RGB", (40, 40), (30, 30, 200)).save(root / "images" / name)
+        images.append({"id": i, "file_name": name, "width": 40, "height": 40})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    return path
+
+
+def test_coco_file_names_escaping_the_images_folder_are_rejected(tmp_path):
+    from components.config import DataConfig
+    from components.data.ingest import ingest
+
+    outside = tmp_path / "secret.png"
+    source = _coco_with_escaping_file_names(tmp_path / "coco", outside)
+    # strict: the first escaping record is a DataError naming the file, the record and the fix
+    with pytest.raises(DataError) as err:
+        ingest(f"coco:{source}", tmp_path / "strict", cfg=DataConfig(), strict=True)
+    assert err.value.file == str(source) and err.value.record == "image 5" and "relative" in err.value.fix
+    assert "'..'" in str(err.value)
+    assert not (tmp_path / "strict").exists()
+    # repair: both are skipped and reported; the dataset holds the four good images only
+    summary = ingest(f"coco:{source}", tmp_path / "out", cfg=DataConfig())
+    assert sum(summary["splits"].values()) == 4
+    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    skipped = {d["record"]: d for d in report["decisions"] if "file_name" in d["reason"]}
+    assert set(skipped) == {"image 5", "image 6"} and all(d["action"] == "skipped" for d in skipped.values())
+    assert "absolute" in skipped["image 6"]["reason"]
+    copied = [p for p in (tmp_path / "out" / "images").rglob("*") if p.is_file()]
+    assert len(copied) == 4 and all(p.read_bytes() != outside.read_bytes() for p in copied)
 
 
 def test_ingest_of_a_hostile_archive_is_a_data_error(tmp_path):

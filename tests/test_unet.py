@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_fcn import train_semantic  # the tiny scenes and training loop shared by the segmentation tests
 
+from components.errors import ConfigError
 from components.models import get_model
 from components.models.backbones import build_backbone
 from components.models.unet import UNet
@@ -56,3 +57,22 @@ def test_unet_trains_with_falling_loss(pretrained_encoder):
     )
     losses = train_semantic(model, steps=25)
     assert losses[-1] < 0.4 * losses[0], losses
+
+
+def test_unet_head_starts_at_the_class_prior():
+    # prior initialisation: at step 0 the mean softmax is (close to) the pixel class frequencies,
+    # so training does not spend its first steps learning that most pixels are background
+    prior = [0.85, 0.1, 0.05]
+    torch.manual_seed(0)
+    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2, class_prior=prior).eval()
+    assert torch.allclose(model.head.bias, torch.tensor(prior).log())
+    with torch.no_grad():
+        mean_softmax = model(torch.rand(2, 3, 32, 32)).softmax(dim=1).mean(dim=(0, 2, 3))
+    assert torch.allclose(mean_softmax, torch.tensor(prior), atol=0.1), mean_softmax
+
+
+def test_unet_rejects_a_bad_class_prior():
+    with pytest.raises(ConfigError, match="class_prior"):
+        get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2, class_prior=[0.9, 0.1])
+    with pytest.raises(ConfigError, match="class_prior"):
+        get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2, class_prior=[0.9, 0.1, 0.0])

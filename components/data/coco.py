@@ -4,13 +4,16 @@ layout itself, so a canonical dataset re-ingests to the same boxes and masks).
 
 A file that is not JSON, or not a COCO instances object, cannot be read at all: that fails in
 both modes with the file and the line/column. Problems of single records (duplicate ids,
-annotations of missing images, unknown categories) go to the report.
+annotations of missing images, unknown categories) go to the report. So does an image whose
+``file_name`` escapes the images folder (absolute, a drive, or ``..``): an annotation file must not
+make ingest read (and copy into the dataset) arbitrary files of the machine; strict mode refuses
+it, repair mode skips the image and its annotations.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset
@@ -34,6 +37,24 @@ def _categories(data: dict[str, Any], path: Path, report: IngestReport) -> dict[
         else:
             cats[cat["id"]] = cat["name"]
     return dict(sorted(cats.items()))
+
+
+def escaping_file_name(file_name: str) -> str | None:
+    """Why a COCO ``file_name`` would reach outside the images folder, or None when it stays inside.
+
+    Lexical checks only, on both path flavours (a JSON written on Windows may use backslashes):
+    an absolute path, a drive or UNC prefix, or a ``..`` component. Symbolic links inside the
+    images folder are allowed (DVC's symlink cache uses them).
+    """
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    windows = PureWindowsPath(file_name)
+    if posix.is_absolute() or windows.drive or windows.is_absolute():
+        return "is an absolute path"
+    if ".." in posix.parts:
+        return "climbs out of the images folder with '..'"
+    if not file_name.strip():
+        return "is empty"
+    return None
 
 
 def _box_xywh_to_xyxy(bbox: Any) -> Any:
@@ -85,6 +106,16 @@ def read_coco_file(
                 f"duplicate image id {im['id']} ({im['file_name']})",
                 "skipped",
                 fix="give every image a unique id",
+            )
+            continue
+        escape = escaping_file_name(im["file_name"])
+        if escape is not None:
+            report.add(
+                path,
+                f"image {im['id']}",
+                f"file_name {im['file_name']!r} {escape}: it would read a file outside {images}",
+                "skipped",
+                fix="make file_name relative to the images folder (e.g. '000123.jpg' or 'sub/000123.jpg')",
             )
             continue
         w, h = im.get("width"), im.get("height")

@@ -18,13 +18,16 @@ Images are resized so that their longer side is ``image_size`` (aspect ratio kep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
+from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from components.errors import ConfigError
 from components.models.backbones import build_backbone
 from components.models.mask_rcnn import BackboneWithFPN
 from components.models.registry import register_model
@@ -110,6 +113,7 @@ def retinanet(
     fpn_channels: int = 64,
     anchor_scale: float = 3.0,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    head_groups: int = 16,
     score_threshold: float = 0.05,
     nms_iou: float = 0.5,
     max_detections: int = 100,
@@ -126,6 +130,10 @@ def retinanet(
         min_stride: backbone levels with a smaller stride are left out of the pyramid.
         fpn_channels: channels of the pyramid and of the two subnets' four 3x3 convolutions.
         anchor_scale, aspect_ratios: 3 octave scales ``anchor_scale x stride x 2^(k/3)`` times the ratios.
+        head_groups: GroupNorm groups after each of the subnets' 3x3 convolutions (torchvision's
+            RetinaNet v2 head); 0 keeps the paper's head without normalisation. Without it, the four
+            convolutions initialised at std 0.01 learned where objects are but not which class on the
+            shapes data (mAP@0.5 0.20 with the class scores of a box nearly equal for every class).
     """
     body = BackboneWithFPN(
         build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers),
@@ -134,7 +142,14 @@ def retinanet(
     )
     sizes = _anchor_sizes(body.strides, anchor_scale, octaves=3)
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(aspect_ratios),) * len(sizes))
-    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1)
+    if head_groups > 0 and fpn_channels % head_groups:
+        raise ConfigError(
+            f"GroupNorm needs fpn_channels ({fpn_channels}) divisible by head_groups ({head_groups})",
+            record="detect.retinanet.head_groups",
+            fix="pick a divisor of fpn_channels, or 0 for no normalisation",
+        )
+    norm_layer = partial(nn.GroupNorm, head_groups) if head_groups > 0 else None
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=norm_layer)
     return RetinaNet(
         body,
         num_classes + 1,

@@ -15,6 +15,18 @@ Optionally the contracting path is a pretrained project backbone (``encoder="bac
 stages give the skip features at strides ``s_0 < s_1 < ...``, a small full-resolution stem gives
 the stride-1 skip, and the expanding path mirrors those strides.
 
+Initialisation matters on a small CPU budget (both measured on the shapes data, see the README):
+
+* every 3x3 and up-sampling convolution written here (stem, contracting and expanding paths) starts from He (Kaiming) normal
+  weights, ``fan_out`` mode as torchvision's ResNets, instead of PyTorch's default uniform init,
+  which is about 2.4x smaller: the up-sampling transposed convolutions are not followed by
+  BatchNorm, so with the default init the up-sampled deep (semantic) features enter the
+  concatenation 3-6x weaker than the BatchNorm-ed skip features and the network first fits the
+  shallow skips;
+* the 1x1 head's bias starts at the log of the pixel class frequencies (``class_prior``), the prior
+  initialisation of RetinaNet: at step 0 the softmax already predicts the class prior, so the first
+  hundred steps are not spent learning that 85 % of the pixels are background.
+
 Convolutions are padded ("same"), unlike the paper's valid convolutions, and the input is padded
 (replicate) to a multiple of the total stride and the logits cropped back, so the output has the
 input's spatial size for odd and even sizes alike.
@@ -78,6 +90,8 @@ class UNet(nn.Module):
         depth: number of pooling steps of the classic contracting path.
         backbone: if given, it is the contracting path (its stages are the levels below the stem).
         image_mean, image_std: per-channel normalisation applied to the [0, 1] input.
+        class_prior: pixel frequency of each of the K + 1 classes (e.g. on the train split): the
+            head's bias starts at its log (prior initialisation); None keeps a zero bias.
     """
 
     def __init__(
@@ -89,6 +103,7 @@ class UNet(nn.Module):
         backbone: Backbone | None = None,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        class_prior: Sequence[float] | None = None,
     ):
         super().__init__()
         self.normalize = ImageNormalize(image_mean, image_std)
@@ -120,6 +135,33 @@ class UNet(nn.Module):
             self.up.append(UpBlock(cin, channels[i], cout, factor=strides[i + 1] // strides[i]))
             cin = cout
         self.head = nn.Conv2d(cin, num_classes, kernel_size=1)
+        self.reset_parameters(class_prior)
+
+    def reset_parameters(self, class_prior: Sequence[float] | None = None) -> None:
+        """He-normal init of the 3x3 and up-sampling convolutions written here, the head's bias at ``log(class_prior)``.
+
+        The backbone (pretrained or not) keeps its own weights; the 1x1 head keeps PyTorch's default
+        (small) weights, so the initial logits are close to the prior.
+
+        Raises:
+            ConfigError: ``class_prior`` has not K + 1 positive entries.
+        """
+        own = [self.stem, self.up] + ([self.down] if self.backbone is None else [])
+        for module in (m for part in own for m in part.modules()):
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if class_prior is not None:
+            prior = torch.as_tensor(list(class_prior), dtype=torch.float32)
+            if prior.shape != (self.num_classes,) or not bool((prior > 0).all()):
+                raise ConfigError(
+                    f"class_prior needs {self.num_classes} positive frequencies, got {prior.tolist()}",
+                    record="class_prior",
+                    fix="pass the pixel frequency of every class, background included (or None)",
+                )
+            with torch.no_grad():
+                self.head.bias.copy_((prior / prior.sum()).log())
 
     def contract(self, x: Tensor) -> list[Tensor]:
         """Contracting path: feature maps from stride 1 (stem) to the bottleneck."""
@@ -159,6 +201,7 @@ def unet(
     backbone_arch: str = "vfnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
+    class_prior: Sequence[float] | None = None,
 ) -> UNet:
     """UNet: semantic segmentation contract.
 
@@ -171,8 +214,10 @@ def unet(
         pretrained_encoder: use the project backbone ``backbone_arch`` (loaded from ``backbone_weights``)
             as the contracting path.
         backbone_arch, backbone_weights, trainable_layers: the backbone, as in :func:`build_backbone`.
+        class_prior: pixel class frequencies; the head's bias starts at their log (see :class:`UNet`).
+            Only an initialisation: a checkpoint's state dict overrides it, so it is not a model arg.
     """
     backbone = None
     if pretrained_encoder:
         backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
-    return UNet(num_classes, base_channels=base_channels, depth=depth, backbone=backbone)
+    return UNet(num_classes, base_channels=base_channels, depth=depth, backbone=backbone, class_prior=class_prior)

@@ -36,7 +36,7 @@ from components.config import AugmentConfig, DetectConfig, DetectorConfig, Evalu
 from components.errors import ConfigError, DataError
 from components.metrics.detection import COCO_METRIC_NAMES as COCO_NAMES
 
-_BACKBONE_KEYS = ("backbone", "train")
+_BACKBONE_KEYS = ("backbone", "train", "augment")  # params keys that are not builder arguments
 
 
 # --------------------------------------------------------------------------- dataset
@@ -61,6 +61,18 @@ def read_detection_manifest(root: Path) -> dict[str, Any]:
         )
     require_splits(manifest, manifest_path)
     return manifest
+
+
+def detector_augment(augment: AugmentConfig, acfg: DetectorConfig) -> AugmentConfig:
+    """The augmentation params a detector trains with: ``augment`` with its preset replaced by ``acfg.augment`` if set.
+
+    The ``augment:`` section is shared with the other stages; a detector that needs a milder
+    policy than ``augment.detection`` (a short schedule, or proposals cached by image content)
+    names its own preset instead of changing the shared one.
+    """
+    if acfg.augment is None:
+        return augment
+    return augment.model_copy(update={"detection": acfg.augment})
 
 
 def detection_datasets(root: Path, augment: AugmentConfig, image_size: int) -> dict[str, Any]:
@@ -304,6 +316,7 @@ def run_detect(
     manifest = read_detection_manifest(root)
     categories: list[str] = list(manifest["categories"])
     out_dir = Path(cfg.out) / arch
+    augment = detector_augment(augment, acfg)
     seed_everything(acfg.train.seed)
 
     model, model_args = build_detector(arch, acfg, len(categories))
@@ -359,6 +372,10 @@ def run_detect(
             log_metrics=logger.log_metrics,
             desc=f"detect {arch}",
         )
+        from components.distributed import is_main_process, rank
+
+        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone tests and writes files
+            return {"rank": rank(), "role": "worker"}
 
         best_path = result.best_path or result.last_path
         assert best_path is not None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import AugmentConfig, FinetuneConfig, TrackingConfig
+from components.distributed import is_main_process, rank
 from components.engine import load_checkpoint, seed_everything
 from components.errors import CheckpointError
 from components.models.classifier import Classifier
@@ -140,6 +141,8 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                 result = fit_classifier(
                     model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
                 )
+                if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
+                    continue
                 best = result.best_metrics
                 curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
                 matrix = plot_confusion_matrix(
@@ -168,6 +171,8 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                 logger.log_metrics({"best_accuracy": rows[strategy]["accuracy"], "best_macro_f1": rows[strategy]["macro_f1"], "train_time_s": rows[strategy]["train_time_s"]})
                 parent.log_metrics({f"{strategy}.accuracy": rows[strategy]["accuracy"], f"{strategy}.macro_f1": rows[strategy]["macro_f1"]})
 
+        if not is_main_process():
+            return {"rank": rank(), "role": "worker"}
         best_strategy = max(rows, key=lambda s: (rows[s]["accuracy"] or 0.0, rows[s]["macro_f1"] or 0.0))
         metrics = {
             "dataset": str(cfg.dataset),

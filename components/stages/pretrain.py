@@ -287,6 +287,10 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "mlflow_run_id": logger.run_id,
         }
         result = fit_classifier(model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain")
+        from components.distributed import is_main_process, rank
+
+        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
+            return {"rank": rank(), "role": "worker"}
         if result.best_path is None:
             raise CheckpointError("training wrote no best.pt", file=train_dir, fix="re-run the stage without --resume")
         backbone_path = save_checkpoint(out / "backbone.pt", load_checkpoint(result.best_path))

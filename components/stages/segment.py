@@ -114,11 +114,37 @@ def semantic_collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor
 # --------------------------------------------------------------------------- models
 
 
-def build_segmenter(arch: str, acfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def pixel_class_frequencies(dataset: Any, num_classes: int) -> list[float]:
+    """Pixel frequency of each class in ``dataset``'s masks as stored (no augmentation), ``ignore_index`` left out.
+
+    UNet's head bias starts at the log of these (prior initialisation). Every class gets at least
+    one pixel's worth, so that a class absent from the split has a finite log-prior.
+
+    Args:
+        dataset: a ``SegmentationDataset`` (its ``root``, ``split`` and ``files`` are read).
+        num_classes: K + 1.
+
+    Returns:
+        ``num_classes`` frequencies summing to 1.
+    """
+    from components.data.datasets import read_mask
+
+    counts = torch.ones(num_classes, dtype=torch.float64)
+    for name in dataset.files:
+        mask = read_mask(dataset.root / "masks" / dataset.split / f"{Path(name).stem}.png").flatten()
+        counts += torch.bincount(mask[mask < num_classes], minlength=num_classes).double()
+    return (counts / counts.sum()).tolist()
+
+
+def build_segmenter(
+    arch: str, acfg: Any, num_classes: int, *, class_prior: list[float] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``arch`` from its params section; returns ``(model, model_args)``.
 
     ``model_args`` rebuild the same architecture from the checkpoint alone (``engine.load_model``):
     the backbone's weights travel in the state dict, so the backbone checkpoint path is not kept.
+    ``class_prior`` (UNet only: pixel class frequencies, see :func:`pixel_class_frequencies`) only
+    initialises the head's bias, so it is not part of ``model_args`` either.
     """
     from components.models import get_model
 
@@ -149,7 +175,8 @@ def build_segmenter(arch: str, acfg: Any, num_classes: int) -> tuple[nn.Module, 
     args["num_classes"] = num_classes
     uses_backbone = arch != "unet" or acfg.pretrained_encoder
     weights = acfg.backbone.weights if uses_backbone else None
-    model = get_model("segmentation", arch, backbone_weights=weights, **args)
+    init = {"class_prior": class_prior} if arch == "unet" and class_prior is not None else {}
+    model = get_model("segmentation", arch, backbone_weights=weights, **args, **init)
     return model, args
 
 
@@ -369,9 +396,10 @@ def run_segment(
     out_dir = Path(cfg.out) / arch
     seed_everything(acfg.train.seed)
 
-    model, model_args = build_segmenter(arch, acfg, num_classes)
     is_instance = arch in INSTANCE_ARCHS
     semantic = semantic_datasets(root, augment, acfg.image_size)
+    prior = pixel_class_frequencies(semantic["train"], num_classes) if arch == "unet" else None
+    model, model_args = build_segmenter(arch, acfg, num_classes, class_prior=prior)
     eval_batch = max(acfg.train.batch_size, 8)
     val_loader = build_loader(
         semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch
@@ -444,6 +472,10 @@ def run_segment(
             log_metrics=logger.log_metrics,
             desc=f"segment {arch}",
         )
+        from components.distributed import is_main_process, rank
+
+        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone tests and writes files
+            return {"rank": rank(), "role": "worker"}
 
         best_path = result.best_path or result.last_path
         model, _ = load_model(best_path)
