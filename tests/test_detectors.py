@@ -130,3 +130,20 @@ def test_retinanet_subnets_are_group_normalised_and_indivisible_groups_are_a_con
     with pytest.raises(ConfigError, match="divisible") as info:
         get_model("detection", "retinanet", num_classes=K, fpn_channels=24, head_groups=16)
     assert info.value.record == "detect.retinanet.head_groups"
+
+
+def test_faster_rcnn_anchors_and_box_head_are_params():
+    """Every key of detect.faster_rcnn reaches the builder: anchors sized for the data's objects."""
+    from components.config import FasterRCNNConfig
+    from components.stages.detect import build_detector
+
+    acfg = FasterRCNNConfig.model_validate(
+        {"backbone": {"arch": "vfnet_small", "weights": None}, "anchor_scale": 2.0, "aspect_ratios": [1.0], "representation_size": 32}
+    )
+    model, args = build_detector("faster_rcnn", acfg, num_classes=2)
+    assert args["anchor_scale"] == 2.0 and args["representation_size"] == 32
+    generator = model.rpn.anchor_generator
+    assert all(len(r) == 1 for r in generator.aspect_ratios)
+    strides = model.backbone.strides
+    assert [s[0] for s in generator.sizes] == [int(2.0 * s) for s in strides]
+    assert model.roi_heads.box_head.fc6.out_features == 32

@@ -110,8 +110,8 @@ def test_a_detector_may_name_its_own_augment_preset_without_touching_the_shared_
     from components.stages.detect import detection_datasets, detector_arguments, detector_augment
 
     shared = AugmentConfig(detection="yolo")
-    assert detector_augment(shared, YoloConfig()) is shared  # null: the shared preset
-    own = detector_augment(shared, YoloConfig(augment="basic"))
+    assert detector_augment(shared, YoloConfig(augment=None)) is shared  # null: the shared preset
+    own = detector_augment(shared, YoloConfig())  # YOLO's default: flips only
     assert own.detection == "basic" and shared.detection == "yolo"
     assert own.model_dump(exclude={"detection"}) == shared.model_dump(exclude={"detection"})
     assert "augment" not in detector_arguments("rcnn", RCNNConfig(augment="none"), 3)  # not a builder argument

@@ -11,7 +11,13 @@ import torch
 
 from components.config import load_params
 from components.errors import ConfigError, DataError
-from components.stages.segment import compare_segmenters, render_semantic_map, run_segment
+from components.stages.segment import (
+    backbone_param_groups,
+    compare_segmenters,
+    pixel_class_frequencies,
+    render_semantic_map,
+    run_segment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -186,6 +192,38 @@ def test_stage_errors_name_the_file_and_the_fix(tmp_path, monkeypatch, tracking_
     with pytest.raises(DataError, match="instance_segmentation") as err:
         run_segment(params.segment, "mask_rcnn", params.augment, tracking_cfg)
     assert "fcn or unet" in err.value.fix
+
+
+@pytest.mark.parametrize("arch", ["fcn", "unet", "mask_rcnn"])
+def test_backbone_param_groups_slow_down_only_the_backbone(arch):
+    from components.engine import build_optimizer
+    from components.models import get_model
+
+    kwargs = {"pretrained_encoder": True, "base_channels": 8} if arch == "unet" else {}
+    model = get_model("segmentation", arch, num_classes=3, **kwargs)
+    assert backbone_param_groups(model, 1.0) is None  # one group: the plain recipe
+    groups = backbone_param_groups(model, 0.1)
+    body = model.backbone.body if arch == "mask_rcnn" else model.backbone  # Mask R-CNN's FPN is new
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in body.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    cfg = load_params(ROOT / "params.yaml").segment.arch(arch).train
+    lrs = {g["name"].split(".")[0]: g["lr"] for g in build_optimizer(model, cfg, groups).param_groups}
+    assert lrs == pytest.approx({"backbone": 0.1 * cfg.lr, "head": cfg.lr})
+    assert backbone_param_groups(get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2), 0.1) is None
+
+
+def test_pixel_class_frequencies_count_the_stored_masks(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "masks" / "train").mkdir(parents=True)
+    mask = torch.zeros(4, 5, dtype=torch.uint8)
+    mask[0, :2] = 2
+    mask[3, 4] = 255  # ignored
+    Image.fromarray(mask.numpy()).save(tmp_path / "masks" / "train" / "a.png")
+    dataset = type("Split", (), {"root": tmp_path, "split": "train", "files": ["a.jpg"]})()
+    freq = pixel_class_frequencies(dataset, 3)
+    # 17 background, 0 class-1, 2 class-2 pixels, plus one pseudo-count each (a finite log-prior)
+    assert freq == pytest.approx([18 / 22, 1 / 22, 3 / 22])
 
 
 def test_render_semantic_map_paints_confident_instances_most_confident_last():

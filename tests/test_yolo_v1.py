@@ -152,3 +152,15 @@ def test_decode_uses_class_specific_confidence_and_maps_back_to_input_size():
     torch.testing.assert_close(det["boxes"][0], torch.tensor([8.0, 32.0, 24.0, 64.0]))
     assert det["labels"][0] == 3 and det["scores"][0].item() == pytest.approx(0.56)
     assert set(det["labels"].tolist()) == {2, 3}  # class 1 (0.08) falls below the threshold
+
+
+def test_grid_finer_than_the_feature_map_is_a_config_error():
+    """S larger than the backbone's last map would make neighbouring cells average the same features."""
+    from components.errors import ConfigError
+    from components.models.backbones import build_backbone
+
+    backbone = build_backbone("vfnet_small")  # stride 16: a 64 px image gives a 4x4 map
+    with pytest.raises(ConfigError, match=r"detect\.yolo\.S") as info:
+        YOLOv1(backbone, num_classes=2, S=8, image_size=64)
+    assert "image_size to at least 128" in str(info.value)
+    assert YOLOv1(backbone, num_classes=2, S=4, image_size=64).S == 4

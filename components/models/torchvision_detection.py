@@ -133,7 +133,8 @@ def retinanet(
         head_groups: GroupNorm groups after each of the subnets' 3x3 convolutions (torchvision's
             RetinaNet v2 head); 0 keeps the paper's head without normalisation. Without it, the four
             convolutions initialised at std 0.01 learned where objects are but not which class on the
-            shapes data (mAP@0.5 0.20 with the class scores of a box nearly equal for every class).
+            shapes data (test mAP@0.5 0.20 with the class scores of a box nearly equal for every
+            class; 0.29 with 16 groups, same 8 epochs).
     """
     body = BackboneWithFPN(
         build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers),

@@ -15,10 +15,13 @@ Optionally the contracting path is a pretrained project backbone (``encoder="bac
 stages give the skip features at strides ``s_0 < s_1 < ...``, a small full-resolution stem gives
 the stride-1 skip, and the expanding path mirrors those strides.
 
-Initialisation matters on a small CPU budget (both measured on the shapes data, see the README):
+Initialisation matters on a small CPU budget (on the shapes data with the MobileNetV2 encoder, the
+validation cross-entropy after 2 epochs is 0.56 with neither of the two points below, 0.42 with
+the first alone, 0.29 with both):
 
-* every 3x3 and up-sampling convolution written here (stem, contracting and expanding paths) starts from He (Kaiming) normal
-  weights, ``fan_out`` mode as torchvision's ResNets, instead of PyTorch's default uniform init,
+* every 3x3 and up-sampling convolution written here (stem, contracting and expanding paths)
+  starts from He (Kaiming) normal weights, ``fan_out`` mode as torchvision's ResNets, instead of
+  PyTorch's default uniform init,
   which is about 2.4x smaller: the up-sampling transposed convolutions are not followed by
   BatchNorm, so with the default init the up-sampled deep (semantic) features enter the
   concatenation 3-6x weaker than the BatchNorm-ed skip features and the network first fits the

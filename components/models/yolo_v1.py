@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms
 
+from components.errors import ConfigError
 from components.models.backbones import Backbone, build_backbone
 from components.models.registry import register_model
 from components.ops.boxes import elementwise_box_iou
@@ -222,7 +223,9 @@ class YOLOv1Head(nn.Module):
     explicitly (3x3 conv, dropout, 1x1 conv per cell): fewer parameters, faster to train on small data.
     Leaky ReLU everywhere, as in the lecture. Measured on the shapes data (320 training images,
     10-12 epochs, 2 CPU cores): the ``"fc"`` head (2.3 M parameters) reached mAP@0.5 0.00, the
-    ``"conv"`` head 0.45 (S = 8, 12 epochs) to 0.69 (16 epochs), hence ``"conv"`` by default.
+    ``"conv"`` head 0.45 (S = 8, 12 epochs) to 0.69 (16 epochs), hence ``"conv"`` by default. With
+    flips as the only augmentation (``detect.yolo.augment: basic``), 16 epochs reach 0.81 / 0.73 on
+    the test split (seeds 0 / 1), against 0.62 with the affine + crop ``yolo`` preset.
     """
 
     def __init__(
@@ -312,6 +315,15 @@ class YOLOv1(nn.Module):
         image_std: Sequence[float] = IMAGENET_STD,
     ):
         super().__init__()
+        feature_map = image_size // backbone.strides[-1]
+        if S > max(feature_map, 1):
+            raise ConfigError(
+                f"YOLO grid S={S} is finer than the backbone's last feature map ({feature_map}x{feature_map} for "
+                f"{image_size} px images at stride {backbone.strides[-1]}): neighbouring cells would see the same features",
+                file="params.yaml",
+                record="detect.yolo.S",
+                fix=f"set detect.yolo.S <= {feature_map}, or raise detect.yolo.image_size to at least {S * backbone.strides[-1]}",
+            )
         self.backbone = backbone
         self.transform = fixed_size_transform(image_size, image_mean, image_std)
         self.head = YOLOv1Head(

@@ -180,6 +180,33 @@ def build_segmenter(
     return model, args
 
 
+def backbone_param_groups(model: nn.Module, backbone_lr_mult: float) -> list[dict[str, Any]] | None:
+    """Optimiser groups giving the pretrained backbone ``backbone_lr_mult`` x the learning rate of the new layers.
+
+    The fine-tuning recipe: with AdamW every parameter moves by about ``lr`` per step whatever its
+    gradient's size, so while the new layers are still random (UNet's whole expanding path, Mask
+    R-CNN's FPN and heads) their noisy gradients would push the ImageNet features around at full
+    ``lr``. ``model.backbone`` is FCN's and UNet's encoder, ``model.backbone.body`` Mask R-CNN's
+    (its FPN is new).
+
+    Returns:
+        ``[{"params": backbone, "lr_mult": m, "name": "backbone"}, {"params": rest, "name": "head"}]``
+        for :func:`components.engine.fit`, or None (one group) when ``backbone_lr_mult == 1`` or the
+        model has no backbone (the classic UNet).
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone_lr_mult == 1.0 or not isinstance(backbone, nn.Module):
+        return None
+    backbone = getattr(backbone, "body", backbone)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    pretrained = [p for p in backbone.parameters() if p.requires_grad]
+    new = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
+    groups = [{"params": new, "name": "head"}]
+    if pretrained:
+        groups.insert(0, {"params": pretrained, "lr_mult": backbone_lr_mult, "name": "backbone"})
+    return groups
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
@@ -468,6 +495,7 @@ def run_segment(
             cfg=acfg.train,
             out_dir=out_dir,
             meta=meta,
+            param_groups=backbone_param_groups(model, acfg.backbone_lr_mult),
             resume=resume,
             log_metrics=logger.log_metrics,
             desc=f"segment {arch}",
