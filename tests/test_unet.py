@@ -76,3 +76,29 @@ def test_unet_rejects_a_bad_class_prior():
         get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2, class_prior=[0.9, 0.1])
     with pytest.raises(ConfigError, match="class_prior"):
         get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=2, class_prior=[0.9, 0.1, 0.0])
+
+
+def test_deep_supervision_adds_a_coarse_loss_in_training_only():
+    """Training returns {"out", "aux"} at the input size; the stage's loss is CE(out) + w * CE(aux); eval returns logits."""
+    import torch.nn.functional as F
+    from test_fcn import tiny_scenes
+
+    from components.stages.segment import semantic_step
+
+    torch.manual_seed(0)
+    model = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3, deep_supervision=True)
+    images, masks = tiny_scenes()
+    model.train()
+    output = model(images)
+    assert set(output) == {"out", "aux"}
+    assert output["out"].shape == output["aux"].shape == (images.shape[0], 3, *images.shape[-2:])
+    losses = semantic_step(model, (images, masks), torch.device("cpu"), ignore_index=255, aux_weight=0.4)
+    expected = F.cross_entropy(output["out"], masks) + 0.4 * F.cross_entropy(output["aux"], masks)
+    torch.testing.assert_close(losses["loss"], expected)
+    losses["loss"].backward()
+    assert model.aux_head.weight.grad is not None and model.aux_head.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (images.shape[0], 3, *images.shape[-2:])
+    plain = get_model("segmentation", "unet", num_classes=3, base_channels=8, depth=3)
+    assert plain.aux_head is None and isinstance(plain.train()(images), torch.Tensor)

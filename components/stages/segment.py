@@ -161,6 +161,7 @@ def build_segmenter(
             "base_channels": acfg.base_channels,
             "depth": acfg.depth,
             "pretrained_encoder": acfg.pretrained_encoder,
+            "deep_supervision": acfg.aux_weight > 0,
         }
         if acfg.pretrained_encoder:
             args.update(backbone)
@@ -216,13 +217,21 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def semantic_step(
-    model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device, *, ignore_index: int
+    model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device, *, ignore_index: int, aux_weight: float = 0.0
 ) -> dict[str, Tensor]:
-    """Pixel-wise cross-entropy of the logits ``[N, K+1, H, W]`` against the masks ``[N, H, W]`` (``ignore_index`` skipped)."""
+    """Pixel-wise cross-entropy of the logits ``[N, K+1, H, W]`` against the masks ``[N, H, W]`` (``ignore_index`` skipped).
+
+    A model with deep supervision returns ``{"out", "aux"}`` in training: the loss is then
+    ``CE(out) + aux_weight * CE(aux)``, with both terms also reported on their own.
+    """
     images, masks = batch
-    logits = model(images.to(device, non_blocking=True))
-    loss = F.cross_entropy(logits.float(), masks.to(device, non_blocking=True), ignore_index=ignore_index)
-    return {"loss": loss}
+    masks = masks.to(device, non_blocking=True)
+    output = model(images.to(device, non_blocking=True))
+    if not isinstance(output, dict):
+        return {"loss": F.cross_entropy(output.float(), masks, ignore_index=ignore_index)}
+    main = F.cross_entropy(output["out"].float(), masks, ignore_index=ignore_index)
+    aux = F.cross_entropy(output["aux"].float(), masks, ignore_index=ignore_index)
+    return {"loss": main + aux_weight * aux, "loss_out": main, "loss_aux": aux}
 
 
 def instance_step(
@@ -448,7 +457,7 @@ def run_segment(
         step = instance_step
     else:
         train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
-        step = partial(semantic_step, ignore_index=cfg.ignore_index)
+        step = partial(semantic_step, ignore_index=cfg.ignore_index, aux_weight=getattr(acfg, "aux_weight", 0.0))
     evaluate = partial(
         evaluate_semantic,
         num_classes=num_classes,
