@@ -51,6 +51,7 @@ __all__ = [
     "default_backend",
     "distributed_session",
     "find_free_port",
+    "in_torchrun_worker",
     "init_distributed",
     "is_distributed",
     "is_main_process",
@@ -257,10 +258,14 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def in_torchrun_worker(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a process that torchrun started (``WORLD_SIZE`` is set)."""
+    return "WORLD_SIZE" in (os.environ if environ is None else environ)
+
+
 def should_launch(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> bool:
     """True when a stage asks for ``train.nprocs > 1`` and we are not already a torchrun worker."""
-    env = os.environ if environ is None else environ
-    return cfg.nprocs > 1 and "WORLD_SIZE" not in env
+    return cfg.nprocs > 1 and not in_torchrun_worker(environ)
 
 
 def torchrun_command(nprocs: int, argv: Sequence[str], *, master_port: int | None = None, master_addr: str = "127.0.0.1") -> list[str]:

@@ -205,14 +205,15 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> Any:
     """
     if args.command not in ("pretrain", "finetune", "detect", "segment"):
         return args.func(args)
-    from flows.torchrun_stage import is_torchrun_worker, launch_stage, run_as_worker, stage_train_config
+    from components.distributed import in_torchrun_worker, should_launch
+    from flows.torchrun_stage import launch_stage, run_as_worker, stage_train_config
 
     cfg = stage_train_config(args.command, _params(args), getattr(args, "arch", None))
     if cfg is None:
         return args.func(args)
-    if is_torchrun_worker():
+    if in_torchrun_worker():
         return run_as_worker(lambda: args.func(args), cfg)
-    if cfg.nprocs > 1:
+    if should_launch(cfg):
         return launch_stage(argv, cfg.nprocs)
     return args.func(args)
 

@@ -108,8 +108,3 @@ def run_as_worker(fn: Callable[[], Any], cfg: TrainConfig) -> Any:
         write_json(json.loads(json.dumps(result, default=str)), Path(target))
         return None
     return result
-
-
-def is_torchrun_worker(environ: Mapping[str, str] | None = None) -> bool:
-    """True in a process that torchrun started (``WORLD_SIZE`` is set)."""
-    return "WORLD_SIZE" in (os.environ if environ is None else environ)

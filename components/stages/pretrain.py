@@ -33,6 +33,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from components.config import AugmentConfig, PretrainConfig, TrackingConfig, TrainConfig
+from components.distributed import is_main_process, rank
 from components.engine import FitResult, build_loader, fit, load_checkpoint, save_checkpoint, seed_everything
 from components.errors import CheckpointError, DataError
 from components.metrics.classification import evaluate_classification
@@ -287,8 +288,6 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "mlflow_run_id": logger.run_id,
         }
         result = fit_classifier(model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain")
-        from components.distributed import is_main_process, rank
-
         if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
             return {"rank": rank(), "role": "worker"}
         if result.best_path is None:
