@@ -9,7 +9,7 @@ interpreter, so imports count) that loads the two files, evaluates and prints th
 
 Reported per tool: ``process_s`` (the whole process as the user waits for it: interpreter start,
 imports, JSON loading, evaluation), ``load_s`` (the tool's loading of the files: ``COCO()`` +
-``loadRes`` / ``from_coco``), ``eval_s`` (evaluation alone: ``evaluate + accumulate +
+``loadRes`` / ``load_coco_evaluator``), ``eval_s`` (evaluation alone: ``evaluate + accumulate +
 summarize`` / ``compute``), the peak resident memory of the process, and the largest difference
 of its 12 numbers from pycocotools'. Results go to ``benchmarks/results/coco_eval.json``.
 
@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from components.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("visionflow", "faster_coco_eval", "pycocotools")
@@ -97,13 +99,13 @@ def worker(tool: str, gt_path: str, pred_path: str) -> None:
 
     t0 = time.perf_counter()
     if tool == "visionflow":
-        from components.metrics.coco_files import read_json
-        from components.metrics.detection import COCO_METRIC_NAMES, DetectionEvaluator
+        from components.metrics.coco import COCO_METRIC_NAMES
+        from components.metrics.coco_files import load_coco_evaluator, read_user_json
 
         t_import = time.perf_counter()
-        gt = read_json(Path(gt_path), "ground truth")
-        res = read_json(Path(pred_path), "predictions")
-        ev = DetectionEvaluator.from_coco(gt, res, iou_type="bbox")
+        gt = read_user_json(Path(gt_path), "ground truth")
+        res = read_user_json(Path(pred_path), "predictions")
+        ev, _ = load_coco_evaluator(gt, res, iou_type="bbox")
         t_load = time.perf_counter()
         out = ev.compute()["bbox"]
         stats = [out[k] for k in COCO_METRIC_NAMES]
@@ -243,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_json(report, args.out)
     print(f"\nwritten {args.out}")
     return 0
 

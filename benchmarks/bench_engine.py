@@ -28,7 +28,6 @@ other jobs: compare them within one run, not across machines or runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from components.config import AugmentConfig, TrainConfig  # noqa: E402
 from components.engine import build_loader, build_optimizer, build_scheduler, fit, seed_everything  # noqa: E402
+from components.io import write_json  # noqa: E402
 from components.models.classifier import classification_step  # noqa: E402
 from components.models.registry import get_model  # noqa: E402
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 

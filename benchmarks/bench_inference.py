@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -39,6 +38,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from components.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "inference.json"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['batch']:>5}  {r['pyfunc_ms_per_image']:>13.2f}  {r['predictor_ms_per_image']:>16.2f}  {r['bare_module_ms_per_image']:>11.2f}  {r['pyfunc_over_bare']:>11.2f}")
     print(f"register {register_s:.1f} s, pyfunc load {load_s:.1f} s (load average {result['machine']['load_average_1min']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 

@@ -38,6 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from components.io import write_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "orchestration.json"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PER_CLASS = 20
@@ -195,7 +197,7 @@ def write_result(path: Path, result: dict) -> None:
     """Write (and re-write after each tool, so a failing tool keeps the others' figures)."""
     result["machine"] = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, path)
 
 
 if __name__ == "__main__":

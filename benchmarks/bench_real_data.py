@@ -26,6 +26,7 @@ torchvision's mobilenet_v2 ImageNet weights in the torch hub cache (no download 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import torch  # noqa: E402
 
 from components.config import Params, TrackingConfig, load_params  # noqa: E402
+from components.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "real_data_detection.json"
 CASES = ("raccoon:faster_rcnn", "raccoon:yolo", "bccd:faster_rcnn", "bccd:yolo")
@@ -59,14 +61,14 @@ def config_path(dataset: str) -> Path:
 
 
 def case_params(dataset: str, workdir: Path) -> Params:
-    """The dataset's params file with the dataset, outputs and metrics redirected under ``workdir``."""
+    """The dataset's params file with the dataset and outputs redirected under ``workdir`` (metrics: run in ``workdir/<dataset>``)."""
+    source = load_params(config_path(dataset)).data.path
     return load_params(
         config_path(dataset),
         overrides=[
+            f"data.path={(ROOT / source).resolve()}",
             f"data.out={workdir / 'data' / dataset}",
-            f"detect.dataset={workdir / 'data' / dataset}",
             f"detect.out={workdir / 'outputs' / dataset}",
-            f"detect.metrics={workdir / 'metrics' / dataset}",
         ],
     )
 
@@ -87,7 +89,9 @@ def run_case(dataset: str, arch: str, workdir: Path, tracking: TrackingConfig) -
         ingest(params.data.source, Path(params.data.out), cfg=params.data)
     acfg = params.detect.arch(arch)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    metrics = run_detect(params.detect, arch, params.augment, params.evaluate, tracking)
+    (workdir / dataset).mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(workdir / dataset):  # the stage writes metrics/detect/<arch>.json there
+        metrics = run_detect(params.detect, arch, params.augment, params.evaluate, tracking)
     cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
     test = metrics["test"]
     section = acfg.model_dump(mode="json")
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             "`--cases dataset:arch`; the figures are from a single seed (0).",
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every case: a long run keeps what it has
+        write_json(report, args.out)  # after every case: a long run keeps what it has
     for case, row in report["cases"].items():
         print(f"{case:22s} mAP@0.5 {row['map_50']:.3f}  mAP {row['map']:.3f}  cpu {row['process_cpu_s']:.0f} s  "
               f"{row['per_class_ap_50']}")

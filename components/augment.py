@@ -19,7 +19,6 @@ a preview grid; it never writes augmented copies (augmentation happens on the fl
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make
 
 from components.config import AugmentConfig
 from components.errors import ConfigError
+from components.io import write_json
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "classification": ("none", "basic", "strong"),
@@ -299,7 +299,7 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
             "samples": indices,
         }
     policy_path = out / "policy.json"
-    policy_path.write_text(json.dumps(policy, indent=2) + "\n")
+    write_json(policy, policy_path)
     return {
         "out": str(out),
         "previews": previews,

@@ -132,8 +132,25 @@ class SplitConfig(Section):
         return self
 
 
+SOURCE_FORMATS = ("shapes", "coco", "voc", "yolo", "imagefolder", "masks")
+METRICS_DIR = "metrics"  # every stage's metrics file (dvc.yaml's `metrics:`); one folder, read by register
+
+
+def stage_metrics_path(task: str, arch: str) -> Path:
+    """``metrics/<task>/<arch>.json``: one folder per task, so the compare and register stages depend on the folder."""
+    return Path(METRICS_DIR) / task / f"{arch}.json"
+
+
 class DataConfig(Section):
-    source: str = "shapes"  # shapes | coco:FILE | voc:DIR | yolo:DIR | imagefolder:DIR | masks:DIR
+    """The dataset that drives the pipeline: ingested into ``out``, read by augment, detect and segment.
+
+    ``path`` is a DVC dependency of the ingest stage: adding, removing or editing a file under it
+    re-runs ingest and everything downstream. For the built-in ``shapes`` source it is the
+    generator's code (the dataset is a function of it and ``data.shapes``).
+    """
+
+    format: Literal[SOURCE_FORMATS] = "shapes"  # type: ignore[valid-type]
+    path: str = "components/data/shapes.py"  # source folder, archive or (coco) annotation file
     out: str = "data/shapes"
     images: str | None = None  # images folder for coco: sources
     strict: bool = False
@@ -142,7 +159,13 @@ class DataConfig(Section):
     duplicate_iou: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # same-category boxes overlapping this much are duplicates
     masks_category: str | None = None  # masks: sources: category name (None: pedestrian / membrane / object by layout)
     masks_foreground: Literal["auto", "dark", "bright"] = "auto"  # binary masks: which pixels are category 1
+    classes: list[str] | None = None  # category names in id order 1..K (others reported); None: the source's order
     shapes: ShapesConfig = ShapesConfig()
+
+    @property
+    def source(self) -> str:
+        """The ingest spec: ``shapes`` or ``FORMAT:PATH``."""
+        return "shapes" if self.format == "shapes" else f"{self.format}:{self.path}"
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -304,7 +327,7 @@ class SelectiveSearchDetectorConfig(DetectorConfig):
     ss_min_size: PositiveInt = 20
     ss_color_spaces: list[Literal["rgb", "hsv", "lab", "gray"]] = ["hsv"]
     ss_similarities: list[Annotated[str, Field(pattern=r"^[ctsf]+$")]] = ["ctsf"]  # colour, texture, size, fill
-    proposal_cache: str | None = "outputs/detect/proposals"  # on-disk cache keyed by image content + search params
+    proposal_cache: str | None = ".visionflow/cache/proposals"  # on-disk cache keyed by image content + search params
 
 
 class RCNNConfig(SelectiveSearchDetectorConfig):
@@ -324,10 +347,9 @@ DETECTOR_ARCHS = ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "r
 
 
 class DetectConfig(Section):
-    dataset: str = "data/shapes"
+    dataset: str = "data/shapes"  # not a key of params.yaml: always data.out (Params sets it)
     architectures: list[Literal[DETECTOR_ARCHS]] = list(DETECTOR_ARCHS)  # type: ignore[valid-type]
     out: str = "outputs/detect"
-    metrics: str = "metrics"  # folder of detect_<arch>.json and detect_comparison.json
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     overfeat: OverFeatConfig = OverFeatConfig()
     yolo: YoloConfig = YoloConfig()
@@ -390,10 +412,9 @@ SEGMENTER_ARCHS = ("fcn", "unet", "mask_rcnn")
 
 
 class SegmentConfig(Section):
-    dataset: str = "data/shapes"
+    dataset: str = "data/shapes"  # not a key of params.yaml: always data.out (Params sets it)
     architectures: list[Literal[SEGMENTER_ARCHS]] = list(SEGMENTER_ARCHS)  # type: ignore[valid-type]
     out: str = "outputs/segment"
-    metrics: str = "metrics"  # folder of segment_<arch>.json and segment_comparison.json
     ignore_index: int = 255
     overlays: PositiveInt = 8  # test images drawn with their true and predicted masks
     fcn: FCNConfig = FCNConfig()
@@ -429,6 +450,10 @@ class RegisterConfig(Section):
     prefix: str = "visionflow"
     candidate_alias: str = "candidate"
     champion_alias: str = "champion"
+    # the champion cannot be measured on the candidate's test data (other categories or task, its
+    # checkpoint fails to load, a backbone without a head on changed data): promote the candidate
+    # (the one model shown to fit the current data) or keep the champion until a person moves it
+    on_incomparable: Literal["promote", "keep"] = "promote"
     classifier: Gate = Gate(metric="accuracy", margin=0.0)
     detector: Gate = Gate(metric="map_50", margin=0.0)
     segmenter: Gate = Gate(metric="miou", margin=0.0)
@@ -454,14 +479,13 @@ class SourceDataset(Section):
 
 
 class OrchestrationConfig(Section):
-    task_runner: Literal["sequential", "threads"] = "threads"  # threads: detectors/segmenters run concurrently
+    """How ``visionflow run`` drives the stages of ``dvc.yaml`` (what DVC itself does not: concurrency, retries)."""
+
+    task_runner: Literal["sequential", "threads"] = "threads"  # threads: up to max_workers stage processes at once
     max_workers: PositiveInt = 2
-    retries: NonNegativeInt = 2  # for transient errors only (I/O, tracking server), never ConfigError/DataError/...
+    retries: NonNegativeInt = 2  # for transient failures only (exit code 75: tracking server, I/O), resumed from last.pt
     retry_delay_seconds: NonNegativeFloat = 5.0
-    cache: bool = True  # task results cached by the DVC hashes of each stage's deps and params
-    results: str = ".prefect/results"  # persisted task results and cache keys (repo-relative)
-    force: bool = False  # retrain even when the data and params are unchanged since the last successful run
-    run_scoped: bool = False  # `visionflow run` works in its own runs/<run>/ folder: concurrent runs never share outputs
+    force: bool = False  # run every stage even when dvc status finds it up to date (as dvc repro -f)
     datasets: dict[str, SourceDataset] = {
         "hymenoptera": SourceDataset(path="../shared/data/hymenoptera_data", out="data/hymenoptera"),
         "cifar10": SourceDataset(path="../shared/data/cifar10_subset", out="data/cifar10"),
@@ -485,6 +509,28 @@ with warnings.catch_warnings():
         register: RegisterConfig = RegisterConfig()
         tracking: TrackingConfig = TrackingConfig()
         orchestration: OrchestrationConfig = OrchestrationConfig()
+
+        @model_validator(mode="before")
+        @classmethod
+        def _one_dataset(cls, tree: Any) -> Any:
+            """detect and segment read ``data.out``: one dataset drives the pipeline, no second key to keep in sync."""
+            if not isinstance(tree, dict):
+                return tree
+            data = tree.get("data") or {}
+            out = data.get("out", DataConfig().out) if isinstance(data, dict) else DataConfig().out
+            tree = dict(tree)
+            for name in ("detect", "segment"):
+                section = tree.get(name) or {}
+                if not isinstance(section, dict):
+                    continue
+                for gone in ("dataset", "metrics"):
+                    if gone in section:
+                        raise ValueError(
+                            f"{name}.{gone} is no longer a key: every stage reads the dataset of data.out and writes "
+                            f"its metrics under {METRICS_DIR}/; remove {name}.{gone} (set data.out instead)"
+                        )
+                tree[name] = {**section, "dataset": out}
+            return tree
 
         def digest(self, *sections: str) -> str:
             """A content hash of the given sections (all when none), stable across runs."""

@@ -59,4 +59,10 @@ class TrainingError(VisionflowError):
 
 
 class TrackingError(VisionflowError):
-    """The MLflow tracking server or registry is unusable."""
+    """The MLflow tracking server or registry is unusable (transient: a retry may cure it)."""
+
+    exit_code = 75  # EX_TEMPFAIL: the pipeline retries a stage that exits with it
+
+
+#: the exit code of a failure a retry may cure (a tracking server down, an I/O or network error)
+TRANSIENT_EXIT_CODE = 75

@@ -6,6 +6,10 @@ that importing this module stays cheap (``visionflow evaluate`` imports it lazil
 DVC writers produce files that ``dvc plots show`` renders with its stock templates:
 ``linear`` for the PR-curve CSVs (x = ``recall``, one y column per class) and ``confusion`` for
 the records ``[{"actual", "predicted"}]``.
+
+The files land in DVC-cached out folders, so they are functions of their inputs: PNGs carry no
+metadata (no matplotlib version, no date: :data:`PNG_METADATA`) and the plots of a stage's own
+folder show no timings (those change from run to run; they belong to ``metrics/*.json``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+#: ``savefig(metadata=...)`` for every PNG: no "Software" text chunk, so the bytes depend on the figure alone
+PNG_METADATA: dict[str, Any] = {"Software": None}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -38,7 +45,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def _save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata=PNG_METADATA)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -276,13 +283,33 @@ def plot_segmentation_overlays(
     return _save_figure(fig, Path(path), dpi=100)
 
 
-def plot_segmenter_comparison(table: dict[str, dict[str, Any]], path: Path) -> Path:
+def plot_skipped(skipped: dict[str, str], path: Path, *, title: str) -> Path:
+    """A text-only PNG listing the architectures that were skipped and why (a comparison with nothing to compare)."""
+    plt = _pyplot()
+    lines = [f"{arch}: skipped, {reason}" for arch, reason in skipped.items()] or ["nothing to compare"]
+    fig = plt.figure(figsize=(9, 0.6 + 0.35 * len(lines)))
+    fig.text(0.02, 0.98, title, fontsize=11, va="top", weight="bold")
+    for i, line in enumerate(lines):
+        fig.text(0.02, 0.98 - (i + 1.5) / (len(lines) + 2), line, fontsize=9, va="top")
+    return _save_figure(fig, Path(path), dpi=100)
+
+
+def skipped_caption(skipped: dict[str, str] | None) -> str:
+    """``"skipped: unet (reason); ..."`` for a comparison figure's caption, or ``""``."""
+    return "skipped: " + "; ".join(f"{a} ({r})" for a, r in skipped.items()) if skipped else ""
+
+
+def plot_segmenter_comparison(table: dict[str, dict[str, Any]], path: Path, *, skipped: dict[str, str] | None = None) -> Path:
     """Bars of mIoU, pixel accuracy, ms per image and parameters per architecture, and per-class IoU.
 
     Args:
         table: ``{arch: {miou, pixel_accuracy, ms_per_image, parameters, per_class_iou: {name: iou}}}``.
         path: the PNG to write.
+        skipped: ``{arch: reason}`` of architectures the data could not feed (named in a caption;
+            a figure listing them alone when ``table`` is empty).
     """
+    if not table:
+        return plot_skipped(skipped or {}, path, title="segmentation: no architecture could run on this dataset")
     plt = _pyplot()
     archs = list(table)
     panels = [("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"), ("ms_per_image", "ms / image"), ("parameters", "parameters (M)")]
@@ -307,7 +334,10 @@ def plot_segmenter_comparison(table: dict[str, dict[str, Any]], path: Path) -> P
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("IoU (test)")
     ax.legend()
-    fig.tight_layout()
+    caption = skipped_caption(skipped)
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if caption else 0, 1, 1))
     return _save_figure(fig, Path(path), dpi=100)
 
 
@@ -347,10 +377,13 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, *, title
 
 
 def plot_strategy_comparison(rows: dict[str, dict[str, Any]], path: Path, *, labels: dict[str, str] | None = None, title: str = "") -> Path:
-    """Bars of validation accuracy and macro F1 per transfer-learning strategy, train time above each pair.
+    """Bars of validation accuracy and macro F1 per transfer-learning strategy, the accuracy above each pair.
+
+    The training times are left to ``metrics/finetune.json``: the PNG lives in the stage's
+    DVC-cached out folder and must be the same file when the stage runs again.
 
     Args:
-        rows: ``{strategy: {"accuracy", "macro_f1", "train_time_s"}}`` (``metrics/finetune.json``'s ``strategies``).
+        rows: ``{strategy: {"accuracy", "macro_f1"}}`` (``metrics/finetune.json``'s ``strategies``).
         path: the PNG to write.
         labels: display names of the strategies.
     """
@@ -362,8 +395,8 @@ def plot_strategy_comparison(rows: dict[str, dict[str, Any]], path: Path, *, lab
     fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2, 4))
     ax.bar(x - 0.18, acc, 0.36, label="accuracy")
     ax.bar(x + 0.18, f1, 0.36, label="macro F1")
-    for i, n in enumerate(names):
-        ax.text(i, max(acc[i], f1[i]) + 0.02, f"{acc[i]:.3f}\n{float(rows[n].get('train_time_s') or 0):.0f} s", ha="center", va="bottom", fontsize=8)
+    for i in range(len(names)):
+        ax.text(i, max(acc[i], f1[i]) + 0.02, f"{acc[i]:.3f} / {f1[i]:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [(labels or {}).get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
     ax.set(ylim=(0, 1.15), ylabel="validation score", title=title)
     ax.legend(loc="upper left", fontsize=8)

@@ -45,6 +45,7 @@ from components.errors import TrackingError
 DEFAULT_DB = "mlflow.db"
 COMPONENTS_DIR = Path(__file__).resolve().parent
 TAG_PREFIX = "visionflow."
+CHECKPOINT_SHA_TAG = "visionflow.checkpoint_sha256"  # a version's identity: sha256 of the stage's checkpoint bytes
 PARENT_RUN_ENV = "VISIONFLOW_PARENT_RUN_ID"
 FLOW_RUN_ENV = "VISIONFLOW_FLOW_RUN_ID"
 
@@ -692,12 +693,35 @@ def _delete_version(client: Any, registered_name: str, version: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ChampionMeasure:
+    """The champion as measured for one candidate, before the gate decides.
+
+    Attributes:
+        version: the version holding the champion alias when it was measured; None: no champion yet.
+        value: its gate metric on the candidate's test data (None when not comparable).
+        method: ``evaluated`` (rebuilt from its checkpoint and run through the stage's evaluator on
+            the candidate's test split), ``recorded`` (its own number, measured on data with the
+            same DVC hash), ``incomparable`` or ``none`` (no champion).
+        note: one line: why incomparable, or how it was measured.
+        categories: the champion's class list (None when unknown).
+    """
+
+    version: str | None
+    value: float | None = None
+    method: str = "none"
+    note: str = ""
+    categories: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class GateDecision:
     """The outcome of the promotion gate for one candidate version.
 
     The candidate is promoted when its metric beats the champion's by at least ``margin``
     (``candidate - champion >= margin`` and ``> 0`` for higher-is-better metrics, mirrored
     otherwise), or when there is no champion yet; a missing or non-finite metric never promotes.
+    When the champion could not be measured on the candidate's test data (``comparison ==
+    "incomparable"``), no numbers are compared: ``register.on_incomparable`` decides.
     """
 
     model: str
@@ -710,9 +734,17 @@ class GateDecision:
     higher_is_better: bool
     promoted: bool
     reason: str
+    comparison: str = "recorded"
+    test_data_hash: str | None = None
+
+    @property
+    def decision(self) -> str:
+        return "promoted" if self.promoted else "kept"
 
     def as_tags(self) -> dict[str, str]:
-        return {f"gate.{k}": ("" if v is None else str(v)) for k, v in asdict(self).items() if k != "model"}
+        tags = {f"gate.{k}": ("" if v is None else str(v)) for k, v in asdict(self).items() if k != "model"}
+        tags["gate.decision"] = self.decision
+        return tags
 
 
 def _finite(value: Any) -> float | None:
@@ -724,31 +756,70 @@ def _finite(value: Any) -> float | None:
 
 
 def decide_promotion(
-    *, model: str, candidate_version: str, candidate_value: Any, champion_version: str | None, champion_value: Any, gate: Gate
+    *,
+    model: str,
+    candidate_version: str,
+    candidate_value: Any,
+    champion_version: str | None,
+    champion_value: Any,
+    gate: Gate,
+    incomparable: str | None = None,
+    on_incomparable: str = "promote",
+    comparison: str = "recorded",
+    test_data_hash: str | None = None,
 ) -> GateDecision:
-    """Pure gate logic (no registry access): see :class:`GateDecision`."""
+    """Pure gate logic (no registry access): see :class:`GateDecision`.
+
+    Args:
+        incomparable: why the champion could not be measured on the candidate's test data; then
+            ``on_incomparable`` (``promote`` or ``keep``) decides instead of the numbers.
+    """
     cand, champ = _finite(candidate_value), _finite(champion_value)
     common = dict(model=model, candidate_version=candidate_version, champion_version=champion_version, metric=gate.metric,
-                  candidate_value=cand, champion_value=champ, margin=gate.margin, higher_is_better=gate.higher_is_better)
+                  candidate_value=cand, champion_value=champ, margin=gate.margin, higher_is_better=gate.higher_is_better,
+                  test_data_hash=test_data_hash)
     if cand is None:
-        return GateDecision(**common, promoted=False, reason=f"candidate has no finite {gate.metric}")  # type: ignore[arg-type]
+        return GateDecision(**common, promoted=False, reason=f"candidate has no finite {gate.metric}", comparison=comparison)  # type: ignore[arg-type]
     if champion_version is None:
-        return GateDecision(**common, promoted=True, reason="no champion yet")  # type: ignore[arg-type]
+        return GateDecision(**common, promoted=True, reason="no champion yet", comparison="none")  # type: ignore[arg-type]
+    if incomparable is not None:
+        common["champion_value"] = None
+        promoted = on_incomparable == "promote"
+        reason = f"champion v{champion_version} not comparable on this test data ({incomparable}); register.on_incomparable={on_incomparable}"
+        return GateDecision(**common, promoted=promoted, reason=reason, comparison="incomparable")  # type: ignore[arg-type]
     if champ is None:
-        return GateDecision(**common, promoted=True, reason=f"champion v{champion_version} has no finite {gate.metric}")  # type: ignore[arg-type]
+        return GateDecision(**common, promoted=True, reason=f"champion v{champion_version} has no finite {gate.metric}", comparison=comparison)  # type: ignore[arg-type]
     gain = cand - champ if gate.higher_is_better else champ - cand
     if gain > 0 and gain >= gate.margin:
         reason = f"{gate.metric} {cand:.4f} beats champion v{champion_version} ({champ:.4f}) by {gain:.4f} >= margin {gate.margin}"
-        return GateDecision(**common, promoted=True, reason=reason)  # type: ignore[arg-type]
+        return GateDecision(**common, promoted=True, reason=reason, comparison=comparison)  # type: ignore[arg-type]
     reason = f"{gate.metric} {cand:.4f} vs champion v{champion_version} ({champ:.4f}): gain {gain:.4f} below margin {gate.margin}"
-    return GateDecision(**common, promoted=False, reason=reason)  # type: ignore[arg-type]
+    return GateDecision(**common, promoted=False, reason=reason, comparison=comparison)  # type: ignore[arg-type]
 
 
-def apply_gate(registered_name: str, version: str, *, gate: Gate, value: Any, champion_alias: str = "champion") -> GateDecision:
+def apply_gate(
+    registered_name: str,
+    version: str,
+    *,
+    gate: Gate,
+    value: Any,
+    champion_alias: str = "champion",
+    measured: ChampionMeasure | None = None,
+    on_incomparable: str = "promote",
+    test_data_hash: str | None = None,
+) -> GateDecision:
     """Compare ``version`` with the version holding ``champion_alias``; move the alias only if the gate passes.
 
-    The candidate's value is stored as the version tag ``metric.<name>`` (the champion's is read
-    from the same tag), and the decision is written as ``gate.*`` tags on the candidate version.
+    The candidate's value is stored as the version tag ``metric.<name>`` and the decision as
+    ``gate.*`` tags on the candidate version (``gate.champion_value``, ``gate.candidate_value``,
+    ``gate.test_data_hash``, ``gate.decision``, ``gate.reason``, ...).
+
+    Args:
+        measured: the champion measured on the candidate's test data (:class:`ChampionMeasure`);
+            when None, the champion's own ``metric.<name>`` tag is compared (the same test data is
+            then the caller's responsibility).
+        on_incomparable: ``promote`` or ``keep`` when ``measured.method == "incomparable"``.
+        test_data_hash: DVC hash of the data both numbers were measured on.
 
     Raises:
         TrackingError: the registry is unusable.
@@ -759,22 +830,118 @@ def apply_gate(registered_name: str, version: str, *, gate: Gate, value: Any, ch
     client = MlflowClient()
     try:
         client.set_model_version_tag(registered_name, version, f"metric.{gate.metric}", str(value))
+        if test_data_hash:
+            client.set_model_version_tag(registered_name, version, "gate.test_data_hash", test_data_hash)
         try:
             champion = client.get_model_version_by_alias(registered_name, champion_alias)
         except mlflow.exceptions.MlflowException:
             champion = None
         champ_version = None if champion is None else str(champion.version)
-        champ_value = None if champion is None else champion.tags.get(f"metric.{gate.metric}")
+        incomparable, comparison = None, "recorded"
+        if measured is None:
+            champ_value = None if champion is None else champion.tags.get(f"metric.{gate.metric}")
+        elif champ_version != measured.version:  # someone moved the alias while the champion was measured
+            champ_value, incomparable = None, f"the champion alias moved to v{champ_version} while v{measured.version} was measured"
+        else:
+            champ_value, comparison = measured.value, measured.method
+            if measured.method == "incomparable":
+                incomparable = measured.note
         decision = decide_promotion(
-            model=registered_name, candidate_version=str(version), candidate_value=value, champion_version=champ_version, champion_value=champ_value, gate=gate
+            model=registered_name, candidate_version=str(version), candidate_value=value, champion_version=champ_version,
+            champion_value=champ_value, gate=gate, incomparable=incomparable, on_incomparable=on_incomparable,
+            comparison=comparison, test_data_hash=test_data_hash,
         )
         if decision.promoted:
             client.set_registered_model_alias(registered_name, champion_alias, str(version))
         for key, tag in {**decision.as_tags(), "gate.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
             client.set_model_version_tag(registered_name, version, key, tag)
+        if measured is not None and measured.note:
+            client.set_model_version_tag(registered_name, version, "gate.champion_measure", measured.note[:5000])
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"gate failed for {registered_name} v{version}: {str(err).splitlines()[0]}", record=registered_name, fix="check the registry URI") from None
     return decision
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered model version as plain data: number, tags, description."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    description: str
+
+
+def _version_info(mv: Any) -> VersionInfo:
+    return VersionInfo(name=str(mv.name), version=str(mv.version), tags=dict(mv.tags or {}), description=str(mv.description or ""))
+
+
+def latest_version(registered_name: str) -> VersionInfo | None:
+    """The highest-numbered version of ``registered_name``, or None (no such model or no version).
+
+    Raises:
+        TrackingError: the registry is unusable.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{registered_name}'")
+    except mlflow.exceptions.MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")):
+            return None
+        raise TrackingError(f"cannot list versions of {registered_name}: {str(err).splitlines()[0]}", record=registered_name, fix="check the registry URI") from None
+    if not versions:
+        return None
+    return _version_info(max(versions, key=lambda mv: int(mv.version)))
+
+
+def alias_version_info(registered_name: str, alias: str) -> VersionInfo | None:
+    """The version holding ``alias`` (number, tags, description), or None."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        return _version_info(MlflowClient().get_model_version_by_alias(registered_name, alias))
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def download_version_checkpoint(registered_name: str, version: str, dst: str | Path) -> Path:
+    """The checkpoint a registered version was logged with (the pyfunc's ``checkpoint`` artifact), downloaded to ``dst``.
+
+    Only the ``MLmodel`` file and the checkpoint are fetched (not the model's copy of the code).
+
+    Raises:
+        TrackingError: the version, its ``MLmodel`` or its checkpoint artifact cannot be read.
+    """
+    import mlflow
+    import yaml
+
+    uri = f"models:/{registered_name}/{version}"
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(dst)))
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = spec["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{rel}", dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError, KeyError, TypeError) as err:
+        raise TrackingError(
+            f"cannot fetch the checkpoint of {registered_name} v{version}: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=uri, record=registered_name, fix="the version was not logged by visionflow's register stage",
+        ) from None
+
+
+def run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str] | None:
+    """The tags of run ``run_id`` (its lineage: git commit, params and data hashes), or None when it does not exist."""
+    import mlflow
+
+    connect(cfg)
+    try:
+        return dict(mlflow.MlflowClient().get_run(run_id).data.tags)
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
 def alias_version(registered_name: str, alias: str) -> str | None:

@@ -31,8 +31,8 @@ def _params(args: argparse.Namespace) -> Any:
 def _print(result: Any) -> None:
     if result is None:
         return
-    if isinstance(result, dict):
-        print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict):  # indented on a terminal; one line for a log (a pipeline's stage process, cron)
+        print(json.dumps(result, indent=2 if sys.stdout.isatty() else None, default=str))
     else:
         print(result)
 
@@ -45,6 +45,8 @@ def cmd_ingest(args: argparse.Namespace) -> Any:
 
     params = _params(args)
     cfg = params.data
+    if args.source:  # another dataset than data's (a source of orchestration.datasets): data.classes is not its list
+        cfg = cfg.model_copy(update={"classes": None})
     return ingest(
         args.source or cfg.source,
         Path(args.out or cfg.out),
@@ -59,7 +61,7 @@ def cmd_augment(args: argparse.Namespace) -> Any:
     from components.augment import write_preview
 
     params = _params(args)
-    return write_preview(Path(args.dataset or params.detect.dataset), params.augment, Path(args.out or params.augment.out))
+    return write_preview(Path(args.dataset or params.data.out), params.augment, Path(args.out or params.augment.out))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> Any:
@@ -126,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> Any:
     from flows.retrain import serve_pipeline
 
-    return serve_pipeline(args.params, args.set, cron=args.cron, name=args.name)
+    return serve_pipeline(args.params, args.set, cron=args.cron, name=args.name, watch=args.watch, interval=args.interval)
 
 
 # --------------------------------------------------------------------------- parser
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", action="store_true", help="log dataset statistics to MLflow")
 
     p = add("augment", cmd_augment, "draw a preview grid of augmented samples and record the policy")
-    p.add_argument("--dataset", help="canonical dataset folder (default: detect.dataset)")
+    p.add_argument("--dataset", help="canonical dataset folder (default: data.out)")
     p.add_argument("--out", help="output folder (default: augment.out)")
 
     for name, fn, text in (
@@ -187,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write predictions JSON here")
     p.add_argument("--draw", help="write images with predictions drawn into this folder")
 
-    p = add("run", cmd_run, "run the whole retrain flow once (Prefect)")
-    p.add_argument("--force", action="store_true", help="retrain even if the data is unchanged since the last successful run")
+    p = add("run", cmd_run, "bring every stage of dvc.yaml up to date (Prefect flow; --params/--set are written to params.yaml)")
+    p.add_argument("--force", action="store_true", help="run every stage even when dvc status finds it up to date")
 
-    p = add("serve", cmd_serve, "serve the retrain flow as a scheduled Prefect deployment")
-    p.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * 1"')
+    p = add("serve", cmd_serve, "serve the retrain flow as a Prefect deployment: on a schedule and/or when the sources change")
+    p.add_argument("--cron", help='schedule, e.g. "0 3 * * 1"')
+    p.add_argument("--watch", action="store_true", help="also start a run when the source data changes (polls dvc status)")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between two looks at the sources (--watch)")
     p.add_argument("--name", default="visionflow-retrain", help="deployment name")
     return parser
 
@@ -219,7 +223,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.errors import VisionflowError
+    from components.errors import TRANSIENT_EXIT_CODE, VisionflowError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except VisionflowError as err:
         print(f"visionflow {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except (ConnectionError, TimeoutError) as err:
+        print(f"visionflow {args.command}: transient error (a retry may cure it): {err!r}", file=sys.stderr)
+        return TRANSIENT_EXIT_CODE
     except KeyboardInterrupt:
         print(f"visionflow {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -30,7 +30,6 @@ from components.config import Params, TrainConfig
 #: the file where rank 0 of a launched stage writes the stage's return value (JSON)
 RESULT_ENV = "VISIONFLOW_STAGE_RESULT"
 #: stages that train with the engine and so may run on several processes
-TRAINING_STAGES = ("pretrain", "finetune", "detect", "segment")
 
 
 def stage_train_config(stage: str, params: Params, arch: str | None = None) -> TrainConfig | None:

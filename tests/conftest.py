@@ -101,11 +101,12 @@ def registry_store(tmp_path_factory, mlflow_db_template):
                               model_args={"num_classes": 2}, categories=cats, image_size=64)
         write_tiny_checkpoint(work / "outputs/pretrain/backbone.pt", task="classification", model_name="classifier",
                               model_args={"num_classes": 3, "backbone": "vfnet_small"}, categories=["a", "b", "c"], image_size=32)
-        (work / "metrics").mkdir()
+        (work / "metrics/detect").mkdir(parents=True)
+        (work / "metrics/segment").mkdir()
         (work / "metrics/pretrain.json").write_text(json.dumps({"accuracy": 0.4, "checkpoint": "outputs/pretrain/backbone.pt"}))
         (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": {"accuracy": 0.8}}}))
-        (work / "metrics/detect_yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5, "map": 0.3}}}))
-        (work / "metrics/segment_fcn.json").write_text(json.dumps({"test": {"miou": 0.6}}))
+        (work / "metrics/detect/yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5, "map": 0.3}}}))
+        (work / "metrics/segment/fcn.json").write_text(json.dumps({"test": {"miou": 0.6}}))
         params = load_params(
             Path(__file__).resolve().parents[1] / "params.yaml",
             [f"tracking.uri={uri}", "tracking.experiment=registry", "detect.architectures=[yolo]", "segment.architectures=[fcn]",

@@ -36,9 +36,7 @@ def dvc_project(tmp_path):
 
 
 def test_repro_ingest_then_noop_then_push_pull(dvc_project, tmp_path, monkeypatch):
-    from components.config import load_params
     from components.data.versioning import dvc_directory_md5
-    from flows.stage_tasks import stage_fingerprint
 
     root = dvc_project
     out = _dvc(root, "repro", "ingest")
@@ -49,13 +47,9 @@ def test_repro_ingest_then_noop_then_push_pull(dvc_project, tmp_path, monkeypatc
     again = _dvc(root, "repro", "ingest")
     assert "Running stage" not in again and "didn't change" in again
 
-    # the flows' cache key sees exactly what dvc.lock recorded: same data hash, same deps hashes
+    # the data's hash in dvc.lock is the one MLflow's dataset inputs carry
     out_md5 = lock["outs"][0]["md5"]
     assert dvc_directory_md5(root / "data/shapes") == out_md5
-    monkeypatch.chdir(root)
-    fp = stage_fingerprint("ingest", load_params("params.yaml"))
-    assert fp["deps"] == {d["path"]: d["md5"] for d in lock["deps"]}
-    assert fp["params"]["data"] == lock["params"]["params.yaml"]["data"]
 
     remote = tmp_path / "remote"
     _dvc(root, "remote", "add", "-d", "local", str(remote))
@@ -76,5 +70,5 @@ def test_dvc_yaml_declares_every_stage_and_registered_models():
     assert "detect.${item}" in stages["detect"]["do"]["params"]  # a detector re-runs only on its own keys
     assert stages["detect"]["do"]["cmd"] == "visionflow detect --arch ${item}"
     artifacts = spec["artifacts"]
-    assert {"visionflow-backbone", "visionflow-classifier", "visionflow-detector-yolo", "visionflow-segmenter-fcn"} <= set(artifacts)
+    assert {"visionflow-backbone", "visionflow-classifier"} <= set(artifacts)
     assert all(a["type"] == "model" for a in artifacts.values())

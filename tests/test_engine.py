@@ -80,16 +80,56 @@ def _interrupting_step(at: int):
     return step
 
 
-def test_resume_after_interruption_gives_the_same_weights(tmp_path):
-    straight, r1 = _run(tmp_path / "straight", _cfg())
+@pytest.mark.parametrize(
+    "schedule",
+    [{}, {"scheduler": "step", "step_size": 1, "gamma": 0.5, "warmup_epochs": 1.5, "optimizer": "sgd"}],
+    ids=["cosine-adamw", "step-warmup-sgd"],
+)
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, schedule):
+    straight, r1 = _run(tmp_path / "straight", _cfg(**schedule))
     with pytest.raises(Interrupt):
-        _run(tmp_path / "resumed", _cfg(), step=_interrupting_step(at=6 * 2 + 3))  # 6 steps/epoch: dies in epoch 3
+        _run(tmp_path / "resumed", _cfg(**schedule), step=_interrupting_step(at=6 * 2 + 3))  # 6 steps/epoch: dies in epoch 3
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
-    resumed, r2 = _run(tmp_path / "resumed", _cfg(), resume=True)
+    resumed, r2 = _run(tmp_path / "resumed", _cfg(**schedule), resume=True)
     assert r2.epochs_completed == 4 and r2.global_step == r1.global_step == 24
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert [h["val"]["accuracy"] for h in r1.history] == [h["val"]["accuracy"] for h in r2.history]
+    assert [h["lr"] for h in r1.history] == [h["lr"] for h in r2.history]
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["_step_count"] == 25  # restored, not rebuilt from scratch
+    # everything is restored (weights, optimiser, scheduler, RNG, history): the very same files
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_a_checkpoint_is_a_function_of_its_inputs_and_timings_go_to_the_state_file(tmp_path, capsys):
+    _run(tmp_path / "a", _cfg(epochs=2))
+    _run(tmp_path / "b", _cfg(epochs=2))
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    last = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert "train_time_s" not in last and all("time_s" not in h for h in last["history"])
+
+    state = tmp_path / "state" / "test.json"
+    seed_everything(0)
+    cfg = _cfg(epochs=2)
+    model = get_model("classification", "convnet", **META["model_args"])
+    ds = NoisyColours()
+    kwargs = dict(train_loader=build_loader(ds, cfg, train=True), val_loader=build_loader(ds, cfg, train=False), step=classification_step,
+                  evaluate=partial(evaluate_classification, class_names=CLASSES), out_dir=tmp_path / "c", meta=META, desc="test", state_file=state)
+    first = fit(model, cfg=cfg, **kwargs)
+    recorded = json.loads(state.read_text())["fit"]
+    assert recorded["epoch"] == 2 and recorded["epoch_time_s"] == first.epoch_time_s and first.train_time_s == pytest.approx(sum(first.epoch_time_s))
+    longer = fit(model, cfg=_cfg(epochs=3), resume=True, **kwargs)  # the earlier session's times are read back
+    assert longer.epoch_time_s[:2] == first.epoch_time_s and len(longer.epoch_time_s) == 3
+    assert (tmp_path / "c" / "last.pt").read_bytes() != (tmp_path / "a" / "last.pt").read_bytes()
+
+    # not a terminal (pytest captures stderr): one plain line per epoch, no carriage returns
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("test epoch")]
+    assert len(lines) == 2 + 2 + 2 + 1 and "\r" not in err
+    assert lines[0].startswith("test epoch 1/2: loss ") and " lr " in lines[0] and "img/s" in lines[0] and "val accuracy " in lines[0]
 
 
 def test_resume_with_more_epochs_extends_the_cosine_schedule(tmp_path):

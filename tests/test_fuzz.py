@@ -40,7 +40,7 @@ from PIL import Image
 from components.config import DataConfig
 from components.data.ingest import ingest
 from components.errors import DataError, EvaluationError, VisionflowError
-from components.metrics.cli import evaluate_files
+from components.metrics.evaluate_files import evaluate_files
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "components"

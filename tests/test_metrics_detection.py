@@ -16,13 +16,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from components.errors import EvaluationError
-from components.metrics.detection import (
-    COCO_METRIC_NAMES,
-    DetectionEvaluator,
-    evaluate_coco,
-    evaluate_voc,
-    voc_ap,
-)
+from components.metrics.coco import COCO_METRIC_NAMES, evaluate_coco
+from components.metrics.coco_files import load_coco_evaluator
+from components.metrics.detection import DetectionEvaluator
+from components.metrics.voc import evaluate_voc, voc_ap
 
 # --------------------------------------------------------------------------- random COCO cases
 
@@ -136,7 +133,7 @@ def pycocotools_eval(gt: dict, res: list[dict], iou_type: str) -> COCOeval:
 
 def assert_same_as_pycocotools(gt: dict, res: list[dict], iou_type: str) -> dict:
     ref = pycocotools_eval(gt, res, iou_type)
-    ev = DetectionEvaluator.from_coco(gt, res, iou_type=iou_type)
+    ev = load_coco_evaluator(gt, res, iou_type=iou_type)[0]
     out = ev.compute()[iou_type]
     ours = np.array([out[k] for k in COCO_METRIC_NAMES])
     np.testing.assert_allclose(ours, ref.stats, rtol=0, atol=1e-9)
@@ -230,11 +227,11 @@ def test_pycocotools_quirks():
 
 def test_no_ground_truth_and_no_detections():
     gt, _ = make_case(3, max_gt=0)
-    ev = DetectionEvaluator.from_coco(gt, [])
+    ev = load_coco_evaluator(gt, [])[0]
     out = ev.compute()["bbox"]
     assert all(out[k] == -1 for k in COCO_METRIC_NAMES)
     gt, _ = make_case(4)
-    out = DetectionEvaluator.from_coco(gt, []).compute()["bbox"]
+    out = load_coco_evaluator(gt, [])[0].compute()["bbox"]
     assert out["map"] == 0 and out["mar_100"] == 0  # ground truth, nothing found
 
 
@@ -473,7 +470,7 @@ def test_voc_from_coco_difficult_flag():
     gt, res = make_case(5)
     for a in gt["annotations"][::3]:
         a["difficult"] = 1
-    ev = DetectionEvaluator.from_coco(gt, res)
+    ev = load_coco_evaluator(gt, res)[0]
     gtc, dtc = ev._columns()
     voc = evaluate_voc(gtc, dtc, num_categories=ev.num_categories)
     assert voc["num_gt"] == np.bincount(gtc.category[~(gtc.difficult | gtc.iscrowd)], minlength=4).tolist()
@@ -508,7 +505,7 @@ def test_confusion_matrix_hand_computed():
 
 def test_pr_curves():
     gt, res = make_case(2)
-    ev = DetectionEvaluator.from_coco(gt, res)
+    ev = load_coco_evaluator(gt, res)[0]
     out = ev.compute()["bbox"]
     curves = ev.pr_curves((0.5, 0.75))
     assert {c["iou"] for c in curves} == {0.5, 0.75}

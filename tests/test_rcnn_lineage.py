@@ -263,6 +263,22 @@ def test_lineage_names_the_missing_checkpoint(lineage_setup, tmp_path):
         run_lineage(cfg.model_copy(update={"out": str(tmp_path)}), metrics_file=tmp_path / "m.json")
 
 
+def test_lineage_is_skipped_when_detect_skipped_its_detectors(lineage_setup, tmp_path):
+    import json
+
+    from components.engine import write_skipped
+    from components.stages.lineage import run_lineage
+
+    cfg, _ = lineage_setup
+    out = tmp_path / "detect"
+    for arch in ("rcnn", "fast_rcnn", "faster_rcnn"):
+        write_skipped(out / arch, "data/own has no boxes (mask folder binary masks only)")
+    result = run_lineage(cfg.model_copy(update={"out": str(out)}), metrics_file=tmp_path / "m.json")
+    assert result["status"] == "skipped" and result["reason"].startswith("detect skipped rcnn (data/own has no boxes")
+    assert json.loads((tmp_path / "m.json").read_text()) == result
+    assert [p.name for p in (out / "lineage").iterdir()] == ["SKIPPED.txt"]
+
+
 @pytest.mark.slow
 def test_lineage_reproduces_the_lecture_claims_on_shapes(tmp_path, monkeypatch, tracking_cfg):
     """The README's lineage figures: detect stage for the three detectors, then the lineage (minutes on a GPU, long on CPU).

@@ -63,17 +63,28 @@ def test_register_stage_versions_aliases_card_and_lineage(registry_store):
     mv = client.get_model_version_by_alias("visionflow-detector-yolo", "champion")
     assert client.get_model_version_by_alias("visionflow-detector-yolo", "candidate").version == mv.version
     assert mv.tags["gate.promoted"] == "True" and mv.tags["metric.map_50"] == "0.5"
-    for key in ("visionflow.git_commit", "visionflow.data_hash", "visionflow.params_hash", "visionflow.register_run_id"):
+    for key in ("visionflow.git_commit", "visionflow.data_hash", "visionflow.params_hash", "visionflow.register_run_id", "visionflow.checkpoint_sha256",
+                "gate.test_data_hash", "gate.decision"):
         assert mv.tags.get(key), key
+    assert mv.tags["gate.decision"] == "promoted" and mv.tags["gate.comparison"] == "none"
+    assert mv.tags["visionflow.data_hash_verified"] == "false"  # the fixture's checkpoints record no dataset md5
+    assert json.loads(mv.tags["visionflow.categories"]) == ["circle", "square"]
     assert "## Metrics" in mv.description and "map_50" in mv.description and "## Lineage" in mv.description
     run = client.get_run(mv.tags["visionflow.register_run_id"])
     assert run.data.tags["visionflow.params_hash"] == mv.tags["visionflow.params_hash"]
     assert json.loads((work / "metrics/register.json").read_text())["registered"]["visionflow-segmenter-fcn"]["promoted"] is True
 
 
-def _reregister(work: Path, uri: str, metrics: dict, *, diverged: bool = False, status: str | None = None) -> dict:
+def _reregister(work: Path, uri: str, metrics: dict, *, diverged: bool = False, status: str | None = None, revision: int | None = None) -> dict:
+    """Re-run register on the classifier; ``revision`` rewrites its checkpoint first (new bytes: a new model)."""
+    from conftest import write_tiny_checkpoint
+
     from components.stages.register import run_register
 
+    if revision is not None:
+        write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
+                              model_args={"num_classes": 2, "backbone": "vfnet_small", "weights": None}, categories=["ants", "bees"], image_size=32,
+                              revision=revision)
     (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": metrics, **({"status": status} if status else {})}}))
     marker = work / "outputs/finetune/fine_tuning/diverged.json"
     if diverged:
@@ -98,20 +109,25 @@ def test_gate_worse_stays_better_moves_failed_moves_nothing(registry_store):
     name = "visionflow-classifier"
     champion = str(client.get_model_version_by_alias(name, "champion").version)
 
-    worse = _reregister(work, uri, {"accuracy": 0.7})["registered"][name]
+    same = _reregister(work, uri, {"accuracy": 0.99})  # the same checkpoint: nothing new, whatever its metrics say
+    assert name not in same["registered"] and same["unchanged"][name]["reason"] == f"unchanged: version {champion}"
+
+    worse = _reregister(work, uri, {"accuracy": 0.7}, revision=1)["registered"][name]
     assert worse["promoted"] is False
+    # the fixture's data is no canonical dataset: the champion's own number, measured on the same data hash, is compared
+    assert worse["comparison"] == "recorded" and worse["champion_value"] == 0.8
     assert str(client.get_model_version_by_alias(name, "champion").version) == champion
     assert str(client.get_model_version_by_alias(name, "candidate").version) == worse["version"]
     assert client.get_model_version(name, worse["version"]).tags["gate.promoted"] == "False"
 
     versions_before = len(client.search_model_versions(f"name='{name}'"))
-    for kwargs in ({"diverged": True}, {"status": "failed"}):  # (margin and NaN cases: test_gate_decision)
-        report = _reregister(work, uri, {"accuracy": 0.99}, **kwargs)
+    for revision, kwargs in ((2, {"diverged": True}), (3, {"status": "failed"})):  # (margin and NaN cases: test_gate_decision)
+        report = _reregister(work, uri, {"accuracy": 0.99}, revision=revision, **kwargs)
         assert name in report["refused"] and name not in report["registered"]
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before  # nothing registered from failed runs
     assert str(client.get_model_version_by_alias(name, "champion").version) == champion
 
-    better = _reregister(work, uri, {"accuracy": 0.9})["registered"][name]
+    better = _reregister(work, uri, {"accuracy": 0.9}, revision=4)["registered"][name]
     assert better["promoted"] is True
     assert str(client.get_model_version_by_alias(name, "champion").version) == better["version"]
     assert client.get_model_version(name, better["version"]).tags["gate.champion_version"] == champion

@@ -308,8 +308,8 @@ def test_register_refuses_a_bad_checkpoint_and_registers_nothing(tmp_path, monke
         torch.manual_seed(0)
         convnet = get_model("classification", "convnet", **META["model_args"])
         save_checkpoint(best, {"task": "detection", "model_name": "yolo", "model_args": args, "state_dict": convnet.state_dict(), "categories": ["a", "b"]})
-    Path("metrics").mkdir()
-    Path("metrics/detect_yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5}}}))
+    Path("metrics/detect").mkdir(parents=True)
+    Path("metrics/detect/yolo.json").write_text(json.dumps({"test": {"bbox": {"map_50": 0.5}}}))
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

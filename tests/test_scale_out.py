@@ -99,12 +99,13 @@ def test_cli_pretrain_on_two_processes_matches_one_process_with_the_same_global_
 
     # one set of files: the checkpoints, the plot and metrics/pretrain.json, nothing from rank 1, no temp files
     root = tmp_path / "ddp"
-    written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "mlartifacts" not in p.parts and p.name != "mlflow.db")
+    written = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                     if p.is_file() and "mlartifacts" not in p.parts and ".visionflow" not in p.parts and p.name != "mlflow.db")
     assert written == ["metrics/pretrain.json", "outputs/pretrain/backbone.pt", "outputs/pretrain/train/best.pt",
                        "outputs/pretrain/train/last.pt", "outputs/pretrain/training_curves.png"]
     last = load_checkpoint(root / "outputs/pretrain/train/last.pt")
     assert isinstance(last["rng"], list) and len(last["rng"]) == 2  # both ranks trained (their RNG states are kept)
-    assert last["mlflow_run_id"] == run.info.run_id  # rank 0's run id reached the checkpoint
+    assert json.loads((root / ".visionflow/stages/pretrain.json").read_text())["mlflow_run_id"] == run.info.run_id  # rank 0's run, in the sidecar
     assert json.loads((root / "metrics/pretrain.json").read_text())["run_id"] == run.info.run_id
 
     # the same weights and metrics as one process with the global batch

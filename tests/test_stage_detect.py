@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.config import DataConfig, Params, ShapesConfig
+from components.data.versioning import dvc_directory_md5
 from components.errors import ConfigError, DataError
 from components.metrics.detection import COCO_METRIC_NAMES
 
@@ -35,7 +37,7 @@ def _params(dataset: Path, out: Path, arch: str, **extra: object) -> Params:
         **extra,
     }
     return validate_params(
-        {"detect": {"dataset": str(dataset), "out": str(out), "architectures": [arch, "yolo"], arch: section}}
+        {"data": {"out": str(dataset)}, "detect": {"out": str(out), "architectures": [arch, "yolo"], arch: section}}
     )
 
 
@@ -59,7 +61,7 @@ def test_run_detect_writes_every_output_and_one_mlflow_run(tiny_shapes, tmp_path
         "pr_curves.png",
     ):
         assert (out / name).is_file(), name
-    written = json.loads((tmp_path / "metrics" / "detect_ssd.json").read_text())
+    written = json.loads((tmp_path / "metrics" / "detect" / "ssd.json").read_text())
     assert written == json.loads(json.dumps(metrics))
     test = written["test"]
     for key in (*COCO_METRIC_NAMES, "voc_map_50", "ms_per_image"):
@@ -83,6 +85,45 @@ def test_run_detect_writes_every_output_and_one_mlflow_run(tiny_shapes, tmp_path
     assert table["architectures"]["ssd"]["map_50"] == test["map_50"]
     assert (tmp_path / "metrics" / "detect_comparison.json").is_file()
     assert (tmp_path / "outputs" / "detect" / "comparison.png").is_file()
+
+    # the checkpoint records its data, not its run; the run id lives in the metrics and the state file
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["dataset"] == {"path": str(tiny_shapes), "md5": dvc_directory_md5(tiny_shapes)}
+    assert "mlflow_run_id" not in ckpt and "train_time_s" not in ckpt
+    assert all("time_s" not in h and "ms_per_image" not in h["val"] for h in ckpt["history"])
+    state = json.loads((tmp_path / ".visionflow/stages/detect@ssd.json").read_text())
+    assert state["mlflow_run_id"] == written["run_id"] == runs[0].info.run_id and state["status"] == "finished"
+
+    # the same stage run again (a fresh start, a new MLflow run) writes the same bytes
+    first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = run_detect(params.detect, "ssd", params.augment, params.evaluate, tracking_cfg)
+    assert again["run_id"] != metrics["run_id"]
+    second = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert list(first) == list(second)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_a_dataset_without_boxes_skips_the_stage_and_the_comparison_lists_it(tmp_path, tracking_cfg, monkeypatch):
+    from components.stages.detect import compare_detectors, run_detect
+
+    monkeypatch.chdir(tmp_path)
+    masks_only = tmp_path / "membrane"
+    masks_only.mkdir()
+    manifest = {"tasks": ["semantic_segmentation"], "categories": ["membrane"], "splits": {"train": 2, "val": 1, "test": 1}, "source": "masks:/somewhere"}
+    (masks_only / "dataset.json").write_text(json.dumps(manifest))
+    out = tmp_path / "outputs" / "detect"
+    (out / "ssd").mkdir(parents=True)
+    (out / "ssd" / "best.pt").write_bytes(b"from an earlier run on other data")
+    params = _params(masks_only, out, "ssd")
+    result = run_detect(params.detect, "ssd", params.augment, params.evaluate, tracking_cfg)
+    reason = f"{masks_only} has no boxes (mask folder binary masks only)"
+    assert result == {"arch": "ssd", "status": "skipped", "reason": reason}
+    assert json.loads((tmp_path / "metrics/detect/ssd.json").read_text()) == result
+    assert [p.name for p in (out / "ssd").iterdir()] == ["SKIPPED.txt"]
+    assert (out / "ssd" / "SKIPPED.txt").read_text() == f"skipped: {reason}\n"
+    table = compare_detectors(params.detect)
+    assert table["architectures"] == {} and table["skipped"] == {"ssd": reason} and table["missing"] == ["yolo"]
+    assert (out / "comparison.png").stat().st_size > 0
 
 
 def test_sliding_window_reports_windows_per_image(tiny_shapes, tmp_path, tracking_cfg, monkeypatch):

@@ -35,7 +35,7 @@ def tiny_params(work: Path, **extra: str):
     """params.yaml with a tiny shapes dataset under ``work`` and 1-2 quick epochs per architecture."""
     overrides = [
         *TINY,
-        f"segment.dataset={work / 'shapes'}",
+        f"data.out={work / 'shapes'}",
         f"segment.out={work / 'outputs/segment'}",
         "segment.overlays=2",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
@@ -86,7 +86,7 @@ def test_stage_writes_metrics_checkpoint_and_overlays(stage_runs, arch):
     from components.engine import load_model
 
     params, work, results = stage_runs
-    metrics = json.loads((work / "metrics" / f"segment_{arch}.json").read_text())
+    metrics = json.loads((work / "metrics" / "segment" / f"{arch}.json").read_text())
     assert metrics == json.loads(json.dumps(results[arch]))  # the returned dict is what was written
     test = metrics["test"]
     assert 0.0 <= test["miou"] <= 1.0 and 0.0 <= test["pixel_accuracy"] <= 1.0
@@ -105,6 +105,12 @@ def test_stage_writes_metrics_checkpoint_and_overlays(stage_runs, arch):
     model, ckpt = load_model(out / "best.pt")  # rebuilt from the file alone, no backbone checkpoint needed
     assert ckpt["task"] == "segmentation" and ckpt["model_name"] == arch and ckpt["image_size"] == 64
     assert ckpt["model_args"].get("backbone_weights") is None
+    from components.data.versioning import dvc_directory_md5
+
+    assert ckpt["dataset"] == {"path": str(work / "shapes"), "md5": dvc_directory_md5(work / "shapes")}
+    assert "mlflow_run_id" not in ckpt and all("ms_per_image" not in h["val"] for h in ckpt["history"])
+    state = json.loads((work / ".visionflow/stages" / f"segment@{arch}.json").read_text())
+    assert state["mlflow_run_id"] == metrics["run_id"] and state["out"] == str(out)
 
 
 def test_stage_logs_one_mlflow_run_per_architecture(stage_runs):
@@ -122,7 +128,7 @@ def test_stage_logs_one_mlflow_run_per_architecture(stage_runs):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
             a.path for a in client.list_artifacts(run.info.run_id, "plots")
         }
-        assert f"segment_{arch}.json" in artifacts and "plots/overlays.png" in artifacts
+        assert f"{arch}.json" in artifacts and "plots/overlays.png" in artifacts
 
 
 def test_resume_of_a_finished_run_trains_nothing_and_reuses_its_mlflow_run(stage_runs):
@@ -137,6 +143,7 @@ def test_resume_of_a_finished_run_trains_nothing_and_reuses_its_mlflow_run(stage
         os.chdir(cwd)
     assert again["epochs"] == results["fcn"]["epochs"]
     assert again["test"]["miou"] == pytest.approx(results["fcn"]["test"]["miou"])
+    assert again["run_id"] == results["fcn"]["run_id"]  # re-opened from .visionflow/stages/segment@fcn.json
     client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
     runs = client.search_runs(
         [client.get_experiment_by_name(params.tracking.experiment).experiment_id], "tags.arch = 'fcn'"
@@ -176,22 +183,37 @@ def test_stage_errors_name_the_file_and_the_fix(tmp_path, monkeypatch, tracking_
     assert err.value.fix and "ingest" in err.value.fix
     with pytest.raises(ConfigError):
         run_segment(params.segment, "segnet", params.augment, tracking_cfg)
-    # a semantic-only dataset (binary masks, like the membranes) cannot train Mask R-CNN
-    semantic_only = tmp_path / "semantic"
-    semantic_only.mkdir()
-    (semantic_only / "dataset.json").write_text(
-        json.dumps(
-            {
-                "tasks": ["semantic_segmentation"],
-                "categories": ["membrane"],
-                "splits": {"train": 2, "val": 1, "test": 1},
-            }
-        )
-    )
-    params = tiny_params(tmp_path, **{"segment.dataset": str(semantic_only)})
-    with pytest.raises(DataError, match="instance_segmentation") as err:
-        run_segment(params.segment, "mask_rcnn", params.augment, tracking_cfg)
-    assert "fcn or unet" in err.value.fix
+
+
+def _manifest(folder: Path, tasks: list[str], source: str) -> Path:
+    folder.mkdir()
+    manifest = {"tasks": tasks, "categories": ["cell"], "splits": {"train": 2, "val": 1, "test": 1}, "source": source}
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_dataset_without_the_masks_an_architecture_needs_skips_it(tmp_path, monkeypatch, tracking_cfg):
+    monkeypatch.chdir(tmp_path)
+    # boxes-only VOC: no segmenter can train; every one is skipped, exit 0, and the comparison lists them
+    voc = _manifest(tmp_path / "voc", ["classification", "detection"], "voc:/data/VOCdevkit")
+    params = tiny_params(tmp_path, **{"data.out": str(voc)})
+    out = Path(params.segment.out)
+    for arch in ("fcn", "unet", "mask_rcnn"):
+        result = run_segment(params.segment, arch, params.augment, tracking_cfg)
+        reason = f"{voc} has no segmentation masks (VOC boxes only)"
+        assert result == {"arch": arch, "status": "skipped", "reason": reason}
+        assert json.loads((tmp_path / f"metrics/segment/{arch}.json").read_text()) == result
+        assert sorted(p.name for p in (out / arch).iterdir()) == ["SKIPPED.txt"]
+        assert (out / arch / "SKIPPED.txt").read_text() == f"skipped: {reason}\n"
+    table = compare_segmenters(params.segment)
+    assert table["architectures"] == {} and set(table["skipped"]) == {"fcn", "unet", "mask_rcnn"} and table["missing"] == []
+    assert (out / "comparison.png").stat().st_size > 0
+    # a semantic-only dataset (binary masks, like the membranes) feeds FCN and UNet, not Mask R-CNN
+    semantic_only = _manifest(tmp_path / "semantic", ["semantic_segmentation"], "masks:/data/membrane")
+    params = tiny_params(tmp_path, **{"data.out": str(semantic_only)})
+    result = run_segment(params.segment, "mask_rcnn", params.augment, tracking_cfg)
+    assert result["status"] == "skipped" and "no instance masks (mask folder binary masks only)" in result["reason"]
+    assert "fcn and unet" in result["reason"]
 
 
 @pytest.mark.parametrize("arch", ["fcn", "unet", "mask_rcnn"])
@@ -264,12 +286,12 @@ def test_unet_on_the_isbi_membranes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(
         ROOT / "configs/membrane.yaml",
-        [f"segment.dataset={tmp_path / 'membrane'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        [f"data.out={tmp_path / 'membrane'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
     )
     ingest(f"masks:{MEMBRANE}", tmp_path / "membrane", cfg=params.data)
     metrics = run_segment(params.segment, "unet", params.augment, params.tracking)
     test = metrics["test"]
-    assert test["num_images"] == 6
+    assert test["num_images"] == 7  # the hash split of the 30 slices: 18 train, 5 val, 7 test
     assert test["pixel_accuracy"] >= 0.88
     assert test["per_class_iou"]["membrane"] >= 0.6
     assert (tmp_path / "outputs/membrane/unet/overlays.png").is_file()

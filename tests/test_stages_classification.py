@@ -89,7 +89,8 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
     pre = run_pretrain(_pretrain_cfg(tiny_dataset, tmp_path, epochs=1), AugmentConfig(), tracking_cfg)
     backbone_pt = tmp_path / "outputs/pretrain/backbone.pt"
     assert pre["checkpoint"] == str(backbone_pt) and pre["epochs"] == 1 and 0.0 <= pre["accuracy"] <= 1.0
-    assert load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")["mlflow_run_id"] == pre["run_id"]
+    state = json.loads((tmp_path / ".visionflow/stages/pretrain.json").read_text())  # the run id: beside, not inside, the checkpoint
+    assert state["mlflow_run_id"] == pre["run_id"] and "mlflow_run_id" not in load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")
     assert json.loads((tmp_path / "metrics/pretrain.json").read_text())["run_id"] == pre["run_id"]
     assert (tmp_path / "outputs/pretrain/training_curves.png").stat().st_size > 0
     state = load_backbone_state(backbone_pt, arch="vfnet_small")
@@ -164,6 +165,83 @@ def test_nan_loss_fails_the_stage_and_nothing_can_be_registered(tiny_dataset, tm
     params = Params(finetune=cfg)
     candidate = next(c for c in discover_candidates(params, metrics_dir=tmp_path / "metrics") if c.kind == "classifier")
     assert refusal(candidate, params.register.classifier) is not None
+
+
+PRETRAIN_SCRIPT = """
+import sys
+from components.config import AugmentConfig, PretrainConfig, TrackingConfig
+from components.stages.pretrain import run_pretrain
+run_pretrain(PretrainConfig.model_validate_json(sys.argv[1]), AugmentConfig(), TrackingConfig.model_validate_json(sys.argv[2]))
+"""
+
+
+def test_pretrain_twice_in_two_workspaces_writes_identical_files(tiny_dataset, tmp_path, tracking_cfg):
+    """Issue 13: the out folder is a function of code, data and params; run ids and timings live beside it."""
+    import os
+    import subprocess
+    import sys
+
+    from components.data.versioning import dvc_directory_md5
+
+    cfg = PretrainConfig(dataset="data/tiny", image_size=16, out="outputs/pretrain", train={**TINY, "epochs": 2, "max_steps_per_epoch": 2})
+    root = Path(__file__).resolve().parents[1]
+    workspaces = []
+    for name, hash_seed in (("a", "1"), ("b", "2")):  # two processes, two clean workspaces, different str hashing
+        work = tmp_path / name
+        (work / "data").mkdir(parents=True)
+        (work / "data" / "tiny").symlink_to(tiny_dataset, target_is_directory=True)
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        done = subprocess.run(
+            [sys.executable, "-c", PRETRAIN_SCRIPT, cfg.model_dump_json(), tracking_cfg.model_dump_json()],
+            cwd=work, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "\r" not in done.stderr and "pretrain epoch 2/2: loss " in done.stderr  # piped: one line per epoch
+        workspaces.append(work)
+    files = [{p.relative_to(w / "outputs/pretrain"): p.read_bytes() for p in sorted((w / "outputs/pretrain").rglob("*")) if p.is_file()} for w in workspaces]
+    assert sorted(map(str, files[0])) == ["backbone.pt", "train/best.pt", "train/last.pt", "training_curves.png"]
+    assert list(files[0]) == list(files[1])
+    assert [str(name) for name in files[0] if files[0][name] != files[1][name]] == []
+    ckpt = load_checkpoint(workspaces[0] / "outputs/pretrain/backbone.pt")
+    assert ckpt["dataset"] == {"path": "data/tiny", "md5": dvc_directory_md5(tiny_dataset)} and ckpt["categories"] == ["ants", "bees"]
+    states = [json.loads((w / ".visionflow/stages/pretrain.json").read_text()) for w in workspaces]
+    metrics = [json.loads((w / "metrics/pretrain.json").read_text()) for w in workspaces]
+    assert states[0]["mlflow_run_id"] != states[1]["mlflow_run_id"]
+    assert [s["mlflow_run_id"] for s in states] == [m["run_id"] for m in metrics]
+    assert len(states[0]["fit"]["epoch_time_s"]) == 2 and metrics[0]["train_time_s"] >= 0
+
+
+def test_pretrain_resume_continues_last_pt_in_the_same_run(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):
+    import components.stages.pretrain as pretrain
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _pretrain_cfg(tiny_dataset, tmp_path, epochs=2, max_steps_per_epoch=2)
+    straight = pretrain.run_pretrain(cfg, AugmentConfig(), tracking_cfg)
+    expected = (tmp_path / "outputs/pretrain/backbone.pt").read_bytes()
+
+    calls = {"n": 0}
+    step = pretrain.classification_step
+
+    def dies_in_epoch_two(model, batch, device):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed mid-epoch after epoch 1 was checkpointed
+        return step(model, batch, device)
+
+    monkeypatch.setattr(pretrain, "classification_step", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run_pretrain(cfg, AugmentConfig(), tracking_cfg)
+    failed_run = json.loads((tmp_path / ".visionflow/stages/pretrain.json").read_text())["mlflow_run_id"]
+    assert failed_run != straight["run_id"] and load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")["epoch"] == 1
+    monkeypatch.setattr(pretrain, "classification_step", step)
+    resumed = pretrain.run_pretrain(cfg, AugmentConfig(), tracking_cfg, resume=True)
+    assert resumed["run_id"] == failed_run and resumed["epochs"] == 2
+    assert (tmp_path / "outputs/pretrain/backbone.pt").read_bytes() == expected  # same weights as the straight run
+    import mlflow
+
+    steps = [m.step for m in mlflow.MlflowClient(tracking_cfg.uri).get_metric_history(failed_run, "val_accuracy")]
+    assert steps == [1, 2]
 
 
 @needs_imagenet

@@ -8,12 +8,15 @@
 
 into a temporary sibling folder that is renamed onto ``DIR`` only when everything succeeded, so
 a crash or a strict-mode failure never leaves a half-written dataset. Output is byte-identical
-for identical input: fixed JSON key order, fixed PNG encoder settings, no timestamps.
+for identical input: fixed JSON key order, fixed PNG encoder settings, no timestamps, timings or
+absolute paths (the folder is a DVC out: its hash must repeat wherever the source lies).
+Images without a source split get one from a hash of their path (:func:`split_of`), so a
+growing source keeps every earlier image in its split.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -30,13 +33,14 @@ from components.config import SplitConfig
 from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset, category_folder
 from components.data.validation import (
     IngestReport,
-    box_iou_xyxy,
     check_box,
     check_image,
     check_mask_size,
     check_polygons,
 )
 from components.errors import DataError
+from components.io import write_json
+from components.metrics.overlaps import box_iou_xyxy
 
 IGNORE_INDEX = 255
 FORMAT_VERSION = 1
@@ -49,9 +53,9 @@ def write_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, **PNG_OPTIONS)
 
 
-def write_json(data: Any, path: Path) -> None:
+def _write_compact_json(data: Any, path: Path) -> None:
     """JSON in insertion key order, compact, with a trailing newline: the same data gives the same bytes."""
-    path.write_text(json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n")
+    write_json(data, path, indent=None, ensure_ascii=False)
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -84,20 +88,36 @@ def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def split_of(key: str, split: SplitConfig, seed: int) -> str:
+    """The seeded split of one image: a function of its stable key and ``data.seed`` only.
+
+    ``sha256(f"{seed}:{key}")`` read as a number uniform in [0, 1) falls into the cumulative
+    ``data.split`` fractions ``[0, train)`` -> train, ``[train, train + val)`` -> val, the rest
+    -> test. No other image takes part, so adding images to a growing source never moves an
+    existing one to another split (a shuffled list would), and the fractions hold on average.
+    """
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < split.train:
+        return "train"
+    return "val" if u < split.train + split.val else "test"
+
+
 def assign_splits(records: list[ImageRecord], split: SplitConfig, seed: int) -> None:
     """Give every record without a source split a seeded one (``data.split`` fractions, ``data.seed``).
 
-    The permutation is over the records in their (deterministic) reading order, so the same source
-    and seed always give the same split.
+    The key is the image's path relative to the source root (:attr:`ImageRecord.key`; the record
+    id when a reader gives none): see :func:`split_of`. Splits the source ships are kept.
     """
-    todo = [r for r in records if r.split is None]
-    if not todo:
-        return
-    order = np.random.default_rng(seed).permutation(len(todo))
-    n_train = int(round(split.train * len(todo)))
-    n_val = int(round(split.val * len(todo)))
-    for rank, index in enumerate(order):
-        todo[index].split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    for rec in records:
+        if rec.split is None:
+            rec.split = split_of(rec.key or rec.record, split, seed)
+
+
+def source_label(spec: str) -> str:
+    """``dataset.json``'s ``source``: the spec with its path cut to the last name (``voc:/a/b/VOC`` -> ``voc:VOC``)."""
+    kind, sep, arg = spec.partition(":")
+    return f"{kind}:{Path(arg).name}" if sep else spec
 
 
 def _unique_name(name: str, used: set[str]) -> str:
@@ -134,6 +154,14 @@ class _Writer:
     def _where(self, rec: ImageRecord) -> Path | str:
         return rec.ann_file or rec.file or self.source.spec
 
+    def unknown_category_fix(self, category: str) -> str:
+        if self.source.classes_from_params:
+            return (
+                f"add {category!r} to data.classes in params.yaml (now {self.source.categories}), "
+                "or relabel the object"
+            )
+        return f"use one of {self.source.categories}"
+
     def load_pixels(self, rec: ImageRecord) -> tuple[int, int] | None:
         """Check the image; return ``(width, height)`` or None when the record is skipped."""
         if rec.pixels is not None:
@@ -141,7 +169,9 @@ class _Writer:
         assert rec.file is not None
         check = check_image(rec.file)
         if check.problem:
-            self.report.add(rec.file, rec.record, check.problem, "skipped")
+            self.report.add(
+                rec.file, rec.record, check.problem, "skipped", kind=check.kind or "unreadable image"
+            )
             return None
         if rec.size is not None and tuple(rec.size) != (check.width, check.height):
             self.report.add(
@@ -149,6 +179,7 @@ class _Writer:
                 rec.record,
                 f"declared size {rec.size[0]}x{rec.size[1]} differs from the image's {check.width}x{check.height}",
                 "repaired",
+                kind="declared size differs",
                 fix="correct <size> in the annotation; the decoded image size is used",
             )
         return check.width, check.height
@@ -158,14 +189,21 @@ class _Writer:
         assert rec.mask_file is not None
         check = check_image(rec.mask_file)
         if check.problem:
-            self.report.add(rec.mask_file, rec.record, f"mask: {check.problem}", "skipped")
+            self.report.add(
+                rec.mask_file, rec.record, f"mask: {check.problem}", "skipped", kind=f"mask: {check.kind}"
+            )
             return None
         with Image.open(rec.mask_file) as img:
             array = np.asarray(img.convert("L") if img.mode in ("RGB", "RGBA", "LA") else img)
         problem = check_mask_size(array, width, height)
         if problem:
             self.report.add(
-                rec.mask_file, rec.record, problem, "skipped", fix="give the mask its image's size"
+                rec.mask_file,
+                rec.record,
+                problem,
+                "skipped",
+                kind="mask size differs",
+                fix="give the mask its image's size",
             )
             return None
         return array
@@ -178,7 +216,7 @@ class _Writer:
         if obj.mask is not None:
             problem = check_mask_size(obj.mask, width, height)
             if problem:
-                self.report.add(where, obj.record, problem, "skipped")
+                self.report.add(where, obj.record, problem, "skipped", kind="mask size differs")
                 return None, False
             return obj.mask.astype(bool), True
         if obj.rle is not None:
@@ -199,6 +237,7 @@ class _Writer:
                     obj.record,
                     "malformed RLE: needs size [H, W] and counts (string or integers)",
                     "skipped",
+                    kind="malformed RLE",
                 )
                 return None, False
             if list(size) != [height, width]:
@@ -207,18 +246,23 @@ class _Writer:
                     obj.record,
                     f"mask size {size[1]}x{size[0]} differs from its image's {width}x{height}",
                     "skipped",
+                    kind="mask size differs",
                 )
                 return None, False
             try:
                 return decode_segmentation(obj.rle, height, width), True
             except (ValueError, TypeError, UnicodeError) as err:
-                self.report.add(where, obj.record, f"malformed RLE: {err}", "skipped")
+                self.report.add(where, obj.record, f"malformed RLE: {err}", "skipped", kind="malformed RLE")
                 return None, False
         if obj.polygons is not None:
             polygons, problems = check_polygons(obj.polygons)
             if not polygons:
                 self.report.add(
-                    where, obj.record, "; ".join(problems) or "malformed polygon: empty", "skipped"
+                    where,
+                    obj.record,
+                    "; ".join(problems) or "malformed polygon: empty",
+                    "skipped",
+                    kind="malformed polygon",
                 )
                 return None, False
             if problems:
@@ -227,6 +271,7 @@ class _Writer:
                     obj.record,
                     "; ".join(problems),
                     "repaired",
+                    kind="malformed polygon",
                     fix="the well-formed polygons are kept",
                 )
             return decode_segmentation(polygons, height, width), True
@@ -245,7 +290,8 @@ class _Writer:
                     obj.record,
                     f"unknown category {obj.category!r}",
                     "skipped",
-                    fix=f"use one of {self.source.categories}",
+                    kind="unknown category",
+                    fix=self.unknown_category_fix(obj.category),
                 )
                 continue
             mask, ok = self.object_mask(obj, rec, width, height)
@@ -253,21 +299,43 @@ class _Writer:
                 continue
             if self.has_masks and mask is None:
                 self.report.add(
-                    where, obj.record, "annotation has no segmentation in a dataset with masks", "skipped"
+                    where,
+                    obj.record,
+                    "annotation has no segmentation in a dataset with masks",
+                    "skipped",
+                    kind="annotation without segmentation",
                 )
                 continue
             if obj.box is None:
                 if mask is None:
-                    self.report.add(where, obj.record, "annotation has neither a box nor a mask", "skipped")
+                    self.report.add(
+                        where,
+                        obj.record,
+                        "annotation has neither a box nor a mask",
+                        "skipped",
+                        kind="annotation without box or mask",
+                    )
                     continue
                 box = mask_to_box(mask)
                 if box is None:
-                    self.report.add(where, obj.record, "empty mask: no pixel inside the image", "skipped")
+                    self.report.add(
+                        where,
+                        obj.record,
+                        "empty mask: no pixel inside the image",
+                        "skipped",
+                        kind="empty mask",
+                    )
                     continue
             else:
                 check = check_box(obj.box, width, height)
                 if check.box is None:
-                    self.report.add(where, obj.record, check.problem or "invalid box", "skipped")
+                    self.report.add(
+                        where,
+                        obj.record,
+                        check.problem or "invalid box",
+                        "skipped",
+                        kind=check.kind or "invalid box",
+                    )
                     continue
                 if check.repaired:
                     self.report.add(
@@ -275,21 +343,16 @@ class _Writer:
                         obj.record,
                         check.problem or "box repaired",
                         "repaired",
+                        kind=check.kind or "box outside the image",
                         fix="the box is clipped to the image",
                     )
                 box = check.box
             if mask is not None and not mask.any():
-                self.report.add(where, obj.record, "empty mask: no pixel inside the image", "skipped")
+                self.report.add(
+                    where, obj.record, "empty mask: no pixel inside the image", "skipped", kind="empty mask"
+                )
                 continue
-            duplicate = next(
-                (
-                    (other, iou)
-                    for other, other_box, _ in kept
-                    if other.category == obj.category
-                    and (iou := box_iou_xyxy(box, other_box)) >= self.duplicate_iou
-                ),
-                None,
-            )
+            duplicate = self._duplicate_of(obj, box, kept)
             if duplicate is not None:
                 other, iou = duplicate
                 self.report.add(
@@ -297,11 +360,26 @@ class _Writer:
                     obj.record,
                     f"duplicate box: IoU {iou:.2f} with {other.record} of the same category",
                     "skipped",
+                    kind="duplicate box",
                     fix="remove the duplicate annotation",
                 )
                 continue
             kept.append((obj, box, mask))
         return kept
+
+    def _duplicate_of(
+        self,
+        obj: ObjectRecord,
+        box: tuple[float, float, float, float],
+        kept: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]],
+    ) -> tuple[ObjectRecord, float] | None:
+        """The first kept object of the same category whose box overlaps ``box`` at IoU >= ``duplicate_iou``."""
+        same = [(other, other_box) for other, other_box, _ in kept if other.category == obj.category]
+        if not same:
+            return None
+        iou = box_iou_xyxy(np.array([box]), np.array([b for _, b in same]))[0]
+        hits = np.flatnonzero(iou >= self.duplicate_iou)
+        return (same[hits[0]][0], float(iou[hits[0]])) if len(hits) else None
 
     # ------------------------------------------------------------------ writing
 
@@ -344,7 +422,14 @@ class _Writer:
             if not self.writes_images:  # classification-only source: the images are the ImageFolder view
                 assert rec.file is not None and rec.label is not None
                 if rec.label not in self.cat_ids:
-                    self.report.add(rec.file, rec.record, f"unknown class {rec.label!r}", "skipped")
+                    self.report.add(
+                        rec.file,
+                        rec.record,
+                        f"unknown class {rec.label!r}",
+                        "skipped",
+                        kind="unknown category",
+                        fix=self.unknown_category_fix(rec.label),
+                    )
                     continue
                 folder = self.root / "classification" / split / category_folder(rec.label)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -358,10 +443,21 @@ class _Writer:
                 label = self.load_label_image(rec, width, height)
                 if label is None:
                     continue
+                category = rec.label or self.source.categories[0]
+                if category not in self.cat_ids:
+                    self.report.add(
+                        rec.mask_file,
+                        rec.record,
+                        f"unknown category {category!r}",
+                        "skipped",
+                        kind="unknown category",
+                        fix=self.unknown_category_fix(category),
+                    )
+                    continue
                 if rec.mask_kind == "instance":
                     rec.objects = [
                         ObjectRecord(
-                            self.source.categories[0],
+                            category,
                             None,
                             f"{rec.record}/instance {int(v)}",
                             mask=label == v,
@@ -369,9 +465,9 @@ class _Writer:
                         for v in np.unique(label)
                         if v != 0
                     ]
-                else:  # binary: category 1 is the dark or bright pixels
+                else:  # binary: the category is the dark or bright pixels
                     fg = label < 128 if self.source.binary_foreground == "dark" else label >= 128
-                    semantic = fg.astype(np.uint8)
+                    semantic = fg.astype(np.uint8) * np.uint8(self.cat_ids[category])
             objects = self.validate_objects(rec, width, height)
 
             name = _unique_name(rec.name, used)
@@ -430,7 +526,7 @@ class _Writer:
                 write_png(semantic.astype(np.uint8), self.root / "masks" / split / f"{stem}.png")
         if self.writes_images and images:
             categories = [{"id": k, "name": n} for n, k in self.cat_ids.items()]
-            write_json(
+            _write_compact_json(
                 {"images": images, "annotations": annotations, "categories": categories},
                 self.root / "annotations" / f"instances_{split}.json",
             )
@@ -498,14 +594,14 @@ def write_canonical(
                 folder.rmdir()
         if not splits:
             raise DataError(
-                f"nothing usable remains after validation ({report.counts()['by_reason']})",
+                f"nothing usable remains after validation ({report.counts()['by_kind']})",
                 file=source.spec,
                 fix="fix the records named in the report above, or point --source at the right folder",
             )
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": source.name,
-            "source": source.spec,
+            "source": source_label(source.spec),
             "tasks": list(source.tasks),
             "categories": list(source.categories),
             "splits": {s: v["images"] for s, v in splits.items()},
@@ -515,8 +611,8 @@ def write_canonical(
             "ignore_index": IGNORE_INDEX,
             "params": params,
         }
-        write_json(manifest, tmp / "dataset.json")
-        write_json(report.as_dict(), tmp / "ingest_report.json")
+        _write_compact_json(manifest, tmp / "dataset.json")
+        _write_compact_json(report.as_dict(), tmp / "ingest_report.json")
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,11 +29,29 @@ def _categories(data: dict[str, Any], path: Path, report: IngestReport) -> dict[
             or not isinstance(cat.get("id"), int)
             or not isinstance(cat.get("name"), str)
         ):
-            report.add(path, f"categories[{i}]", "malformed category: needs integer id and name", "skipped")
+            report.add(
+                path,
+                f"categories[{i}]",
+                "malformed category: needs integer id and name",
+                "skipped",
+                kind="malformed category",
+            )
         elif cat["id"] in cats:
-            report.add(path, f"category {cat['id']}", f"duplicate category id {cat['id']}", "skipped")
+            report.add(
+                path,
+                f"category {cat['id']}",
+                f"duplicate category id {cat['id']}",
+                "skipped",
+                kind="duplicate category id",
+            )
         elif cat["name"] in cats.values():
-            report.add(path, f"category {cat['id']}", f"duplicate category name {cat['name']!r}", "skipped")
+            report.add(
+                path,
+                f"category {cat['id']}",
+                f"duplicate category name {cat['name']!r}",
+                "skipped",
+                kind="duplicate category name",
+            )
         else:
             cats[cat["id"]] = cat["name"]
     return dict(sorted(cats.items()))
@@ -96,7 +114,11 @@ def read_coco_file(
             or not isinstance(im.get("file_name"), str)
         ):
             report.add(
-                path, f"images[{i}]", "malformed image entry: needs integer id and file_name", "skipped"
+                path,
+                f"images[{i}]",
+                "malformed image entry: needs integer id and file_name",
+                "skipped",
+                kind="malformed image entry",
             )
             continue
         if im["id"] in by_id:
@@ -105,6 +127,7 @@ def read_coco_file(
                 f"image {im['id']}",
                 f"duplicate image id {im['id']} ({im['file_name']})",
                 "skipped",
+                kind="duplicate image id",
                 fix="give every image a unique id",
             )
             continue
@@ -113,28 +136,42 @@ def read_coco_file(
             report.add(
                 path,
                 f"image {im['id']}",
-                f"file_name {im['file_name']!r} {escape}: it would read a file outside {images}",
+                f"file_name {im['file_name']!r} {escape}: it would read a file outside the images folder",
                 "skipped",
+                kind="file_name outside the images folder",
                 fix="make file_name relative to the images folder (e.g. '000123.jpg' or 'sub/000123.jpg')",
             )
             continue
         w, h = im.get("width"), im.get("height")
         size = (int(w), int(h)) if all(isinstance(v, (int, float)) and 0 < v < 1e6 for v in (w, h)) else None
         if size is None and (w is not None or h is not None):
-            report.add(path, f"image {im['id']}", f"width/height {w!r} x {h!r} is not a valid image size; the image's own size is used", "repaired")
+            report.add(
+                path,
+                f"image {im['id']}",
+                f"width/height {w!r} x {h!r} is not a valid image size; the image's own size is used",
+                "repaired",
+                kind="invalid image size",
+            )
         by_id[im["id"]] = ImageRecord(
             record=f"image {im['id']}",
             name=Path(im["file_name"]).name,
             file=images / im["file_name"],
             ann_file=path,
             split=split,
+            key=PurePosixPath(im["file_name"].replace("\\", "/")).as_posix(),
             size=size,
         )
     seen_ann: set[Any] = set()
     has_masks = False
     for i, ann in enumerate(data.get("annotations", [])):
         if not isinstance(ann, dict):
-            report.add(path, f"annotations[{i}]", "malformed annotation: not an object", "skipped")
+            report.add(
+                path,
+                f"annotations[{i}]",
+                "malformed annotation: not an object",
+                "skipped",
+                kind="malformed annotation",
+            )
             continue
         ident = f"annotation {ann.get('id', f'[{i}]')}"
         ann_key = json.dumps(ann.get("id"), sort_keys=True)  # any JSON value, hashable
@@ -144,6 +181,7 @@ def read_coco_file(
                 ident,
                 f"duplicate annotation id {ann.get('id')}",
                 "repaired",
+                kind="duplicate annotation id",
                 fix="annotation ids are renumbered in the canonical layout",
             )
         seen_ann.add(ann_key)
@@ -155,6 +193,7 @@ def read_coco_file(
                 ident,
                 f"annotation points at a missing image (image_id {ann.get('image_id')!r})",
                 "skipped",
+                kind="annotation of a missing image",
             )
             continue
         category = cats.get(category_id) if isinstance(category_id, int) else None

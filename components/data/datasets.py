@@ -8,7 +8,6 @@ boxes, masks and labels together.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from components.data.canonical import decode_segmentation
 from components.data.records import category_folder, natural_key
 from components.data.validation import load_json
 from components.errors import DataError
+from components.io import read_json
 
 Transform = Callable[..., Any]
 
@@ -100,7 +100,7 @@ def _load_instances(root: Path, split: str) -> dict[str, Any]:
     path = root / "annotations" / f"instances_{split}.json"
     if not path.is_file():
         raise DataError("annotation file missing", file=path, fix="re-run the ingest stage")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 class ClassificationDataset(Dataset):

@@ -1,5 +1,6 @@
 """ImageFolder reader: ``DIR/<split>/<class>/<image>`` (splits ``train``, ``val``/``valid``, ``test``)
-or ``DIR/<class>/<image>`` (then a seeded split). Classes are the folder names, sorted.
+or ``DIR/<class>/<image>`` (then a seeded split from each image's path ``<class>/<image>``, stable
+as the folder grows). Classes are the folder names, sorted.
 
 Only the classification view is written; each image's bytes are copied as they are. Files that
 are not JPEG or PNG (hymenoptera's ``imageNotFound.gif``) are reported by the canonical writer.
@@ -46,6 +47,7 @@ def read_imagefolder(root: Path, report: IngestReport) -> SourceDataset:
                         f"{class_dir.name}/{path.name}",
                         f"not an image file (suffix {path.suffix or 'none'})",
                         "skipped",
+                        kind="not an image",
                     )
                     continue
                 record = (
@@ -54,7 +56,14 @@ def read_imagefolder(root: Path, report: IngestReport) -> SourceDataset:
                     else f"{class_dir.name}/{path.name}"
                 )
                 records.append(
-                    ImageRecord(record=record, name=path.name, file=path, split=split, label=class_dir.name)
+                    ImageRecord(
+                        record=record,
+                        name=path.name,
+                        file=path,
+                        split=split,
+                        key=record,
+                        label=class_dir.name,
+                    )
                 )
     if len(classes) < 1 or not records:
         raise DataError(

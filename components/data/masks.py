@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from components.data.records import ImageRecord, SourceDataset, list_images
+from components.data.records import ImageRecord, SourceDataset, list_images, relative_key
 from components.data.validation import IngestReport
 from components.errors import DataError
 
@@ -65,14 +65,22 @@ def read_masks(
                 image.stem,
                 f"no mask in {mask_dir}/ for this image",
                 "skipped",
+                kind="image without mask",
                 fix=f"add {mask_dir}/{image.stem}.png",
             )
             continue
         records.append(
             ImageRecord(
-                record=image.stem, name=image.name, file=image, ann_file=mask, mask_file=mask, mask_kind=kind
+                record=image.stem,
+                name=image.name,
+                file=image,
+                ann_file=mask,
+                key=relative_key(image, root),
+                label=category,
+                mask_file=mask,
+                mask_kind=kind,  # type: ignore[arg-type]
             )
-        )  # type: ignore[arg-type]
+        )
     if not records:
         raise DataError("no image with a mask found", file=root, fix=f"put label PNGs in {mask_dir}/")
     tasks = (

@@ -55,9 +55,11 @@ class ImageRecord:
         pixels: ``uint8[H, W, 3]`` for generated images (encoded as PNG).
         ann_file: the annotation file this record came from, for the report.
         split: ``train``/``val``/``test`` when the source says, else None (seeded split).
+        key: the image's path relative to the source root (POSIX), the stable key of the seeded
+            split: the same image gets the same split however many images are added around it.
         size: ``(width, height)`` the annotation declares, checked against the decoded image.
         objects: annotated objects (detection, instance segmentation).
-        label: class name for classification sources.
+        label: class name for classification sources, the category of a mask-labelled source's masks.
         mask_file: label image: per-instance ids (``mask_kind="instance"``) or binary (``"binary"``).
         semantic: ``uint8[H, W]`` semantic mask for generated images (0 background, k, 255 ignore).
     """
@@ -68,6 +70,7 @@ class ImageRecord:
     pixels: np.ndarray | None = None
     ann_file: Path | None = None
     split: str | None = None
+    key: str | None = None
     size: tuple[int, int] | None = None
     objects: list[ObjectRecord] = field(default_factory=list)
     label: str | None = None
@@ -88,6 +91,7 @@ class SourceDataset:
         records: every image record, in a deterministic order.
         binary_foreground: for binary masks, the pixel rule of category 1 (``"dark"``: value < 128).
         crop_size: side of the classification crops; None keeps each crop at its native size.
+        classes_from_params: ``categories`` is ``data.classes`` (an unknown category's fix names that key).
     """
 
     name: str
@@ -97,6 +101,15 @@ class SourceDataset:
     records: list[ImageRecord]
     binary_foreground: Literal["dark", "bright"] = "bright"
     crop_size: int | None = None
+    classes_from_params: bool = False
+
+
+def relative_key(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX string (the stable key of an image); its name if outside."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
 
 
 #: file suffixes a source reader treats as images (the canonical writer then checks the bytes)

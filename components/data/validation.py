@@ -1,10 +1,11 @@
 """Record-level validation of source datasets and the per-record ingest report.
 
 Every check here decides one thing about one record (an image, an annotation, a mask) and
-writes that decision to the :class:`IngestReport` as ``{file, record, reason, action}``:
+writes that decision to the :class:`IngestReport` as ``{file, record, kind, reason, action}``:
 ``repaired`` (e.g. a box clipped to the image), ``skipped`` (unusable) or ``kept`` (worth
 knowing, nothing changed). In strict mode the first problem raises :class:`DataError`
-naming the file and the record instead, so nothing is written.
+naming the file and the record instead, so nothing is written. The report's counts group the
+decisions by ``kind``, a fixed text per kind of problem, never by the values of one record.
 
 The checks are plain functions over plain values so that every source format (COCO, VOC,
 YOLO, ImageFolder, masks, the shapes generator) is validated by the same code.
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from components.errors import DataError
+from components.io import read_json
 
 Action = Literal["repaired", "skipped", "kept"]
 
@@ -33,15 +35,27 @@ ACCEPTED_FORMATS = ("JPEG", "PNG")
 
 @dataclass
 class Decision:
-    """One line of ``ingest_report.json``: what was wrong with which record and what was done."""
+    """One line of ``ingest_report.json``: what was wrong with which record and what was done.
+
+    ``kind`` is a fixed text per kind of problem (``"box outside the image"``, ``"duplicate box"``,
+    ``"label without image"``...) that the report's counts group by; ``reason`` is the full
+    text with this record's values.
+    """
 
     file: str
     record: str
+    kind: str
     reason: str
     action: Action
 
     def as_dict(self) -> dict[str, str]:
-        return {"file": self.file, "record": self.record, "reason": self.reason, "action": self.action}
+        return {
+            "file": self.file,
+            "record": self.record,
+            "kind": self.kind,
+            "reason": self.reason,
+            "action": self.action,
+        }
 
 
 @dataclass
@@ -50,15 +64,35 @@ class IngestReport:
 
     Args:
         strict: raise on the first problem instead of repairing or skipping.
+        roots: ``[(folder, prefix)]``: a reported file under ``folder`` is written as ``prefix`` +
+            its path relative to it, so ``ingest_report.json`` holds no absolute path (the dataset
+            folder is a DVC out whose hash must not depend on where the source lies). Strict-mode
+            errors keep the full path: they are for the user, not for the dataset.
     """
 
     strict: bool = False
     decisions: list[Decision] = field(default_factory=list)
+    roots: list[tuple[Path, str]] = field(default_factory=list)
 
     def add(
-        self, file: object, record: object, reason: str, action: Action, *, fix: str | None = None
+        self,
+        file: object,
+        record: object,
+        reason: str,
+        action: Action,
+        *,
+        kind: str,
+        fix: str | None = None,
     ) -> None:
         """Record a decision, or raise :class:`DataError` in strict mode.
+
+        Args:
+            file: the file concerned (the image, the annotation file).
+            record: the record inside it.
+            reason: what is wrong, with this record's values.
+            action: what was done about it.
+            kind: the fixed kind of problem the counts group by (no values in it).
+            fix: what the user should do, for strict mode's error.
 
         Raises:
             DataError: in strict mode, naming ``file`` and ``record``.
@@ -70,16 +104,28 @@ class IngestReport:
                 record=record,
                 fix=fix or f"correct the record, or ingest without --strict to have it {action} and reported",
             )
-        self.decisions.append(Decision(str(file), str(record), reason, action))
+        self.decisions.append(Decision(self.display(file), str(record), kind, reason, action))
+
+    def display(self, file: object) -> str:
+        """``file`` as the report writes it: relative to the first root holding it (see ``roots``)."""
+        if isinstance(file, Path):
+            for root, prefix in self.roots:
+                try:
+                    return prefix + file.relative_to(root).as_posix()
+                except ValueError:
+                    continue
+            if self.roots:
+                return file.name  # outside every root: the name only, never an absolute path
+        return str(file)
 
     def counts(self) -> dict[str, Any]:
-        """Counts by action and by reason kind (the reason's text before the first ':')."""
+        """Counts by action and by problem kind (:attr:`Decision.kind`)."""
         by_action = Counter(d.action for d in self.decisions)
-        by_reason = Counter(d.reason.split(":")[0] for d in self.decisions)
+        by_kind = Counter(d.kind for d in self.decisions)
         return {
             "total": len(self.decisions),
             "by_action": dict(sorted(by_action.items())),
-            "by_reason": dict(sorted(by_reason.items())),
+            "by_kind": dict(sorted(by_kind.items())),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,7 +142,7 @@ def load_json(path: Path, *, fix: str) -> Any:
         DataError: not UTF-8, or not valid JSON (``record`` = line and column).
     """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except json.JSONDecodeError as err:
         raise DataError(
             f"not valid JSON: {err.msg}",
@@ -121,6 +167,7 @@ class ImageCheck:
     height: int = 0
     format: str | None = None
     problem: str | None = None
+    kind: str | None = None
 
 
 def check_image(path: Path) -> ImageCheck:
@@ -130,18 +177,24 @@ def check_image(path: Path) -> ImageCheck:
     milliseconds per image and is the only way to know the file is usable for training.
     """
     if not path.is_file():
-        return ImageCheck(problem="missing image file")
+        return ImageCheck(problem="missing image file", kind="missing image")
     try:
         with Image.open(path) as img:
             fmt = img.format
             img.load()
             width, height = img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return ImageCheck(problem=f"unreadable or truncated image: {err}")
+        return ImageCheck(problem=f"unreadable or truncated image: {err}", kind="unreadable image")
     if fmt not in ACCEPTED_FORMATS:
-        return ImageCheck(width, height, fmt, problem=f"not a JPEG or PNG image: the file is {fmt}")
+        return ImageCheck(
+            width,
+            height,
+            fmt,
+            problem=f"not a JPEG or PNG image: the file is {fmt}",
+            kind="not a JPEG or PNG",
+        )
     if width < 1 or height < 1:
-        return ImageCheck(width, height, fmt, problem="image has no pixels")
+        return ImageCheck(width, height, fmt, problem="image has no pixels", kind="image has no pixels")
     return ImageCheck(width, height, fmt)
 
 
@@ -155,6 +208,7 @@ class BoxCheck:
     box: tuple[float, float, float, float] | None
     problem: str | None = None
     repaired: bool = False
+    kind: str | None = None
 
 
 def check_box(box: Sequence[Any] | None, width: int, height: int) -> BoxCheck:
@@ -169,35 +223,31 @@ def check_box(box: Sequence[Any] | None, width: int, height: int) -> BoxCheck:
         height: image height in pixels.
     """
     if box is None or len(box) != 4:
-        return BoxCheck(None, "malformed box: expected 4 numbers")
+        return BoxCheck(None, "malformed box: expected 4 numbers", kind="malformed box")
     try:
         x0, y0, x1, y1 = (float(v) for v in box)
     except (TypeError, ValueError):
-        return BoxCheck(None, f"malformed box: {list(box)!r} is not numeric")
+        return BoxCheck(None, f"malformed box: {list(box)!r} is not numeric", kind="malformed box")
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        return BoxCheck(None, f"NaN or infinite box coordinate: {[x0, y0, x1, y1]}")
+        return BoxCheck(None, f"NaN or infinite box coordinate: {[x0, y0, x1, y1]}", kind="non-finite box")
     if x1 <= x0 or y1 <= y0:
-        return BoxCheck(None, f"zero or negative box size: {[x0, y0, x1, y1]}")
+        return BoxCheck(None, f"zero or negative box size: {[x0, y0, x1, y1]}", kind="zero-size box")
     cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
     cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
     if cx1 <= cx0 or cy1 <= cy0:
-        return BoxCheck(None, f"box entirely outside the {width}x{height} image: {[x0, y0, x1, y1]}")
+        return BoxCheck(
+            None,
+            f"box entirely outside the {width}x{height} image: {[x0, y0, x1, y1]}",
+            kind="box entirely outside the image",
+        )
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
         return BoxCheck(
-            (cx0, cy0, cx1, cy1), f"box outside the {width}x{height} image: {[x0, y0, x1, y1]}", True
+            (cx0, cy0, cx1, cy1),
+            f"box outside the {width}x{height} image: {[x0, y0, x1, y1]}",
+            True,
+            kind="box outside the image",
         )
     return BoxCheck((x0, y0, x1, y1))
-
-
-def box_iou_xyxy(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes (a scalar version of ``torchvision.ops.box_iou`` for the duplicate check)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -1,7 +1,8 @@
 """Pascal VOC reader: ``Annotations/*.xml`` + ``JPEGImages/`` (or ``annotations/`` + ``images/``).
 
 Splits come from ``ImageSets/Main/{train,val,test}.txt`` when present (``trainval.txt`` stands
-for ``train`` when there is no ``train.txt``); otherwise the canonical writer draws a seeded one.
+for ``train`` when there is no ``train.txt``); otherwise the canonical writer draws a seeded one
+from each image's path relative to the VOC folder (stable as the folder grows).
 Boxes are kept in VOC's pixel coordinates, ``difficult`` is kept as the extra annotation key.
 Categories are the object names found, sorted, so the id order is stable.
 """
@@ -11,7 +12,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from components.data.records import IMAGE_SUFFIXES, ImageRecord, ObjectRecord, SourceDataset, natural_key
+from components.data.records import (
+    IMAGE_SUFFIXES,
+    ImageRecord,
+    ObjectRecord,
+    SourceDataset,
+    natural_key,
+    relative_key,
+)
 from components.data.validation import IngestReport
 from components.errors import DataError
 
@@ -75,7 +83,13 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
             tree = ET.parse(xml).getroot()
         except ET.ParseError as err:
             line, column = err.position
-            report.add(xml, stem, f"invalid XML at line {line}, column {column}: {err}", "skipped")
+            report.add(
+                xml,
+                stem,
+                f"invalid XML at line {line}, column {column}: {err}",
+                "skipped",
+                kind="invalid XML",
+            )
             continue
         filename = (tree.findtext("filename") or "").strip()
         image = img_dir / filename if filename else None
@@ -84,14 +98,26 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
                 (img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()), None
             )
             if found is not None and image is not None:
-                report.add(xml, stem, f"<filename> {filename!r} not found; using {found.name}", "repaired")
+                report.add(
+                    xml,
+                    stem,
+                    f"<filename> {filename!r} not found; using {found.name}",
+                    "repaired",
+                    kind="filename not found",
+                )
             image = found or image or img_dir / f"{stem}.jpg"
         size = None
         w, h = _number(tree.findtext("size/width")), _number(tree.findtext("size/height"))
         if isinstance(w, float) and isinstance(h, float) and 0 < w < 1e6 and 0 < h < 1e6:
             size = (int(w), int(h))
         elif tree.find("size") is not None:
-            report.add(xml, stem, f"<size> {w!r} x {h!r} is not a valid image size; the image's own size is used", "repaired")
+            report.add(
+                xml,
+                stem,
+                f"<size> {w!r} x {h!r} is not a valid image size; the image's own size is used",
+                "repaired",
+                kind="invalid image size",
+            )
         objects = []
         for j, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()
@@ -114,6 +140,7 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
                     stem,
                     "image not listed in any ImageSets/Main split file",
                     "skipped",
+                    kind="image in no split list",
                     fix="add it to train.txt, val.txt or test.txt",
                 )
                 continue
@@ -124,6 +151,7 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
                 file=image,
                 ann_file=xml,
                 split=split,
+                key=relative_key(image, root),
                 size=size,
                 objects=objects,
             )
@@ -135,6 +163,7 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
                 image.stem,
                 "image has no annotation XML",
                 "skipped",
+                kind="image without annotation",
                 fix=f"add {ann_dir.name}/{image.stem}.xml",
             )
     if not records:

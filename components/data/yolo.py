@@ -3,6 +3,15 @@ and one ``labels/.../<stem>.txt`` per image, beside ``images/`` as Ultralytics l
 
 A label line is ``class cx cy w h`` (normalised to [0, 1]) or, for segmentation labels,
 ``class x1 y1 x2 y2 ...`` (a normalised polygon). A missing label file means a background image.
+Category ids follow ``names`` (its index is the class number the labels use).
+
+A plain folder (a data yaml without ``train``/``val``/``test``, or only ``classes.txt``, one
+name a line, as LabelImg writes it) is read from ``images/`` + ``labels/``; its images get the
+seeded split from their path relative to the folder, stable as the folder grows.
+
+Real labels as they come: a box that leaves the image only by the rounding of its normalised
+coordinates (:data:`ROUNDING_TOLERANCE`) is clipped silently; a label file whose image is
+missing is reported with the number of boxes lost.
 """
 
 from __future__ import annotations
@@ -14,17 +23,43 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from components.data.records import SPLITS, ImageRecord, ObjectRecord, SourceDataset, list_images
+from components.data.records import (
+    SPLITS,
+    ImageRecord,
+    ObjectRecord,
+    SourceDataset,
+    list_images,
+    natural_key,
+    relative_key,
+)
 from components.data.validation import IngestReport
 from components.errors import DataError
 
+#: how far (in pixels) a box may leave the image and still count as float rounding of normalised
+#: coordinates, clipped without a report: the larger of half a pixel and 1e-3 of the image side
+ROUNDING_TOLERANCE = (0.5, 1e-3)
+
 
 def load_data_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
-    """Find and parse the data yaml (``data.yaml``, else the only ``*.yaml``) in ``root``."""
+    """Find and parse the data yaml (``data.yaml``, else the only ``*.yaml``) in ``root``.
+
+    Without a yaml, ``classes.txt`` (one class name a line) gives the names of a plain folder.
+    """
     candidates = [root / "data.yaml"] if (root / "data.yaml").is_file() else sorted(root.glob("*.y*ml"))
+    if not candidates and (root / "classes.txt").is_file():
+        path = root / "classes.txt"
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"not UTF-8 text: {err.reason}", file=path, record=f"byte {err.start}", fix="save it as UTF-8"
+            ) from None
+        return path, {"names": names}
     if not candidates:
         raise DataError(
-            "no data.yaml in the YOLO folder", file=root, fix="add data.yaml with names and train/val paths"
+            "no data.yaml in the YOLO folder",
+            file=root,
+            fix="add data.yaml with names and train/val paths (or classes.txt beside images/ and labels/)",
         )
     path = candidates[0]
     try:
@@ -70,6 +105,23 @@ def _label_file(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
+def clip_rounding(box: list[float], width: int, height: int) -> list[float]:
+    """Pull coordinates that leave the image by at most :data:`ROUNDING_TOLERANCE` back onto its edge.
+
+    ``cx + w / 2`` of a box touching the right edge is often ``1.0000001`` in a label file;
+    that is rounding, not a flaw. Coordinates further out are left for the canonical writer's
+    check (clipped and reported, or skipped).
+    """
+    out = list(box)
+    for i, side in enumerate((width, height, width, height)):
+        tol = max(ROUNDING_TOLERANCE[0], ROUNDING_TOLERANCE[1] * side)
+        if -tol <= out[i] < 0:
+            out[i] = 0.0
+        elif side < out[i] <= side + tol:
+            out[i] = float(side)
+    return out
+
+
 def _parse_labels(label: Path, image: Path, names: list[str], report: IngestReport) -> list[ObjectRecord]:
     try:
         with Image.open(image) as img:
@@ -81,7 +133,11 @@ def _parse_labels(label: Path, image: Path, names: list[str], report: IngestRepo
         lines = label.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         report.add(
-            label, image.stem, f"label file is not UTF-8 text: {err.reason} at byte {err.start}", "skipped"
+            label,
+            image.stem,
+            f"label file is not UTF-8 text: {err.reason} at byte {err.start}",
+            "skipped",
+            kind="label file not UTF-8",
         )
         return []
     for n, line in enumerate(lines, start=1):
@@ -93,15 +149,28 @@ def _parse_labels(label: Path, image: Path, names: list[str], report: IngestRepo
             cls = int(tokens[0])
             values = [float(t) for t in tokens[1:]]
         except ValueError:
-            report.add(label, record, f"malformed label line: {line.strip()!r}", "skipped")
+            report.add(
+                label,
+                record,
+                f"malformed label line: {line.strip()!r}",
+                "skipped",
+                kind="malformed label line",
+            )
             continue
         if not all(math.isfinite(v) for v in values):
-            report.add(label, record, f"NaN or infinite coordinate: {line.strip()!r}", "skipped")
+            report.add(
+                label,
+                record,
+                f"NaN or infinite coordinate: {line.strip()!r}",
+                "skipped",
+                kind="non-finite coordinate",
+            )
             continue
         category = names[cls] if 0 <= cls < len(names) else f"<class {cls}>"
         if len(values) == 4:
             cx, cy, w, h = values
             box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+            box = clip_rounding(box, width, height)
             objects.append(ObjectRecord(category, box, record))
         elif len(values) >= 6 and len(values) % 2 == 0:
             polygon = [v * (width if i % 2 == 0 else height) for i, v in enumerate(values)]
@@ -113,20 +182,44 @@ def _parse_labels(label: Path, image: Path, names: list[str], report: IngestRepo
                 f"malformed label line: {len(values)} numbers after the class "
                 "(4 for a box, an even number >= 6 for a polygon)",
                 "skipped",
+                kind="malformed label line",
             )
     return objects
 
 
-def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
-    """Parse a YOLO dataset folder into records."""
-    path, data = load_data_yaml(root)
-    names = _names(data, path)
-    base = Path(data["path"]) if isinstance(data.get("path"), str) else root
-    if not base.is_absolute():
-        base = root / base
-    if not base.is_dir():
-        base = root
-    records: list[ImageRecord] = []
+def _count_label_lines(label: Path) -> int:
+    """Non-empty lines (boxes or polygons) of a label file; 0 when it cannot be read."""
+    try:
+        return sum(
+            1 for line in label.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+        )
+    except OSError:
+        return 0
+
+
+def report_orphan_labels(folder: Path, images: list[Path], report: IngestReport) -> None:
+    """Report every label file of ``folder``'s labels folder whose image is missing (its boxes are lost)."""
+    labels_dir = _label_file(folder / "_.jpg").parent
+    if not labels_dir.is_dir():
+        return
+    stems = {image.stem for image in images}
+    for label in sorted(labels_dir.glob("*.txt"), key=natural_key):
+        if label.stem in stems or label.name.startswith(".") or label.name == "classes.txt":
+            continue
+        n = _count_label_lines(label)
+        report.add(
+            label,
+            label.stem,
+            f"label without image: {n} {'box' if n == 1 else 'boxes'} lost",
+            "skipped",
+            kind="label without image",
+            fix=f"add the image {label.stem}.jpg (or .png) to {folder.name}/, or delete {label.name}",
+        )
+
+
+def _image_folders(base: Path, path: Path, data: dict[str, Any]) -> list[tuple[str | None, Path]]:
+    """``[(split, image folder)]`` of the data yaml; a plain folder (no split entries) is ``[(None, images/)]``."""
+    folders: list[tuple[str | None, Path]] = []
     for split in SPLITS:
         entry = data.get(split) or (data.get("valid") if split == "val" else None)
         if not entry:
@@ -139,29 +232,56 @@ def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
                 record=split,
                 fix=f"write e.g. `{split}: images/{split}` in {path.name}",
             )
-        for folder in [base / e for e in entries]:
-            if not folder.is_dir():
-                raise DataError(
-                    f"the {split} image folder does not exist",
-                    file=folder,
-                    record=split,
-                    fix=f"correct {split}: in {path.name}",
+        folders.extend((split, base / e) for e in entries)
+    if not folders:  # a plain folder: images/ (or the folder itself) + labels/, seeded split
+        folders = [(None, base / "images" if (base / "images").is_dir() else base)]
+    for split, folder in folders:
+        if not folder.is_dir():
+            raise DataError(
+                f"the {split} image folder does not exist",
+                file=folder,
+                record=split,
+                fix=f"correct {split}: in {path.name}",
+            )
+    return folders
+
+
+def read_yolo(root: Path, report: IngestReport) -> SourceDataset:
+    """Parse a YOLO dataset folder into records."""
+    path, data = load_data_yaml(root)
+    names = _names(data, path)
+    base = Path(data["path"]) if isinstance(data.get("path"), str) else root
+    if not base.is_absolute():
+        base = root / base
+    if not base.is_dir():
+        base = root
+    records: list[ImageRecord] = []
+    scanned: set[Path] = set()
+    for split, folder in _image_folders(base, path, data):
+        images = list_images(folder)
+        for image in images:
+            label = _label_file(image)
+            objects = _parse_labels(label, image, names, report) if label.is_file() else []
+            records.append(
+                ImageRecord(
+                    record=f"{split}/{image.stem}" if split else image.stem,
+                    name=image.name,
+                    file=image,
+                    ann_file=label if label.is_file() else image,
+                    split=split,
+                    key=relative_key(image, base),
+                    objects=objects,
                 )
-            for image in list_images(folder):
-                label = _label_file(image)
-                objects = _parse_labels(label, image, names, report) if label.is_file() else []
-                records.append(
-                    ImageRecord(
-                        record=f"{split}/{image.stem}",
-                        name=image.name,
-                        file=image,
-                        ann_file=label if label.is_file() else image,
-                        split=split,
-                        objects=objects,
-                    )
-                )
+            )
+        if folder not in scanned:
+            scanned.add(folder)
+            report_orphan_labels(folder, images, report)
     if not records:
-        raise DataError("no images found in the split folders of the data yaml", file=path)
+        raise DataError(
+            "no images found in the image folders of the YOLO source",
+            file=path,
+            fix="put the images in the folders the data yaml names (or images/ beside labels/)",
+        )
     # masks only when every object has a polygon (Ultralytics reads a mixed folder as boxes only)
     all_objects = [o for rec in records for o in rec.objects]
     any_polygons = bool(all_objects) and all(o.polygons is not None for o in all_objects)

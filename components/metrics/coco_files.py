@@ -1,4 +1,4 @@
-"""Reading COCO ground-truth files and COCO results lists into columns, validating every record.
+"""COCO files in and out of the evaluator: ground truth and results read into columns, every record validated.
 
 Ground truth is a COCO instances dict (``images``, ``annotations``, ``categories``); predictions
 are the COCO *results* list (``[{image_id, category_id, score, bbox | segmentation}]``), as
@@ -14,6 +14,7 @@ its buffer): it raises :class:`~components.errors.EvaluationError` naming the fi
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -25,7 +26,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from components.errors import EvaluationError
-from components.metrics.detection import Instances, IouType
+from components.io import read_json
+from components.metrics.detection import DetectionEvaluator
+from components.metrics.instances import Instances, IouType
 from components.metrics.overlaps import RLE, rle_area
 
 _RLE_CHARS = re.compile(r"^[0-o]*$")  # pycocotools' compressed counts: chars 48..111
@@ -422,14 +425,51 @@ def load_results(
     return dets, int(n - len(idx))
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file, raising EvaluationError (not a traceback) when it is missing or not JSON."""
-    import json
-
+def read_user_json(path: Path, what: str) -> Any:
+    """Parse a user's JSON file, raising EvaluationError (not a traceback) when it is missing or not JSON."""
+    path = Path(path)
     if not path.is_file():
         raise _fail(f"{what} file not found", path, what, f"pass an existing {what} JSON file")
     try:
-        with path.open("rb") as f:
-            return json.loads(f.read())
+        return read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _fail(f"not valid JSON: {err}", path, what, f"pass a valid {what} JSON file") from None
+
+
+def load_coco_evaluator(
+    gt: Mapping[str, Any],
+    results: list[Mapping[str, Any]],
+    *,
+    iou_type: IouType = "bbox",
+    gt_file: Path | str | None = None,
+    pred_file: Path | str | None = None,
+) -> tuple[DetectionEvaluator, int]:
+    """An evaluator loaded with a COCO ground-truth dict and a COCO results list (as ``COCO.loadRes`` takes).
+
+    Category names come from the ground truth, in increasing category id; detections of
+    categories absent from it are ignored, as pycocotools does.
+
+    Args:
+        gt: the parsed ground-truth file.
+        results: the parsed results file.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        gt_file, pred_file: where they came from, for messages.
+
+    Returns:
+        ``(evaluator, n_unknown_category)``: the number of detections of unknown categories dropped.
+
+    Raises:
+        EvaluationError: naming the bad record of either input.
+    """
+    truth = load_ground_truth(gt, iou_type=iou_type, file=gt_file)
+    dets, n_unknown = load_results(results, truth, iou_type=iou_type, file=pred_file)
+    evaluator = DetectionEvaluator.from_instances(
+        truth.names,
+        truth.instances,
+        dets,
+        image_ids=truth.image_ids,
+        image_sizes=truth.image_sizes,
+        category_ids=truth.category_ids,
+        iou_type=iou_type,
+    )
+    return evaluator, n_unknown

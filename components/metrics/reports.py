@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.metrics.detection import COCO_METRIC_NAMES, DetectionEvaluator
+from components.io import write_json
+from components.metrics.coco import COCO_METRIC_NAMES
+from components.metrics.detection import DetectionEvaluator
 
 _LABELS = {
     "map": "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]",
@@ -104,7 +106,7 @@ def write_detection_reports(
     written["confusion_png"] = plots.plot_confusion_matrix(
         matrix, labels, out_dir / "confusion_matrix.png", title=title
     )
-    written["confusion_json"] = plots.write_json(
+    written["confusion_json"] = write_json(
         {
             "labels": labels,
             "rows": "ground truth",

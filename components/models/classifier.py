@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.models.backbones import Backbone, build_backbone
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +93,15 @@ class ConvNet(_ClassifierAPI):
         in_channels: 3 for RGB.
     """
 
-    def __init__(self, *, num_classes: int, widths: Sequence[int], hidden: int, dropout: float, in_channels: int = 3):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        widths: Sequence[int] = (32, 64, 128),
+        hidden: int = 256,
+        dropout: float = 0.1,
+        in_channels: int = 3,
+    ):
         super().__init__()
         if in_channels != 3:
             self.mean, self.std = torch.zeros(1, in_channels, 1, 1), torch.ones(1, in_channels, 1, 1)
@@ -177,25 +185,25 @@ class Classifier(_ClassifierAPI):
 
 
 @register_model("classification")
-def convnet(
-    *, num_classes: int, widths: Sequence[int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.1, in_channels: int = 3
-) -> ConvNet:
+@passes_kwargs_to(ConvNet)
+def convnet(**kwargs: Any) -> ConvNet:
     """The lecture's convnet from scratch (conv, pooling, fully connected, softmax/cross-entropy).
 
     Input Tensor[N, in_channels, H, W] (H, W >= 2^len(widths)); output logits Tensor[N, num_classes].
+    ``**kwargs`` go to :class:`ConvNet` (``num_classes``, ``widths``, ``hidden``, ``dropout``, ``in_channels``).
     """
-    return ConvNet(num_classes=num_classes, widths=list(widths), hidden=hidden, dropout=dropout, in_channels=in_channels)
+    return ConvNet(**kwargs)
 
 
 @register_model("classification")
+@passes_kwargs_to(Classifier)
 def classifier(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights: str | None = None,
     trainable_layers: int | None = None,
-    dropout: float = 0.0,
-    frozen_bn: bool = False,
+    **kwargs: Any,
 ) -> Classifier:
     """A registered backbone with a new classification head (transfer learning by arguments).
 
@@ -207,13 +215,12 @@ def classifier(
         trainable_layers: how many of the backbone's last stages train: ``0`` = feature
             extraction (frozen backbone, BatchNorm in eval), ``k`` = fine-tune the last k blocks,
             ``None`` = fine-tune all.
-        dropout: before the linear head.
-        frozen_bn: BatchNorm of the trainable backbone stages kept in eval mode too (see :class:`Classifier`).
+        **kwargs: passed to :class:`Classifier` (``dropout`` before the linear head, ``frozen_bn``).
 
     Input Tensor[N, 3, H, W] in [0, 1] normalised as the backbone expects; output logits Tensor[N, K].
     """
     body = build_backbone(backbone, weights=weights, trainable_layers=trainable_layers)
-    return Classifier(body, num_classes=num_classes, dropout=dropout, frozen_bn=frozen_bn)
+    return Classifier(body, num_classes=num_classes, **kwargs)
 
 
 def classification_step(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ and the logits are cropped back to the input size. Output size = input size, as 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from components.errors import ConfigError
 from components.models.backbones import Backbone, build_backbone
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,15 +228,14 @@ class FCN(nn.Module):
 
 
 @register_model("segmentation")
+@passes_kwargs_to(FCN)
 def fcn(
     *,
     num_classes: int,
     backbone_arch: str = "vfnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
-    skips: FCNSkips = "8s",
-    head_channels: int = 0,
-    dropout: float = 0.0,
+    **kwargs: Any,
 ) -> FCN:
     """FCN on a project backbone: semantic segmentation contract.
 
@@ -247,9 +246,7 @@ def fcn(
         backbone_arch: a registered backbone (``vfnet_small``, ``mobilenet_v2``, ...).
         backbone_weights: None (random), a torchvision enum name (``IMAGENET1K_V1``) or a checkpoint path.
         trainable_layers: backbone stages left trainable (None = all).
-        skips: ``"32s"``, ``"16s"`` or ``"8s"`` (see :class:`FCN`).
-        head_channels: width of the 3x3 convolution before the 1x1 score convolution (0: none).
-        dropout: dropout before the 1x1 score convolution.
+        **kwargs: passed to :class:`FCN` (``skips``, ``head_channels``, ``dropout``, ...).
     """
     backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
-    return FCN(backbone, num_classes, skips=skips, head_channels=head_channels, dropout=dropout)
+    return FCN(backbone, num_classes, **kwargs)

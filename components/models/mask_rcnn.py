@@ -18,6 +18,7 @@ eval ``model(images) -> [{boxes, labels, scores, masks [N, 1, H, W] probabilitie
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
@@ -30,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from components.errors import ConfigError
 from components.models.backbones import Backbone, build_backbone
 from components.models.fcn import IMAGENET_MEAN, IMAGENET_STD
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 
 
 class BackboneWithFPN(nn.Module):
@@ -134,20 +135,14 @@ def build_mask_rcnn(
 
 
 @register_model("segmentation")
+@passes_kwargs_to(build_mask_rcnn)
 def mask_rcnn(
     *,
     num_classes: int,
     backbone_arch: str = "vfnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
-    image_size: int = 128,
-    fpn_channels: int = 64,
-    head_channels: int = 64,
-    score_threshold: float = 0.05,
-    rpn_pre_nms_top_n: int = 600,
-    rpn_post_nms_top_n: int = 300,
-    box_batch_size_per_image: int = 128,
-    max_detections: int = 100,
+    **kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN on a project backbone + FPN: the detection contract plus ``masks`` (see the module docstring).
 
@@ -156,19 +151,7 @@ def mask_rcnn(
         backbone_arch: a registered backbone.
         backbone_weights: None (random), a torchvision enum name or a checkpoint path.
         trainable_layers: backbone stages left trainable (None = all).
-        image_size, fpn_channels, head_channels, score_threshold, rpn_pre_nms_top_n,
-            rpn_post_nms_top_n, box_batch_size_per_image, max_detections: see :func:`build_mask_rcnn`.
+        **kwargs: passed to :func:`build_mask_rcnn` (``image_size``, ``fpn_channels``, ``head_channels``, ...).
     """
     backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
-    return build_mask_rcnn(
-        backbone,
-        num_classes,
-        image_size=image_size,
-        fpn_channels=fpn_channels,
-        head_channels=head_channels,
-        score_threshold=score_threshold,
-        rpn_pre_nms_top_n=rpn_pre_nms_top_n,
-        rpn_post_nms_top_n=rpn_post_nms_top_n,
-        box_batch_size_per_image=box_batch_size_per_image,
-        max_detections=max_detections,
-    )
+    return build_mask_rcnn(backbone, num_classes, **kwargs)

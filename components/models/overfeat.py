@@ -19,6 +19,7 @@ returns a loss dict, eval ``[{boxes (xyxy pixels), labels (1..K), scores}]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, roi_align
 
 from components.models.backbones import Backbone, build_backbone
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 from components.models.yolo_v1 import IMAGENET_MEAN, IMAGENET_STD, fixed_size_transform
 
 # --------------------------------------------------------------------------- windows
@@ -507,88 +508,38 @@ class OverFeat(nn.Module):
 
 
 @register_model("detection", "sliding_window")
+@passes_kwargs_to(SlidingWindowDetector)
 def sliding_window(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
-    image_size: int = 128,
-    window_sizes: Sequence[int] = (24, 40, 64),
-    stride_fraction: float = 0.5,
-    crop_size: int = 32,
-    negatives_per_image: int = 8,
-    positives_per_image: int = 16,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    max_detections: int = 100,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
 ) -> SlidingWindowDetector:
     """The sliding-window baseline: the pretrained classifier + a background class over a window grid.
 
     Detection contract: ``list[Tensor[3,H,W]]`` in [0, 1]; training -> ``{loss_classifier}``;
-    eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
+    eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``. ``**kwargs`` go to :class:`SlidingWindowDetector`.
     """
     body = build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers)
-    return SlidingWindowDetector(
-        body,
-        num_classes=num_classes,
-        image_size=image_size,
-        window_sizes=window_sizes,
-        stride_fraction=stride_fraction,
-        crop_size=crop_size,
-        negatives_per_image=negatives_per_image,
-        positives_per_image=positives_per_image,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        max_detections=max_detections,
-        image_mean=image_mean,
-        image_std=image_std,
-    )
+    return SlidingWindowDetector(body, num_classes=num_classes, **kwargs)
 
 
 @register_model("detection", "overfeat")
+@passes_kwargs_to(OverFeat)
 def overfeat(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
-    image_size: int = 128,
-    scales: Sequence[float] = (1.0, 1.5),
-    window_size: int = 48,
-    merge_iou: float = 0.3,
-    hard_negative_ratio: float = 3.0,
-    negatives_per_image: int = 8,
-    center_fraction: float = 0.5,
-    head_channels: int = 128,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    max_detections: int = 100,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
 ) -> OverFeat:
     """OverFeat: dense multi-scale classification and box regression, greedy merge.
 
     Detection contract: ``list[Tensor[3,H,W]]`` in [0, 1]; training -> ``{loss_classifier,
-    loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
+    loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``. ``**kwargs`` go to :class:`OverFeat`.
     """
     body = build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers)
-    return OverFeat(
-        body,
-        num_classes=num_classes,
-        image_size=image_size,
-        scales=scales,
-        window_size=window_size,
-        merge_iou=merge_iou,
-        hard_negative_ratio=hard_negative_ratio,
-        negatives_per_image=negatives_per_image,
-        center_fraction=center_fraction,
-        head_channels=head_channels,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        max_detections=max_detections,
-        image_mean=image_mean,
-        image_std=image_std,
-    )
+    return OverFeat(body, num_classes=num_classes, **kwargs)

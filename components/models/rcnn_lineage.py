@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from torchvision.ops import box_iou, roi_align, roi_pool
 
 from components.errors import DataError
 from components.models.backbones import Backbone, build_backbone
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 from components.models.yolo_v1 import IMAGENET_MEAN, IMAGENET_STD
 from components.ops.boxes import postprocess_detections
 from components.ops.selective_search import ProposalCache, SelectiveSearchParams
@@ -542,13 +542,13 @@ def _proposer(
 
 
 @register_model("detection", "rcnn")
+@passes_kwargs_to(RCNN, exclude=("proposer",))
 def rcnn(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
-    image_size: int = 128,
     proposals_per_image: int = 100,
     ss_scales: Sequence[float] = (100.0,),
     ss_sigma: float = 0.8,
@@ -556,19 +556,14 @@ def rcnn(
     ss_color_spaces: Sequence[str] = ("hsv",),
     ss_similarities: Sequence[str] = ("ctsf",),
     proposal_cache: str | None = None,
-    crop_size: int = 32,
-    rois_per_image: int = 32,
-    classifier_loss: Literal["hinge", "logistic"] = "hinge",
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    max_detections: int = 100,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
 ) -> RCNN:
     """R-CNN: selective search, per-region CNN features, linear SVMs and class-specific box regressors, NMS.
 
     ``weights_backbone``: None, a torchvision enum name or a checkpoint path (the pretrain stage's
     ``outputs/pretrain/backbone.pt``). Proposals are cached under ``proposal_cache`` (None: in memory).
+    The ``proposals_per_image`` and ``ss_*`` arguments configure selective search; ``**kwargs`` go to
+    :class:`RCNN`.
 
     Detection contract: ``list[Tensor[3,H,W]]`` in [0, 1]; training ``model(images, targets)`` ->
     ``{loss_finetune, loss_svm, loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
@@ -583,30 +578,17 @@ def rcnn(
         ss_similarities,
         proposal_cache,
     )
-    return RCNN(
-        body,
-        num_classes=num_classes,
-        proposer=proposer,
-        image_size=image_size,
-        crop_size=crop_size,
-        rois_per_image=rois_per_image,
-        classifier_loss=classifier_loss,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        max_detections=max_detections,
-        image_mean=image_mean,
-        image_std=image_std,
-    )
+    return RCNN(body, num_classes=num_classes, proposer=proposer, **kwargs)
 
 
 @register_model("detection", "fast_rcnn")
+@passes_kwargs_to(FastRCNN, exclude=("proposer",))
 def fast_rcnn(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
-    image_size: int = 128,
     proposals_per_image: int = 100,
     ss_scales: Sequence[float] = (100.0,),
     ss_sigma: float = 0.8,
@@ -614,17 +596,11 @@ def fast_rcnn(
     ss_color_spaces: Sequence[str] = ("hsv",),
     ss_similarities: Sequence[str] = ("ctsf",),
     proposal_cache: str | None = None,
-    roi_output_size: int = 7,
-    feature_stride: int = 8,
-    representation_size: int = 256,
-    rois_per_image: int = 64,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    max_detections: int = 100,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
 ) -> FastRCNN:
     """Fast R-CNN: selective search, one backbone pass, RoI pooling, joint softmax + box-regression heads, NMS.
+
+    Selective search and the backbone as in :func:`rcnn`; ``**kwargs`` go to :class:`FastRCNN`.
 
     Detection contract: ``list[Tensor[3,H,W]]`` in [0, 1]; training ``model(images, targets)`` ->
     ``{loss_classifier, loss_box_reg}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
@@ -639,18 +615,4 @@ def fast_rcnn(
         ss_similarities,
         proposal_cache,
     )
-    return FastRCNN(
-        body,
-        num_classes=num_classes,
-        proposer=proposer,
-        image_size=image_size,
-        roi_output_size=roi_output_size,
-        feature_stride=feature_stride,
-        representation_size=representation_size,
-        rois_per_image=rois_per_image,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        max_detections=max_detections,
-        image_mean=image_mean,
-        image_std=image_std,
-    )
+    return FastRCNN(body, num_classes=num_classes, proposer=proposer, **kwargs)

@@ -38,6 +38,7 @@ input's spatial size for odd and even sizes alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from components.errors import ConfigError
 from components.models.backbones import Backbone, build_backbone
 from components.models.fcn import IMAGENET_MEAN, IMAGENET_STD, ImageNormalize, pad_to_multiple
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 
 
 class DoubleConv(nn.Sequential):
@@ -212,17 +213,15 @@ class UNet(nn.Module):
 
 
 @register_model("segmentation")
+@passes_kwargs_to(UNet, exclude=("backbone",))
 def unet(
     *,
     num_classes: int,
-    base_channels: int = 16,
-    depth: int = 4,
     pretrained_encoder: bool = False,
     backbone_arch: str = "vfnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
-    class_prior: Sequence[float] | None = None,
-    deep_supervision: bool = False,
+    **kwargs: Any,
 ) -> UNet:
     """UNet: semantic segmentation contract.
 
@@ -230,23 +229,14 @@ def unet(
 
     Args:
         num_classes: K + 1 (background included).
-        base_channels: channels at full resolution (doubled at each contracting step).
-        depth: pooling steps of the classic contracting path (ignored with ``pretrained_encoder``).
         pretrained_encoder: use the project backbone ``backbone_arch`` (loaded from ``backbone_weights``)
-            as the contracting path.
+            as the contracting path (``depth`` is then ignored).
         backbone_arch, backbone_weights, trainable_layers: the backbone, as in :func:`build_backbone`.
-        class_prior: pixel class frequencies; the head's bias starts at their log (see :class:`UNet`).
-            Only an initialisation: a checkpoint's state dict overrides it, so it is not a model arg.
-        deep_supervision: an auxiliary classifier on the coarsest decoded level (see :class:`UNet`).
+        **kwargs: passed to :class:`UNet` (``base_channels``, ``depth``, ``deep_supervision``, ...).
+            ``class_prior`` is only an initialisation: a checkpoint's state dict overrides it, so it
+            is not a model arg.
     """
     backbone = None
     if pretrained_encoder:
         backbone = build_backbone(backbone_arch, weights=backbone_weights, trainable_layers=trainable_layers)
-    return UNet(
-        num_classes,
-        base_channels=base_channels,
-        depth=depth,
-        backbone=backbone,
-        class_prior=class_prior,
-        deep_supervision=deep_supervision,
-    )
+    return UNet(num_classes, backbone=backbone, **kwargs)

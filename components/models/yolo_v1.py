@@ -22,6 +22,7 @@ are torchvision's ``GeneralizedRCNNTransform``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ from torchvision.ops import batched_nms
 
 from components.errors import ConfigError
 from components.models.backbones import Backbone, build_backbone
-from components.models.registry import register_model
+from components.models.registry import passes_kwargs_to, register_model
 from components.ops.boxes import elementwise_box_iou
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -155,10 +156,10 @@ def yolo_v1_loss(
     target: Tensor,
     *,
     B: int,
-    lambda_coord: float = 5.0,
-    lambda_obj: float = 1.0,
-    lambda_noobj: float = 0.5,
-    lambda_classes: float = 1.0,
+    lambda_coord: float,
+    lambda_obj: float,
+    lambda_noobj: float,
+    lambda_classes: float,
 ) -> dict[str, Tensor]:
     """The lecture's multi-part squared loss, term by term, averaged over the batch.
 
@@ -176,7 +177,8 @@ def yolo_v1_loss(
             (box and confidence in [0, 1], ``p^`` probabilities).
         target: Tensor[N, S, S, 5 + C] from :func:`encode_targets`.
         B: boxes per cell.
-        lambda_coord, lambda_obj, lambda_noobj, lambda_classes: the weights of the four parts.
+        lambda_coord, lambda_obj, lambda_noobj, lambda_classes: the weights of the four parts
+            (:class:`YOLOv1` holds their defaults).
 
     Returns:
         ``{"loss_coord", "loss_obj", "loss_noobj", "loss_classes"}``, each already multiplied by
@@ -404,52 +406,24 @@ class YOLOv1(nn.Module):
 
 
 @register_model("detection", "yolo")
+@passes_kwargs_to(YOLOv1)
 def yolo_v1(
     *,
     num_classes: int,
     backbone: str = "vfnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
-    image_size: int = 128,
-    S: int = 7,
-    B: int = 2,
-    lambda_coord: float = 5.0,
-    lambda_obj: float = 1.0,
-    lambda_noobj: float = 0.5,
-    lambda_classes: float = 1.0,
-    head: str = "conv",
-    hidden: int = 128,
-    dropout: float = 0.5,
-    leaky_slope: float = 0.1,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    max_detections: int = 100,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
 ) -> YOLOv1:
     """YOLO v1 on a project backbone (``weights_backbone``: None, a torchvision enum name or a checkpoint path).
 
     Detection contract: ``list[Tensor[3,H,W]]`` in [0, 1]; training ``model(images, targets)`` ->
     ``{loss_coord, loss_obj, loss_noobj, loss_classes}``; eval -> ``[{boxes xyxy pixels, labels 1..K, scores}]``.
+
+    Args:
+        num_classes: K object classes.
+        backbone, weights_backbone, trainable_backbone_layers: the backbone, as in :func:`build_backbone`.
+        **kwargs: passed to :class:`YOLOv1` (``S``, ``B``, ``image_size``, the lambdas, ...).
     """
     body = build_backbone(backbone, weights=weights_backbone, trainable_layers=trainable_backbone_layers)
-    return YOLOv1(
-        body,
-        num_classes=num_classes,
-        S=S,
-        B=B,
-        image_size=image_size,
-        lambda_coord=lambda_coord,
-        lambda_obj=lambda_obj,
-        lambda_noobj=lambda_noobj,
-        lambda_classes=lambda_classes,
-        head=head,
-        hidden=hidden,
-        dropout=dropout,
-        leaky_slope=leaky_slope,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        max_detections=max_detections,
-        image_mean=image_mean,
-        image_std=image_std,
-    )
+    return YOLOv1(body, num_classes=num_classes, **kwargs)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
-import os
-import tempfile
+import io
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,6 +42,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from components.errors import DataError
+from components.io import atomic_write_bytes, content_hash
 
 ColorSpace = Literal["rgb", "hsv", "lab", "gray"]
 SIMILARITY_MEASURES = {"c": "colour", "t": "texture", "s": "size", "f": "fill"}
@@ -91,8 +90,7 @@ class SelectiveSearchParams:
 
     def digest(self) -> str:
         """A stable hash of the parameters (part of the proposal cache key)."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return content_hash(asdict(self))
 
 
 # --------------------------------------------------------------------------- image preparation
@@ -473,16 +471,9 @@ class ProposalCache:
 
     @staticmethod
     def _write(path: Path, boxes: Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, boxes.numpy().astype(np.float32), allow_pickle=False)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        np.save(buffer, boxes.numpy().astype(np.float32), allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def proposal_recall(

@@ -13,10 +13,18 @@ Outputs per architecture:
   true boxes in white and predicted boxes in their class colour), ``pr_iou50.csv`` /
   ``pr_iou75.csv`` (precision-recall curves in DVC's plots format: ``recall`` then one column
   per class) and ``pr_curves.png``;
-* ``<detect.metrics>/detect_<arch>.json`` (default ``metrics/``): COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
+* ``metrics/detect_<arch>.json``: COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
   inference milliseconds per image, parameters, training time (and windows per image for the
-  sliding window);
-* one MLflow run per architecture with the params, per-epoch metrics, test metrics and files.
+  sliding window), the MLflow run id;
+* one MLflow run per architecture with the params, per-epoch metrics, test metrics and files;
+  its id is kept in ``.visionflow/stages/detect@<arch>.json``, from which ``--resume`` re-opens it.
+
+Everything under ``outputs/detect/<arch>/`` is a function of code, data and params: the same
+stage run again writes the same bytes (timings and run ids live in the metrics and state files).
+
+A dataset without boxes cannot feed a detector: the stage is then *skipped*, not failed. It
+writes ``metrics/detect_<arch>.json`` = ``{"arch", "status": "skipped", "reason"}`` and an out
+folder holding only ``SKIPPED.txt``, and exits 0; the comparison lists it with its reason.
 """
 
 from __future__ import annotations
@@ -32,14 +40,59 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from components.config import AugmentConfig, DetectConfig, DetectorConfig, EvaluateConfig, TrackingConfig
+from components.config import (
+    METRICS_DIR,
+    AugmentConfig,
+    DetectConfig,
+    DetectorConfig,
+    EvaluateConfig,
+    TrackingConfig,
+    stage_metrics_path,
+)
 from components.errors import ConfigError, DataError
 from components.metrics.detection import COCO_METRIC_NAMES as COCO_NAMES
+from components.plots import PNG_METADATA
 
 _BACKBONE_KEYS = ("backbone", "train", "augment")  # params keys that are not builder arguments
 
 
 # --------------------------------------------------------------------------- dataset
+
+
+#: how a source's labels are described in a skip reason, by ``dataset.json``'s source format
+SOURCE_LABELS = {"voc": "VOC", "yolo": "YOLO", "coco": "COCO", "imagefolder": "ImageFolder", "masks": "mask folder", "shapes": "shapes"}
+
+
+def describe_labels(manifest: Mapping[str, Any]) -> str:
+    """What labels a canonical dataset has, in a few words: ``"VOC boxes only"``, ``"mask folder binary masks only"``.
+
+    Read from ``dataset.json``: ``tasks`` (which views the ingest wrote: ``detection`` = boxes,
+    ``instance_segmentation`` = instance masks, ``semantic_segmentation`` = class masks,
+    ``classification``) and the format of ``source``.
+    """
+    tasks = set(manifest.get("tasks", []))
+    fmt = str(manifest.get("source") or "").split(":", 1)[0]
+    name = SOURCE_LABELS.get(fmt, "")
+    if "instance_segmentation" in tasks:
+        what = "boxes and instance masks"
+    elif "detection" in tasks and "semantic_segmentation" in tasks:
+        what = "boxes and class masks"
+    elif "detection" in tasks:
+        what = "boxes only"
+    elif "semantic_segmentation" in tasks:
+        what = "binary masks only" if len(manifest.get("categories", [])) == 1 else "class masks only"
+    elif "classification" in tasks:
+        what = "image-level labels only"
+    else:
+        what = f"tasks {sorted(tasks)}"
+    return f"{name} {what}".strip()
+
+
+def detection_skip_reason(root: Path, manifest: Mapping[str, Any]) -> str | None:
+    """Why a detector cannot train on this dataset (no boxes), or None when it can."""
+    if "detection" in manifest.get("tasks", []):
+        return None
+    return f"{root} has no boxes ({describe_labels(manifest)})"
 
 
 def read_detection_manifest(root: Path) -> dict[str, Any]:
@@ -181,12 +234,13 @@ def predict_and_score(
 
     The seconds are the model's forward passes only (data loading excluded, CUDA synchronised).
     """
+    from components.engine import progress
     from components.metrics.detection import DetectionEvaluator
 
     evaluator = DetectionEvaluator(categories, iou_type="bbox")
     model.eval()
     seconds, n_images = 0.0, 0
-    for images, targets in loader:
+    for images, targets in progress(loader, desc="evaluating", leave=False):
         images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
         _synchronize(device)
         start = time.perf_counter()
@@ -203,12 +257,15 @@ def predict_and_score(
 def evaluate_detector(
     model: nn.Module, loader: Iterable[Any], device: torch.device, *, categories: list[str]
 ) -> dict[str, float]:
-    """The engine's per-epoch validation: COCO's 12 numbers, VOC mAP@0.5 and ms per image (flat floats)."""
-    evaluator, seconds, n = predict_and_score(model, loader, device, categories=categories)
+    """The engine's per-epoch validation: COCO's 12 numbers and VOC mAP@0.5 (flat floats).
+
+    No timing: these numbers go into the checkpoints, which must not vary from run to run (the
+    test split's ``ms_per_image`` goes to the metrics file).
+    """
+    evaluator, _, _ = predict_and_score(model, loader, device, categories=categories)
     bbox = evaluator.compute()["bbox"]
     out = {k: float(bbox[k]) for k in COCO_NAMES}
     out["voc_map_50"] = float(bbox["voc"]["map_50"])
-    out["ms_per_image"] = 1000.0 * seconds / max(1, n)
     return out
 
 
@@ -272,7 +329,7 @@ def draw_detections(
     fig.suptitle(title or "white: ground truth; coloured: predictions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
     plt.close(fig)
     return path
 
@@ -299,33 +356,73 @@ def run_detect(
         augment: the augmentation presets (``augment.detection`` for the train split).
         evaluate: evaluation settings (PR-curve IoU thresholds).
         tracking: where MLflow runs go.
-        resume: continue an interrupted run from ``outputs/detect/<arch>/last.pt`` (and its MLflow run).
+        resume: continue an interrupted run from ``outputs/detect/<arch>/last.pt``, in the MLflow
+            run recorded by ``.visionflow/stages/detect@<arch>.json``; without it the stage starts afresh.
 
     Returns:
-        The metrics written to ``metrics/detect_<arch>.json``.
+        The metrics written to ``metrics/detect_<arch>.json``; ``{"arch", "status": "skipped",
+        "reason"}`` when the dataset has no boxes.
 
     Raises:
-        ConfigError: unknown architecture or a params key its builder lacks. DataError: the dataset
-        lacks boxes or a split. CheckpointError: the backbone weights cannot be loaded.
+        ConfigError: unknown architecture or a params key its builder lacks. DataError: no
+        dataset, or a split is missing. CheckpointError: the backbone weights cannot be loaded.
         TrainingError: training diverged.
     """
-    from components.data.datasets import detection_collate
+    from components.engine import torch_threads
+
+    acfg = cfg.arch(arch)
+    with torch_threads(acfg.train.threads):
+        return _run_detect(cfg, arch, augment, evaluate, tracking, resume=resume)
+
+
+def skip_stage(stage: str, arch: str, out_dir: Path, metrics_file: Path, reason: str) -> dict[str, Any]:
+    """Record a stage its data cannot feed: ``metrics_file``, ``out_dir/SKIPPED.txt``, the state file; exit 0.
+
+    Returns:
+        ``{"arch": arch, "status": "skipped", "reason": reason}`` (what ``metrics_file`` holds).
+    """
+    from components.engine import log_line, stage_state_path, update_stage_state, write_skipped
+    from components.plots import write_json
+
+    metrics = {"arch": arch, "status": "skipped", "reason": reason}
+    write_skipped(out_dir, reason)
+    write_json(metrics, metrics_file)
+    update_stage_state(stage_state_path(stage), replace=True, stage=stage, out=str(out_dir), status="skipped", reason=reason)
+    log_line(f"{stage}: skipped, {reason}")
+    return metrics
+
+
+def _run_detect(
+    cfg: DetectConfig, arch: str, augment: AugmentConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, *, resume: bool
+) -> dict:
+    from components.data.datasets import detection_collate, load_manifest
     from components.engine import (
         build_loader,
+        dataset_record,
         fit,
-        load_checkpoint,
         load_model,
+        log_line,
+        prepare_out_dir,
         resolve_device,
+        resumed_run_id,
         seed_everything,
+        stage_state_path,
+        update_stage_state,
     )
     from components.plots import plot_pr_curves, write_dvc_pr_curves, write_json
+    from components.stages.pretrain import run_exists
     from components.tracking import start_run
 
     acfg = cfg.arch(arch)
     root = Path(cfg.dataset)
+    out_dir = Path(cfg.out) / arch
+    stage = f"detect@{arch}"
+    metrics_file = stage_metrics_path("detect", arch)
+    reason = detection_skip_reason(root, load_manifest(root))
+    if reason is not None:
+        return skip_stage(stage, arch, out_dir, metrics_file, reason)
     manifest = read_detection_manifest(root)
     categories: list[str] = list(manifest["categories"])
-    out_dir = Path(cfg.out) / arch
     augment = detector_augment(augment, acfg)
     seed_everything(acfg.train.seed)
 
@@ -339,17 +436,18 @@ def run_detect(
     test_loader = build_loader(
         datasets["test"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
     )
+    dataset = dataset_record(root)
 
-    run_id = None
-    last = out_dir / "last.pt"
-    if resume and last.exists():
-        run_id = load_checkpoint(last).get("mlflow_run_id")
+    state_file = stage_state_path(stage)
+    run_id = resumed_run_id(state_file, out=out_dir, resume=resume, exists=run_exists(tracking))
+    prepare_out_dir(out_dir, resume=resume)
     with start_run(
         tracking,
         run_name=f"detect-{arch}",
         tags={"stage": "detect", "arch": arch, "task": "detection"},
         run_id=run_id,
     ) as logger:
+        update_stage_state(state_file, replace=run_id is None, stage=stage, out=str(out_dir), mlflow_run_id=logger.run_id, status="running")
         if run_id is None:
             logger.log_params(
                 {
@@ -365,9 +463,8 @@ def run_detect(
             "model_args": model_args,
             "categories": categories,
             "image_size": acfg.image_size,
-            "dataset": str(root),
+            "dataset": dataset,
             "backbone_weights": acfg.backbone.weights,
-            "mlflow_run_id": logger.run_id,
         }
         result = fit(
             model,
@@ -381,6 +478,7 @@ def run_detect(
             resume=resume,
             log_metrics=logger.log_metrics,
             desc=f"detect {arch}",
+            state_file=state_file,
         )
         from components.distributed import is_main_process, rank
 
@@ -404,20 +502,30 @@ def run_detect(
             ms_per_image=1000.0 * seconds / max(1, n_images),
             num_images=n_images,
         )
+        log_line(
+            f"detect {arch}: test split, {n_images} images: mAP@0.5 {test['map_50']:.4f}, "
+            f"mAP {test['map']:.4f}, {test['ms_per_image']:.1f} ms/image"
+        )
         metrics: dict[str, Any] = {
             "arch": arch,
+            "status": "finished",
             "dataset": str(root),
+            "dataset_md5": dataset["md5"],
             "backbone": acfg.backbone.model_dump(mode="json"),
             "test": test,
             "val": result.best_metrics,
             "parameters": count_parameters(model),
             "train_time_s": result.train_time_s,
+            "train_cpu_time_s": result.cpu_time_s,
+            "epoch_time_s": result.epoch_time_s,
             "epochs": result.epochs_completed,
             "best_epoch": result.best_epoch,
             "images_per_s": result.images_per_s,
             "device": device.type,
             "eval_batch_size": eval_batch,
+            "threads": torch.get_num_threads(),
             "checkpoint": str(best_path),
+            "run_id": logger.run_id,
         }
         if hasattr(model, "windows_per_image"):
             metrics["windows_per_image"] = int(model.windows_per_image)
@@ -432,7 +540,7 @@ def run_detect(
             path=out_dir / "detections.png",
             title=f"{arch}: mAP@0.5 {test['map_50']:.3f} on {root.name} test (white: truth)",
         )
-        metrics_path = write_json(metrics, Path(cfg.metrics) / f"detect_{arch}.json")
+        metrics_path = write_json(metrics, metrics_file)
         scalars = {
             "test": {k: v for k, v in test.items() if k != "per_class"},
             "parameters": metrics["parameters"],
@@ -445,6 +553,7 @@ def run_detect(
         logger.log_artifact(predictions, artifact_path="predictions")
         for plot in (drawn, pr_png, *pr_csvs):
             logger.log_artifact(plot, artifact_path="plots")
+        update_stage_state(state_file, status="finished")
     return metrics
 
 
@@ -455,27 +564,33 @@ def compare_detectors(cfg: DetectConfig) -> dict:
     """Gather ``metrics/detect_<arch>.json`` of the listed architectures into one table and a PNG.
 
     Writes ``metrics/detect_comparison.json`` (``{"architectures": {arch: {map_50, map, voc_map_50,
-    ms_per_image, parameters, train_time_s, kind}}, "missing": [...]}``) and
-    ``outputs/detect/comparison.png`` (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train time):
-    the lecture's takeaway (one-stage detectors faster, two-stage ones more accurate), measured.
+    ms_per_image, parameters, train_time_s, kind}}, "skipped": {arch: reason}, "missing": [...]}``)
+    and ``outputs/detect/comparison.png`` (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train
+    time): the lecture's takeaway (one-stage detectors faster, two-stage ones more accurate),
+    measured. Architectures the data could not feed (``"status": "skipped"``) are listed with
+    their reason; when every one was skipped, the table is empty and the PNG lists the reasons.
 
     Raises:
-        DataError: no architecture has been run yet, or a metrics file is not the stage's.
+        DataError: no architecture has run (or been skipped) yet, or a metrics file is not the stage's.
     """
-    from components.plots import write_json
+    from components.plots import plot_skipped, write_json
 
     table: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     missing = []
     for arch in cfg.architectures:
-        path = Path(cfg.metrics) / f"detect_{arch}.json"
+        path = stage_metrics_path("detect", arch)
         if not path.is_file():
             missing.append(arch)
             continue
         try:
             metrics = json.loads(path.read_text())
+            if metrics.get("status") == "skipped":
+                skipped[arch] = str(metrics.get("reason") or "skipped")
+                continue
             test = metrics["test"]
             row = {k: test[k] for k in COMPARED}
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(
                 "not a detect stage metrics file (no 'test' section)",
                 file=path,
@@ -489,15 +604,18 @@ def compare_detectors(cfg: DetectConfig) -> dict:
         if "windows_per_image" in metrics:
             row["windows_per_image"] = metrics["windows_per_image"]
         table[arch] = row
-    if not table:
+    if not table and not skipped:
         raise DataError(
             f"no detection metrics yet for {list(cfg.architectures)}",
-            file=cfg.metrics,
+            file=METRICS_DIR,
             fix="run `visionflow detect --arch A` for each architecture first",
         )
-    result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json(result, Path(cfg.metrics) / "detect_comparison.json")
-    plot_detector_comparison(table, Path(cfg.out) / "comparison.png")
+    result = {"architectures": table, "skipped": skipped, "missing": missing, "dataset": cfg.dataset}
+    write_json(result, Path(METRICS_DIR) / "detect_comparison.json")
+    if table:
+        plot_detector_comparison(table, Path(cfg.out) / "comparison.png", skipped=skipped)
+    else:
+        plot_skipped(skipped, Path(cfg.out) / "comparison.png", title="detection: no architecture could run on this dataset")
     return result
 
 
@@ -513,9 +631,16 @@ DETECTOR_KIND = {
 }
 
 
-def plot_detector_comparison(table: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    """Five bar panels (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train time), bars coloured by kind."""
+def plot_detector_comparison(
+    table: Mapping[str, Mapping[str, Any]], path: Path, *, skipped: Mapping[str, str] | None = None
+) -> Path:
+    """Five bar panels (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train time), bars coloured by kind.
+
+    ``skipped`` (``{arch: reason}``) is named in a caption under the panels.
+    """
     import matplotlib
+
+    from components.plots import skipped_caption
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -548,8 +673,11 @@ def plot_detector_comparison(table: Mapping[str, Mapping[str, Any]], path: Path)
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, list(colors), loc="upper right", fontsize=7)
-    fig.tight_layout()
+    caption = skipped_caption(dict(skipped or {}))
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
     plt.close(fig)
     return path

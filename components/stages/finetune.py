@@ -16,7 +16,11 @@ Writes ``<out>/<strategy>/{best,last}.pt``, ``<out>/best.json`` (the strategy wi
 validation accuracy and its checkpoint, for the register stage), ``<out>/strategies.png`` (bar
 chart), ``<out>/confusion_matrix.png`` (the best strategy's), per strategy
 ``training_curves.png`` and ``confusion_matrix.png``, and ``metrics/finetune.json``; one MLflow
-run with a nested run per strategy.
+run with a nested run per strategy. Files under ``<out>`` are a function of code, data and params
+(no run ids or timings); the run ids and times go to ``metrics/finetune.json`` and the state files
+``.visionflow/stages/finetune.json`` (parent run) and ``finetune@<strategy>.json`` (each child run
+and its epoch times), from which ``--resume`` re-opens the same runs and continues each
+strategy from its ``last.pt``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ from typing import Any
 
 from components.config import AugmentConfig, FinetuneConfig, TrackingConfig
 from components.distributed import is_main_process, rank
-from components.engine import load_checkpoint, seed_everything
+from components.engine import (
+    dataset_record,
+    load_checkpoint,
+    prepare_out_dir,
+    resumed_run_id,
+    seed_everything,
+    stage_state_path,
+    torch_threads,
+    update_stage_state,
+)
 from components.errors import CheckpointError
 from components.models.classifier import Classifier
 from components.plots import plot_confusion_matrix, plot_strategy_comparison, plot_training_curves, write_json
@@ -35,7 +48,7 @@ from components.stages.pretrain import (
     count_parameters,
     fit_classifier,
     load_classification_data,
-    resumed_run_id,
+    run_exists,
 )
 
 STRATEGY_TITLES = {
@@ -97,27 +110,38 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
         TrainingError: a strategy diverged (NaN/inf loss); ``best.json`` is then not written.
         TrackingError: MLflow is unreachable.
     """
+    with torch_threads(cfg.train.threads):
+        return _run_finetune(cfg, augment, tracking, resume=resume)
+
+
+def _run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool) -> dict[str, Any]:
     from components.tracking import start_run
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(cfg.out), resume=resume)
     (out / "best.json").unlink(missing_ok=True)  # written again only when every strategy finished
-    parent_id = None
-    if resume:
-        parent_id = next((r for s in cfg.strategies if (r := resumed_run_id(out / s / "last.pt", "mlflow_parent_run_id"))), None)
+    state_file = stage_state_path("finetune")
+    exists = run_exists(tracking) if resume else None
+    parent_id = resumed_run_id(state_file, out=out, resume=resume, exists=exists)
+    dataset = dataset_record(cfg.dataset)
     size_of = {s: (cfg.own_image_size or cfg.image_size) if s == "own_fine_tuning" else cfg.image_size for s in cfg.strategies}
     data = load_classification_data(
         cfg.dataset, augment, image_size=max(size_of.values()), label_fraction=cfg.label_fraction, seed=cfg.train.seed
     )
     rows: dict[str, dict[str, Any]] = {}
     with start_run(tracking, run_name="finetune", tags={"visionflow.stage": "finetune"}, run_id=parent_id) as parent:
+        update_stage_state(state_file, replace=parent_id is None, stage="finetune", out=str(out), mlflow_run_id=parent.run_id, status="running")
         if parent_id is None:
             parent.log_params({"finetune": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
             parent.log_lineage(section=cfg, dataset=cfg.dataset)
         for strategy in cfg.strategies:
             strategy_dir = out / strategy
-            child_id = resumed_run_id(strategy_dir / "last.pt") if resume else None
+            child_state = stage_state_path(f"finetune@{strategy}")
+            child_id = resumed_run_id(child_state, out=strategy_dir, resume=resume and parent_id is not None, exists=exists)
             with start_run(tracking, run_name=f"finetune.{strategy}", tags={"visionflow.stage": "finetune", "visionflow.strategy": strategy}, run_id=child_id, nested=True) as logger:
+                update_stage_state(
+                    child_state, replace=child_id is None, stage=f"finetune@{strategy}", out=str(strategy_dir),
+                    mlflow_run_id=logger.run_id, mlflow_parent_run_id=parent.run_id, status="running",
+                )
                 seed_everything(cfg.train.seed)
                 model, model_args, groups, init = strategy_model(strategy, cfg, len(data.classes))
                 init["image_size"] = size_of[strategy]
@@ -133,13 +157,12 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                     "stage": "finetune",
                     "strategy": strategy,
                     "init": init,
-                    "dataset": str(cfg.dataset),
+                    "dataset": dataset,
                     "label_fraction": cfg.label_fraction,
-                    "mlflow_run_id": logger.run_id,
-                    "mlflow_parent_run_id": parent.run_id,
                 }
                 result = fit_classifier(
-                    model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume, log_metrics=logger.log_metrics, desc=f"finetune.{strategy}"
+                    model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume,
+                    log_metrics=logger.log_metrics, desc=f"finetune.{strategy}", state_file=child_state,
                 )
                 if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
                     continue
@@ -159,6 +182,7 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                     "confusion_matrix": best.get("confusion_matrix"),
                     "train_time_s": round(result.train_time_s, 2),
                     "train_cpu_s": round(result.cpu_time_s, 2),
+                    "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
                     "image_size": size_of[strategy],
                     "images_per_s": round(result.images_per_s, 1),
                     "epochs": result.epochs_completed,
@@ -170,12 +194,14 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
                 }
                 logger.log_metrics({"best_accuracy": rows[strategy]["accuracy"], "best_macro_f1": rows[strategy]["macro_f1"], "train_time_s": rows[strategy]["train_time_s"]})
                 parent.log_metrics({f"{strategy}.accuracy": rows[strategy]["accuracy"], f"{strategy}.macro_f1": rows[strategy]["macro_f1"]})
+                update_stage_state(child_state, status="finished")
 
         if not is_main_process():
             return {"rank": rank(), "role": "worker"}
         best_strategy = max(rows, key=lambda s: (rows[s]["accuracy"] or 0.0, rows[s]["macro_f1"] or 0.0))
         metrics = {
             "dataset": str(cfg.dataset),
+            "dataset_md5": dataset["md5"],
             "val_split": data.val_split,
             "label_fraction": cfg.label_fraction,
             "num_train": len(data.train),
@@ -202,4 +228,5 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
             parent.log_artifact(path, "plots")
         parent.log_artifact(METRICS_DIR / "finetune.json")
         parent.set_tags({"visionflow.best_strategy": best_strategy})
+        update_stage_state(state_file, status="finished")
     return metrics

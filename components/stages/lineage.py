@@ -23,6 +23,10 @@ mode) and for the trained RPN, with the time per image of each search, and the C
 R-CNN and Fast R-CNN against the number of regions (given proposals). Everything goes to
 ``metrics/rcnn_lineage.json`` and ``<detect.out>/lineage/rcnn_lineage.png``, with each of the
 lecture's claims checked against the figures.
+
+When the detect stage skipped one of the three detectors (a dataset without boxes: its out folder
+holds ``SKIPPED.txt``), the lineage is skipped too: ``metrics/rcnn_lineage.json`` = ``{"stage":
+"lineage", "status": "skipped", "reason"}`` and ``<detect.out>/lineage/SKIPPED.txt``, exit 0.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from components.config import DetectConfig, SelectiveSearchDetectorConfig
+from components.engine import log_line, progress
 from components.errors import CheckpointError, DataError
 from components.ops.selective_search import (
     ProposalCache,
@@ -162,7 +166,7 @@ def measure_detector(
     evaluator = DetectionEvaluator(list(categories))
     parts = {"proposals_s": 0.0, "features_s": 0.0, "head_s": 0.0}
     total = 0.0
-    for image, target in tqdm(list(zip(images, targets, strict=True)), desc=f"lineage {arch}", unit="img"):
+    for image, target in progress(list(zip(images, targets, strict=True)), desc=f"lineage {arch}", unit="img"):
         image = image.to(device)
         _sync(device)
         start = time.perf_counter()
@@ -174,6 +178,7 @@ def measure_detector(
         evaluator.update([{k: v.cpu() for k, v in detections.items()}], [target])
     n = len(images)
     result = evaluator.compute()["bbox"]
+    log_line(f"lineage {arch}: {n} test images, {1000 * total / n:.1f} ms/image, mAP@0.5 {float(result['map_50']):.4f}")
     return {
         "proposals_ms": 1000 * parts["proposals_s"] / n,
         "features_ms": 1000 * parts["features_s"] / n,
@@ -223,10 +228,11 @@ def measure_proposals(
         ``({counts, recall_50, recall_70, ms_per_image, mean_proposals}, the proposals per image)``.
     """
     proposals, seconds = [], 0.0
-    for image in tqdm(images, desc=f"proposals {name}", unit="img"):
+    for image in progress(images, desc=f"proposals {name}", unit="img"):
         start = time.perf_counter()
         proposals.append(propose(image).cpu())
         seconds += time.perf_counter() - start
+    log_line(f"proposals {name}: {len(images)} images, {1000 * seconds / max(1, len(images)):.1f} ms/image")
     recall = proposal_recall(proposals, [b.cpu() for b in gt_boxes], counts, (0.5, 0.7))
     summary = {
         "counts": list(counts),
@@ -398,7 +404,7 @@ def plot_lineage(result: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -429,13 +435,31 @@ def run_lineage(
     Returns:
         ``{dataset, split, num_images, device, detectors: {arch: {...}}, proposals: {method: {...}}, claims: [...]}``.
 
+        Or ``{"stage": "lineage", "status": "skipped", "reason"}`` when the detect stage skipped
+        one of the three detectors (the data has no boxes).
+
     Raises:
         CheckpointError: a detector of the lineage has not been trained by the detect stage.
         DataError: the dataset has no test split with detection labels.
     """
     from components.data.datasets import DetectionDataset
-    from components.engine import resolve_device
+    from components.engine import prepare_out_dir, read_skipped, resolve_device, write_skipped
     from components.plots import write_json
+
+    lineage_dir = Path(cfg.out) / "lineage"
+    skipped = {arch: r for arch in LINEAGE if (r := read_skipped(Path(cfg.out) / arch)) is not None}
+    absent = [arch for arch in LINEAGE if arch not in cfg.architectures]
+    if skipped or absent:
+        reason = "; ".join(
+            ([f"detect.architectures lacks {', '.join(absent)} (the lineage compares all three)"] if absent else [])
+            + [f"detect skipped {arch} ({r})" for arch, r in skipped.items()]
+        )
+        write_skipped(lineage_dir, reason)
+        result = {"stage": "lineage", "status": "skipped", "reason": reason}
+        write_json(result, Path(metrics_file))
+        log_line(f"lineage: skipped, {reason}")
+        return result
+    prepare_out_dir(lineage_dir, resume=False)
 
     device = resolve_device(cfg.faster_rcnn.train.device)
     dataset = DetectionDataset(cfg.dataset, "test")

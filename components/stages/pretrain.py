@@ -11,7 +11,10 @@ The lecture: "pre-trained models [are] generic and re-usable assets". Two source
 Writes ``<out>/backbone.pt`` (a classifier checkpoint whose ``backbone.*`` keys
 ``components.models.backbones.load_backbone_state`` extracts; ``backbone_arch`` set),
 ``<out>/train/{best,last}.pt``, ``<out>/training_curves.png`` (:mod:`components.plots`), ``metrics/pretrain.json``, and an
-MLflow run (params, per-epoch metrics, lineage, the plot).
+MLflow run (params, per-epoch metrics, lineage, the plot). Everything under ``<out>`` is a function
+of the code, the data and the params (byte-identical when the stage runs again); the MLflow run id
+and the timings go to ``metrics/pretrain.json`` and the state file ``.visionflow/stages/pretrain.json``,
+from which ``--resume`` re-opens the same run and continues from ``<out>/train/last.pt``.
 
 The helpers that load a classification view and train a classifier on it live here too;
 the finetune stage re-uses them.
@@ -20,6 +23,7 @@ the finetune stage re-uses them.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +38,22 @@ from torchvision.transforms.v2 import functional as TF
 
 from components.config import AugmentConfig, PretrainConfig, TrackingConfig, TrainConfig
 from components.distributed import is_main_process, rank
-from components.engine import FitResult, build_loader, fit, load_checkpoint, save_checkpoint, seed_everything
+from components.engine import (
+    FitResult,
+    build_loader,
+    dataset_record,
+    fit,
+    load_checkpoint,
+    log_line,
+    prepare_out_dir,
+    progress,
+    resumed_run_id,
+    save_checkpoint,
+    seed_everything,
+    stage_state_path,
+    torch_threads,
+    update_stage_state,
+)
 from components.errors import CheckpointError, DataError
 from components.metrics.classification import evaluate_classification
 from components.models.classifier import classification_step
@@ -65,20 +84,21 @@ class DecodedImages(Dataset):
     """
 
     def __init__(self, base: Any, *, image_size: int, indices: Sequence[int] | None = None):
-        from tqdm.auto import tqdm
-
         self.classes: list[str] = list(base.classes)
         keep = list(range(len(base))) if indices is None else list(indices)
         limit = math.ceil(CACHE_SCALE * image_size)
         self.images: list[torch.Tensor] = []
         self.targets: list[int] = []
-        for i in tqdm(keep, desc=f"decoding {Path(str(base.root)).name}/{base.split}", leave=False):
+        name = f"{Path(str(base.root)).name}/{base.split}"
+        start = time.perf_counter()
+        for i in progress(keep, desc=f"decoding {name}", leave=False):
             image, label = base[i]
             h, w = image.shape[-2:]
             if min(h, w) > limit:
                 image = TF.resize(image, limit, antialias=True)
             self.images.append(TF.to_dtype(image.as_subclass(torch.Tensor), torch.uint8, scale=True))
             self.targets.append(int(label))
+        log_line(f"decoded {len(keep)} images of {name} in {time.perf_counter() - start:.1f} s")
         self.transform: Callable[[Any], Any] | None = None
 
     def with_transform(self, transform: Callable[[Any], Any] | None) -> DecodedImages:
@@ -197,6 +217,7 @@ def fit_classifier(
     resume: bool = False,
     log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
     desc: str = "",
+    state_file: Path | None = None,
 ) -> FitResult:
     """Train a classifier with the engine: cross-entropy steps, accuracy/F1 validation each epoch."""
     seed_everything(cfg.seed)
@@ -213,15 +234,15 @@ def fit_classifier(
         resume=resume,
         log_metrics=log_metrics,
         desc=desc,
+        state_file=state_file,
     )
 
 
-def resumed_run_id(checkpoint: Path, key: str = "mlflow_run_id") -> str | None:
-    """The MLflow run id kept in a ``last.pt``, so a resumed stage logs into the same run."""
-    if not checkpoint.is_file():
-        return None
-    value = load_checkpoint(checkpoint).get(key)
-    return value if isinstance(value, str) else None
+def run_exists(tracking: TrackingConfig) -> Callable[[str], bool]:
+    """``exists(run_id)`` for :func:`components.engine.resumed_run_id`: is the run in ``tracking``'s store?"""
+    from components.tracking import run_status
+
+    return lambda run_id: run_status(tracking, run_id) is not None
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -237,6 +258,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict[str, Any]:
     """Produce ``<cfg.out>/backbone.pt`` from ImageNet weights or by training on ``cfg.dataset``.
 
+    Args:
+        resume: continue from ``<out>/train/last.pt`` in the MLflow run recorded by the state
+            file ``.visionflow/stages/pretrain.json`` (a fresh start without it).
+
     Returns:
         The metrics written to ``metrics/pretrain.json``.
 
@@ -246,12 +271,18 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
         TrainingError: the loss diverged (no ``backbone.pt`` is written).
         TrackingError: MLflow is unreachable.
     """
+    with torch_threads(cfg.train.threads):
+        return _run_pretrain(cfg, augment, tracking, resume=resume)
+
+
+def _run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool) -> dict[str, Any]:
     from components.tracking import start_run
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(cfg.out), resume=resume)
+    state_file = stage_state_path("pretrain")
     if cfg.source == "imagenet":
         with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "imagenet"}) as logger:
+            update_stage_state(state_file, replace=True, stage="pretrain", out=str(out), mlflow_run_id=logger.run_id, status="running")
             logger.log_params({"pretrain": cfg.model_dump(mode="json")})
             logger.log_lineage(section=cfg)
             metrics = _pretrain_imagenet(cfg, out)
@@ -259,11 +290,13 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             logger.log_metrics({k: v for k, v in metrics.items() if k in ("accuracy", "params")})
             write_json(metrics, METRICS_DIR / "pretrain.json")
             logger.log_artifact(METRICS_DIR / "pretrain.json")
+            update_stage_state(state_file, status="finished")
         return metrics
 
     train_dir = out / "train"
-    run_id = resumed_run_id(train_dir / "last.pt") if resume else None
+    run_id = resumed_run_id(state_file, out=out, resume=resume, exists=run_exists(tracking))
     with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "dataset"}, run_id=run_id) as logger:
+        update_stage_state(state_file, replace=run_id is None, stage="pretrain", out=str(out), mlflow_run_id=logger.run_id, status="running")
         if run_id is None:
             logger.log_params({"pretrain": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
             logger.log_lineage(section=cfg, dataset=cfg.dataset)
@@ -274,6 +307,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
         arch = cfg.backbone.arch
         model_args = {"num_classes": len(data.classes), "backbone": arch, "weights": None, "trainable_layers": cfg.backbone.trainable_layers}
         model = get_model("classification", "classifier", **{**model_args, "weights": cfg.backbone.weights})
+        dataset = dataset_record(cfg.dataset)
         meta = {
             "task": "classification",
             "model_name": "classifier",
@@ -283,11 +317,12 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "backbone_arch": arch,
             "stage": "pretrain",
             "source": "dataset",
-            "dataset": str(cfg.dataset),
+            "dataset": dataset,
             "init_weights": cfg.backbone.weights,
-            "mlflow_run_id": logger.run_id,
         }
-        result = fit_classifier(model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain")
+        result = fit_classifier(
+            model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain", state_file=state_file
+        )
         if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
             return {"rank": rank(), "role": "worker"}
         if result.best_path is None:
@@ -298,6 +333,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
         metrics = {
             "source": "dataset",
             "dataset": str(cfg.dataset),
+            "dataset_md5": dataset["md5"],
             "val_split": data.val_split,
             "backbone": arch,
             "image_size": cfg.image_size,
@@ -310,6 +346,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
             "stopped_early": result.stopped_early,
             "train_time_s": round(result.train_time_s, 2),
             "train_cpu_s": round(result.cpu_time_s, 2),
+            "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
             "images_per_s": round(result.images_per_s, 1),
             "num_train": len(data.train),
             "num_val": len(data.val),
@@ -321,6 +358,7 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
         logger.log_metrics({"best_accuracy": metrics["accuracy"], "best_macro_f1": metrics["macro_f1"], "train_time_s": metrics["train_time_s"]})
         logger.log_artifact(curves, "plots")
         logger.log_artifact(METRICS_DIR / "pretrain.json")
+        update_stage_state(state_file, status="finished")
     return metrics
 
 

@@ -1,21 +1,30 @@
 """The ``register`` stage: every trained model becomes a registered MLflow pyfunc model, gated to ``champion``.
 
 For each stage output (pretrain's backbone, finetune's best classifier, each detector, each
-segmenter) the stage
+segmenter), found where the params of this run put it (``<section>.out``, metrics in
+``metrics/``), the stage
 
-1. refuses outputs of failed or diverged runs: no checkpoint, a ``diverged.json`` marker (written
+1. skips a model whose stage wrote ``status: skipped`` (the data cannot feed it), with its reason;
+2. refuses outputs of failed or diverged runs: no checkpoint, a ``diverged.json`` marker (written
    by the engine on NaN/inf loss), metrics missing, older than the checkpoint, marked failed,
-   non-finite, or whose MLflow run ended ``FAILED``/``KILLED``: such outputs register nothing;
-2. writes a *portable* checkpoint (weights, build arguments without file paths, categories and
-   preprocessing: no optimiser state) and logs it as a pyfunc model with a signature and an input
-   example, in a run nested under the pipeline's run, tagged with its lineage (git commit, DVC
-   hash of the data, params hash, Prefect flow run, training run);
-3. registers a new version of ``<prefix>-backbone``, ``<prefix>-classifier``,
-   ``<prefix>-detector-<arch>`` or ``<prefix>-segmenter-<arch>`` with a model card as its
-   description and the ``candidate`` alias;
-4. moves ``champion`` only when the version's gate metric (params ``register.<kind>``) beats the
-   champion's by the margin; the decision is stored as ``gate.*`` version tags and in
-   ``metrics/register.json``.
+   non-finite, written for another dataset, or whose MLflow run ended ``FAILED``/``KILLED``;
+3. refuses a checkpoint that is not a model of the dataset the params point to: its
+   ``categories`` differ from the dataset's, or its recorded data hash (``dataset.md5``, else its
+   training run's ``visionflow.data_hash``) or params hash differs from the current one, so no
+   version carries lineage that is not its own;
+4. creates nothing when the checkpoint's sha256 equals the latest version's
+   (``visionflow.checkpoint_sha256``): "unchanged: version N";
+5. measures the champion on the candidate's test data with the stage's own evaluator (rebuilt
+   from the champion version's checkpoint artifact), writes a *portable* checkpoint (weights,
+   build arguments without file paths, categories and preprocessing) and logs it as a pyfunc
+   model, in a run tagged with the model's lineage (git commit of its training run, DVC hash of
+   the data, params hash, Prefect flow run);
+6. registers a new version of ``<prefix>-backbone``, ``<prefix>-classifier``,
+   ``<prefix>-detector-<arch>`` or ``<prefix>-segmenter-<arch>`` with a model card and the
+   ``candidate`` alias, and moves ``champion`` only when the candidate beats the champion's number
+   on the same test data by the margin (``register.<kind>``); when the champion cannot be measured
+   there, ``register.on_incomparable`` decides. The decision is stored as ``gate.*`` version tags
+   and in ``metrics/register.json``.
 """
 
 from __future__ import annotations
@@ -31,12 +40,11 @@ from typing import Any
 
 import yaml
 
-from components.config import Gate, Params
+from components.config import METRICS_DIR, Gate, Params
 from components.errors import CheckpointError
 from components.stages.predict import write_json_atomic
 
-METRICS_DIR = Path("metrics")
-REGISTER_REPORT = METRICS_DIR / "register.json"
+REGISTER_REPORT = Path(METRICS_DIR) / "register.json"
 FAILED_STATUSES = ("failed", "diverged", "interrupted", "killed", "error")
 # build arguments that point at weight files: irrelevant once the state_dict is loaded, and absent
 # on a consumer's machine, so the portable checkpoint drops them (the builder's default, None, applies)
@@ -51,11 +59,15 @@ class Candidate:
         kind: ``backbone``, ``classifier``, ``detector`` or ``segmenter`` (selects the gate).
         registered_name: e.g. ``visionflow-detector-yolo``.
         stage: the params section it was trained from, e.g. ``detect.yolo``.
-        checkpoint: the stage's checkpoint file.
+        checkpoint: the stage's checkpoint file, where that section's ``out`` puts it.
         metrics_file: the stage's ``metrics/*.json``.
-        metrics: the metrics of this model (the subtree of ``metrics_file`` that concerns it).
-        dataset: the canonical dataset folder it was trained and tested on.
+        dataset: the canonical dataset folder the params say it was trained and tested on
+            (None: pretrain from ImageNet weights, no dataset of ours).
         section: the params section (hashed into the lineage, shown on the model card).
+        metrics: the metrics of this model (the subtree of ``metrics_file`` that concerns it).
+        problem: why the metrics do not belong to these params (another dataset, a checkpoint
+            outside the section's ``out``), found while locating it; refused when set.
+        skipped: the stage's reason when it wrote ``status: skipped`` (the data cannot feed it).
     """
 
     kind: str
@@ -63,9 +75,11 @@ class Candidate:
     stage: str
     checkpoint: Path
     metrics_file: Path
-    dataset: Path
+    dataset: Path | None
     section: Any
     metrics: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+    skipped: str | None = None
 
 
 # --------------------------------------------------------------------------- finding candidates
@@ -100,33 +114,70 @@ def find_metric(tree: Mapping[str, Any], name: str, *, prefer: tuple[str, ...] =
     return None
 
 
-def _checkpoint_for(metrics: Mapping[str, Any], default: Path) -> Path:
-    path = metrics.get("checkpoint") or metrics.get("best_path")
-    return Path(path) if isinstance(path, str) else default
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
-def discover_candidates(params: Params, *, metrics_dir: Path = METRICS_DIR) -> list[Candidate]:
-    """The models the pipeline's stages should have produced, by the paths ``dvc.yaml`` declares."""
+def _within(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _candidate(
+    kind: str, name: str, stage: str, *, out_dir: Path, default: str, metrics_file: Path, tree: Mapping[str, Any],
+    dataset: Path | None, section: Any, metrics: Mapping[str, Any] | None = None, section_name: str,
+) -> Candidate:
+    """A candidate whose checkpoint lies where ``section_name.out`` puts it, its metrics checked against the params.
+
+    The metrics may name the checkpoint (``checkpoint``/``best_path``: ``best.pt``, or ``last.pt``
+    when no epoch was best) but only inside ``out_dir``; metrics written for another dataset or
+    naming a file elsewhere are another run's, and the candidate carries that as its ``problem``.
+    """
+    sub = dict(metrics if metrics is not None else tree)
+    named = sub.get("checkpoint") or sub.get("best_path")
+    checkpoint = out_dir / default
+    problem = None
+    if isinstance(named, str) and named:
+        if _within(Path(named), out_dir):
+            checkpoint = Path(named)
+        else:
+            problem = f"{metrics_file} names checkpoint {named}, outside {section_name}.out ({out_dir}): metrics of another run"
+    trained_on = tree.get("dataset")
+    if problem is None and dataset is not None and isinstance(trained_on, str) and not _same_path(trained_on, dataset):
+        problem = f"{metrics_file} was written for dataset {trained_on}, the params point to {dataset}: re-run {stage}"
+    skipped = None
+    if str(tree.get("status", "")).lower() == "skipped":
+        skipped = str(tree.get("reason") or f"{metrics_file} marks the stage skipped")
+    return Candidate(kind, name, stage, checkpoint, metrics_file, dataset, section, sub, problem=problem, skipped=skipped)
+
+
+def discover_candidates(params: Params, *, metrics_dir: Path = Path(METRICS_DIR)) -> list[Candidate]:
+    """The models the pipeline's stages should have produced, where the params of this run put them.
+
+    pretrain: ``<pretrain.out>/backbone.pt``; finetune: ``<finetune.out>/<strategy>/best.pt`` of the
+    strategy with the best gate metric; detect: ``<detect.out>/<arch>/best.pt``; segment:
+    ``<segment.out>/<arch>/best.pt``; their metrics: ``<METRICS_DIR>/{pretrain,finetune,detect_<arch>,segment_<arch>}.json``.
+    """
     prefix = params.register.prefix
     out: list[Candidate] = []
     pre = params.pretrain
     pre_metrics = metrics_dir / "pretrain.json"
     pre_tree = _read_json(pre_metrics) or {}
     out.append(
-        Candidate("backbone", f"{prefix}-backbone", "pretrain", _checkpoint_for(pre_tree, Path(pre.out) / "backbone.pt"), pre_metrics, Path(pre.dataset), pre, pre_tree)
+        _candidate("backbone", f"{prefix}-backbone", "pretrain", out_dir=Path(pre.out), default="backbone.pt", metrics_file=pre_metrics, tree=pre_tree,
+                   dataset=None if pre.source == "imagenet" else Path(pre.dataset), section=pre, section_name="pretrain")
     )
     ft_metrics = metrics_dir / "finetune.json"
     out.append(_best_strategy(params, ft_metrics, _read_json(ft_metrics) or {}))
     for arch in params.detect.architectures:
-        path = metrics_dir / f"detect_{arch}.json"
-        tree = _read_json(path) or {}
-        ckpt = _checkpoint_for(tree, Path(params.detect.out) / arch / "best.pt")
-        out.append(Candidate("detector", f"{prefix}-detector-{arch}", f"detect.{arch}", ckpt, path, Path(params.detect.dataset), params.detect.arch(arch), tree))
+        path = metrics_dir / "detect" / f"{arch}.json"
+        out.append(_candidate("detector", f"{prefix}-detector-{arch}", f"detect.{arch}", out_dir=Path(params.detect.out) / arch, default="best.pt",
+                              metrics_file=path, tree=_read_json(path) or {}, dataset=Path(params.detect.dataset), section=params.detect.arch(arch),
+                              section_name="detect"))
     for arch in params.segment.architectures:
-        path = metrics_dir / f"segment_{arch}.json"
-        tree = _read_json(path) or {}
-        ckpt = _checkpoint_for(tree, Path(params.segment.out) / arch / "best.pt")
-        out.append(Candidate("segmenter", f"{prefix}-segmenter-{arch}", f"segment.{arch}", ckpt, path, Path(params.segment.dataset), params.segment.arch(arch), tree))
+        path = metrics_dir / "segment" / f"{arch}.json"
+        out.append(_candidate("segmenter", f"{prefix}-segmenter-{arch}", f"segment.{arch}", out_dir=Path(params.segment.out) / arch, default="best.pt",
+                              metrics_file=path, tree=_read_json(path) or {}, dataset=Path(params.segment.dataset), section=params.segment.arch(arch),
+                              section_name="segment"))
     return out
 
 
@@ -141,21 +192,23 @@ def _best_strategy(params: Params, metrics_file: Path, tree: Mapping[str, Any]) 
             value = find_metric(sub, gate.metric)
             if value is not None and math.isfinite(value):
                 scored.append((value if gate.higher_is_better else -value, strategy, dict(sub)))
+    common = dict(out_dir=Path(ft.out), metrics_file=metrics_file, tree=tree, dataset=Path(ft.dataset), section=ft, section_name="finetune")
     if not scored:
-        return Candidate("classifier", name, "finetune", Path(ft.out) / "best.pt", metrics_file, Path(ft.dataset), ft, dict(tree))
+        return _candidate("classifier", name, "finetune", default="best.pt", metrics={k: v for k, v in tree.items() if k != "checkpoint"}, **common)  # type: ignore[arg-type]
     _, strategy, sub = max(scored)
-    sub = {**sub, "strategy": strategy}
-    return Candidate("classifier", name, f"finetune.{strategy}", _checkpoint_for(sub, Path(ft.out) / strategy / "best.pt"), metrics_file, Path(ft.dataset), ft, sub)
+    return _candidate("classifier", name, f"finetune.{strategy}", default=f"{strategy}/best.pt", metrics={**sub, "strategy": strategy}, **common)  # type: ignore[arg-type]
 
 
 def refusal(candidate: Candidate, gate: Gate, *, tracking: Any = None) -> str | None:
-    """Why ``candidate`` must not be registered (a failed, diverged or unfinished run), or None.
+    """Why ``candidate`` must not be registered (a failed, diverged or unfinished run, another run's metrics), or None.
 
     Args:
         candidate: the model.
         gate: its gate (the metric must be present and finite).
         tracking: a TrackingConfig to check the training run's MLflow status, when the metrics name one.
     """
+    if candidate.problem:
+        return candidate.problem
     ckpt = candidate.checkpoint
     if (ckpt.parent / "diverged.json").exists():
         return f"training diverged ({ckpt.parent / 'diverged.json'})"
@@ -171,14 +224,124 @@ def refusal(candidate: Candidate, gate: Gate, *, tracking: Any = None) -> str | 
     value = find_metric(candidate.metrics, gate.metric)
     if value is None or not math.isfinite(value):
         return f"gate metric {gate.metric!r} missing or not finite in {candidate.metrics_file}"
-    run_id = candidate.metrics.get("run_id") or candidate.metrics.get("mlflow_run_id")
-    if tracking is not None and isinstance(run_id, str):
+    run_id = _training_run(candidate.metrics)
+    if tracking is not None and run_id:
         from components.tracking import run_status
 
         state = run_status(tracking, run_id)
         if state in ("FAILED", "KILLED"):
             return f"its MLflow run {run_id} ended {state}"
     return None
+
+
+def _training_run(metrics: Mapping[str, Any], ckpt: Mapping[str, Any] | None = None) -> str | None:
+    for value in (metrics.get("run_id"), metrics.get("mlflow_run_id"), *((ckpt.get("mlflow_run_id"), ckpt.get("run_id")) if ckpt else ())):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- the model's own data
+
+
+def dataset_categories(root: Path) -> list[str] | None:
+    """The class list of a canonical dataset: ``dataset.json``'s ``categories``, else the COCO annotations'.
+
+    None when the folder has neither (not a canonical dataset: nothing to check against).
+    """
+    from components.data.datasets import load_manifest
+    from components.errors import DataError
+
+    try:
+        return [str(c) for c in load_manifest(root)["categories"]]
+    except DataError:
+        pass
+    for path in sorted((root / "annotations").glob("instances_*.json")):
+        data = _read_json(path)
+        if data and isinstance(data.get("categories"), list):
+            cats = sorted(data["categories"], key=lambda c: c.get("id", 0) if isinstance(c, Mapping) else 0)
+            return [str(c["name"]) for c in cats if isinstance(c, Mapping) and "name" in c]
+    return None
+
+
+@dataclass
+class DataCheck:
+    """The checkpoint checked against the dataset the params point to.
+
+    Attributes:
+        refusal: why the checkpoint is not a model of this data (categories, data hash, path), or None.
+        data_hash: the dataset's current DVC hash (None without a dataset).
+        verified: the checkpoint (or its training run) recorded its data and it matches.
+        categories: the checkpoint's class list.
+        notes: what could not be checked (an older checkpoint, a folder without manifest).
+    """
+
+    refusal: str | None
+    data_hash: str | None = None
+    verified: bool = False
+    categories: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_data(candidate: Candidate, ckpt: Mapping[str, Any], *, run_data_hash: str | None = None) -> DataCheck:
+    """Is ``ckpt`` a model of the dataset ``candidate.dataset``? Categories, then the recorded data hash.
+
+    A checkpoint records ``dataset: {"path", "md5"}`` (the DVC md5 of the folder it trained on);
+    older checkpoints record the path only, or nothing: then the training run's
+    ``visionflow.data_hash`` tag (``run_data_hash``) is used, or nothing is checked (noted).
+    """
+    from components.data.versioning import dvc_directory_md5
+
+    cats = [str(c) for c in (ckpt.get("categories") or [])]
+    root = candidate.dataset
+    if root is None:
+        return DataCheck(None, categories=cats, notes=["no dataset: ImageNet weights"])
+    if not root.is_dir():
+        return DataCheck(f"the dataset {root} the params point to is missing: cannot verify {candidate.checkpoint} is a model of it", categories=cats)
+    notes: list[str] = []
+    recorded = ckpt.get("dataset")
+    rec_path = recorded.get("path") if isinstance(recorded, Mapping) else recorded if isinstance(recorded, str) else None
+    rec_md5 = recorded.get("md5") if isinstance(recorded, Mapping) else None
+    expected = dataset_categories(root)
+    if expected is None:
+        notes.append(f"categories not verified: {root} has no dataset.json")
+    elif cats != expected:
+        return DataCheck(
+            f"{candidate.checkpoint} predicts categories {cats} (trained on {rec_path or 'another dataset'}), "
+            f"the dataset {root} the params point to has {expected}: re-run {candidate.stage.split('.')[0]} on it",
+            categories=cats,
+        )
+    current = dvc_directory_md5(root)
+    if isinstance(rec_md5, str) and rec_md5:
+        if rec_md5 != current:
+            return DataCheck(
+                f"{candidate.checkpoint} was trained on {rec_path or 'a dataset'} (DVC md5 {rec_md5}); the dataset {root} the params point to "
+                f"is now md5 {current}: re-run {candidate.stage.split('.')[0]} on it",
+                data_hash=current, categories=cats,
+            )
+        return DataCheck(None, data_hash=current, verified=True, categories=cats, notes=notes)
+    if isinstance(rec_path, str) and rec_path and not _same_path(rec_path, root):
+        return DataCheck(f"{candidate.checkpoint} was trained on {rec_path}, the params point to {root}", data_hash=current, categories=cats)
+    if run_data_hash:
+        if run_data_hash != current:
+            return DataCheck(
+                f"the training run of {candidate.checkpoint} read data md5 {run_data_hash}; the dataset {root} is now md5 {current}",
+                data_hash=current, categories=cats,
+            )
+        return DataCheck(None, data_hash=current, verified=True, categories=cats, notes=notes)
+    notes.append("data hash not verified: the checkpoint records no dataset md5")
+    return DataCheck(None, data_hash=current, categories=cats, notes=notes)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the identity of a checkpoint: same bytes, same model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- portable checkpoint and examples
@@ -222,10 +385,10 @@ def write_portable_checkpoint(src: Path, dst: Path, *, as_backbone: bool = False
     return portable
 
 
-def example_images(dataset: Path, *, count: int = 2) -> list[bytes]:
+def example_images(dataset: Path | None, *, count: int = 2) -> list[bytes]:
     """Encoded images for a model's input example: the dataset's first test (else val/train) images."""
     exts = (".png", ".jpg", ".jpeg")
-    for split in ("test", "val", "train"):
+    for split in ("test", "val", "train") if dataset is not None else ():
         for base in (dataset / "images" / split, dataset / "classification" / split):
             if base.is_dir():
                 files = sorted(p for p in base.rglob("*") if p.suffix.lower() in exts)[:count]
@@ -305,27 +468,197 @@ KIND_DESCRIPTIONS = {
 }
 
 
+# --------------------------------------------------------------------------- the champion on the candidate's test data
+
+
+def evaluate_on_test_data(model: Any, ckpt: Mapping[str, Any], candidate: Candidate, params: Params, *, metric: str) -> dict[str, Any]:
+    """Run ``model`` through the evaluator its family's stage uses, on ``candidate``'s test data.
+
+    Detectors: ``detect.evaluate_detector`` on the test split; segmenters: ``segment.evaluate_semantic``
+    (and ``evaluate_instances`` for Mask R-CNN when the gate metric is a COCO one) on the test
+    split; classifiers: ``evaluate_classification`` on the split finetune validates on (``val``,
+    else ``test``). Images are resized to the model's own ``image_size`` (its input contract).
+
+    Raises:
+        DataError: the dataset lacks the split or view. ValueError: not a family with an evaluator here.
+    """
+    import torch
+
+    from components.engine import build_loader, resolve_device
+
+    root = candidate.dataset
+    if root is None:
+        raise ValueError("no dataset to evaluate on")
+    cats = [str(c) for c in (ckpt.get("categories") or [])]
+    size = int(ckpt.get("image_size") or (ckpt.get("model_args") or {}).get("image_size") or 0)
+    if size <= 0:
+        raise ValueError("the checkpoint records no image_size")
+    train = candidate.section.train
+    device = resolve_device(train.device)
+    model.to(device).eval()
+    augment = params.augment
+    with torch.no_grad():
+        if candidate.kind == "detector":
+            from components.data.datasets import detection_collate
+            from components.stages.detect import detection_datasets, evaluate_detector
+
+            test = detection_datasets(root, augment, size)["test"]
+            loader = build_loader(test, train, train=False, collate_fn=detection_collate, batch_size=max(train.batch_size, 8))
+            return {"test": evaluate_detector(model, loader, device, categories=cats)}
+        if candidate.kind == "segmenter":
+            from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+            from components.stages.segment import (
+                evaluate_instances,
+                evaluate_semantic,
+                instance_dataset,
+                semantic_collate,
+                semantic_datasets,
+            )
+
+            instance = None
+            if ckpt.get("segmentation") == "instance" or isinstance(model, GeneralizedRCNN):
+                instance = {"score_threshold": float(ckpt.get("score_threshold", 0.5)), "mask_threshold": float(ckpt.get("mask_threshold", 0.5))}
+            test = semantic_datasets(root, augment, size)["test"]
+            loader = build_loader(test, train, train=False, collate_fn=semantic_collate, batch_size=max(train.batch_size, 8))
+            result = evaluate_semantic(
+                model, loader, device, num_classes=len(cats) + 1, ignore_index=params.segment.ignore_index,
+                class_names=["background", *cats], instance=instance,
+            )
+            if instance is not None and find_metric(result, metric) is None:
+                from components.data.datasets import detection_collate
+
+                coco = build_loader(instance_dataset(root, "test", augment, size, train=False), train, train=False,
+                                    collate_fn=detection_collate, batch_size=max(train.batch_size, 8))
+                result.update(evaluate_instances(model, coco, device, categories=cats, mask_threshold=instance["mask_threshold"]))
+            return {"test": result}
+        if candidate.kind == "classifier":
+            from components.augment import build_transforms
+            from components.data.datasets import ClassificationDataset, load_manifest
+            from components.metrics.classification import evaluate_classification
+            from components.stages.pretrain import DecodedImages
+
+            splits = load_manifest(root)["splits"]
+            split = next((s for s in ("val", "test") if s in splits), "test")  # the split finetune validates on
+            decoded = DecodedImages(ClassificationDataset(root, split), image_size=size)
+            data = decoded.with_transform(build_transforms("classification", augment, train=False, image_size=size))
+            loader = build_loader(data, train, train=False, batch_size=max(train.batch_size, 64))
+            return {"test": evaluate_classification(model, loader, device, class_names=cats)}
+    raise ValueError(f"no evaluator for a {candidate.kind}")
+
+
+def measure_champion(candidate: Candidate, params: Params, *, gate: Gate, task: str, categories: list[str], data_hash: str | None, workdir: Path) -> Any:
+    """The current champion measured on ``candidate``'s test data, or why it cannot be (a ChampionMeasure).
+
+    1. no champion: ``method="none"``;
+    2. rebuild the champion from its version's checkpoint artifact and evaluate it with the stage's
+       evaluator on the candidate's test split (``evaluated``), unless its task or class list
+       differs from the candidate's (``incomparable``: those numbers would not be comparable);
+    3. when it cannot be evaluated (a backbone has no head; the data has no such split), its own
+       recorded value is used only if it was measured on data with the same DVC hash (``recorded``);
+    4. otherwise ``incomparable``, with the reason in one line.
+    """
+    from components import tracking
+    from components.engine import load_model
+    from components.errors import VisionflowError
+
+    champion = tracking.alias_version_info(candidate.registered_name, params.register.champion_alias)
+    if champion is None:
+        return tracking.ChampionMeasure(version=None, method="none", note="no champion yet")
+    v = champion.version
+    tag_cats = champion.tags.get("visionflow.categories")
+    champ_cats: list[str] | None = json.loads(tag_cats) if tag_cats else None
+    why = None
+    try:
+        path = tracking.download_version_checkpoint(candidate.registered_name, v, workdir / f"champion-v{v}")
+        model, ckpt = load_model(path)
+        champ_cats = [str(c) for c in (ckpt.get("categories") or [])]
+    except VisionflowError as err:
+        model, ckpt, why = None, {}, f"cannot load champion v{v}: {err.message}"
+    measured = lambda value, method, note: tracking.ChampionMeasure(  # noqa: E731
+        version=v, value=value, method=method, note=note, categories=None if champ_cats is None else tuple(champ_cats)
+    )
+    if model is not None and str(ckpt.get("task")) != task:
+        return measured(None, "incomparable", f"champion v{v} is a {ckpt.get('task')} model, the candidate a {task} model")
+    if champ_cats is not None and candidate.kind != "backbone" and champ_cats != categories:
+        return measured(None, "incomparable", f"champion v{v} predicts {champ_cats}, the test data has {categories}")
+    if model is not None and candidate.kind != "backbone" and candidate.dataset is not None:
+        try:
+            result = evaluate_on_test_data(model, ckpt, candidate, params, metric=gate.metric)
+        except (VisionflowError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            why = f"champion v{v} could not be evaluated on {candidate.dataset}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
+        else:
+            value = find_metric(result, gate.metric)
+            if value is not None:
+                return measured(value, "evaluated", f"champion v{v} evaluated on the test data of {candidate.dataset} (md5 {data_hash})")
+            why = f"the evaluator gave no {gate.metric} for champion v{v}"
+    elif model is not None:
+        why = "a backbone has no head to evaluate" if candidate.kind == "backbone" else "no dataset to evaluate on"
+    champ_hash = champion.tags.get("gate.test_data_hash") or champion.tags.get("visionflow.data_hash")
+    recorded = champion.tags.get(f"metric.{gate.metric}")
+    if data_hash and champ_hash == data_hash and recorded not in (None, "", "None"):
+        return measured(recorded, "recorded", f"champion v{v}'s own {gate.metric}, measured on the same data (md5 {data_hash}); {why}")
+    return measured(None, "incomparable", why or f"champion v{v} has no {gate.metric} on this data")
+
+
 # --------------------------------------------------------------------------- the stage
 
 
 def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
-    """Log, register and gate one accepted candidate; returns its report entry."""
+    """Check, log, register and gate one candidate whose run finished; returns its report entry.
+
+    The entry's ``status`` is ``registered``, ``unchanged`` (the checkpoint's sha256 equals the
+    latest version's: nothing is created) or ``refused`` (the checkpoint is not a model of the
+    dataset the params point to: other categories, data hash, params hash).
+
+    Raises:
+        CheckpointError: the checkpoint cannot rebuild its model.
+        TrackingError: the tracking store or registry is unusable.
+    """
     from components import tracking
+    from components.engine import load_checkpoint
 
     gate: Gate = getattr(params.register, candidate.kind)
     value = find_metric(candidate.metrics, gate.metric)
+    name = candidate.registered_name
     with tempfile.TemporaryDirectory(prefix="visionflow-register-") as tmp:
         portable_path = Path(tmp) / "model.pt"
         ckpt = write_portable_checkpoint(candidate.checkpoint, portable_path, as_backbone=candidate.kind == "backbone")
+        raw = load_checkpoint(candidate.checkpoint)
+        training_run = _training_run(candidate.metrics, raw)
+        run_tags = tracking.run_tags(params.tracking, training_run) if training_run else None
+        data = check_data(candidate, raw, run_data_hash=(run_tags or {}).get(f"{tracking.TAG_PREFIX}data_hash"))
+        if data.refusal:
+            return {"status": "refused", "reason": data.refusal}
+        params_hash = tracking.section_hash(candidate.section)
+        trained_hash = (run_tags or {}).get(f"{tracking.TAG_PREFIX}params_hash")
+        if trained_hash and trained_hash != params_hash:
+            return {"status": "refused", "reason": f"{candidate.checkpoint} was trained with params.{candidate.stage.split('.')[0]} hash {trained_hash}, "
+                    f"the params are now hash {params_hash}: re-run the stage"}
+        sha = file_sha256(candidate.checkpoint)
+        tracking.connect(params.tracking)
+        latest = tracking.latest_version(name)
+        if latest is not None and latest.tags.get(tracking.CHECKPOINT_SHA_TAG) == sha:
+            return {"status": "unchanged", "reason": f"unchanged: version {latest.version}", "version": latest.version, "checkpoint_sha256": sha}
+
         task = str(ckpt["task"])
+        measure = measure_champion(candidate, params, gate=gate, task=task, categories=data.categories, data_hash=data.data_hash, workdir=Path(tmp))
+        changed = None
+        if measure.categories is not None and candidate.kind != "backbone" and list(measure.categories) != data.categories:
+            changed = f"v{measure.version}: {list(measure.categories)} -> {data.categories}"
         instance = task == "segmentation" and "mask" in str(ckpt.get("model_name", "")).lower() and "rcnn" in str(ckpt.get("model_name", "")).lower()
-        with tracking.start_run(params.tracking, run_name=f"register-{candidate.registered_name}", tags={"visionflow.stage": "register"}) as run:
-            lineage = run.log_lineage(section=candidate.section, dataset=candidate.dataset, dataset_name=candidate.dataset.name)
-            training_run = candidate.metrics.get("run_id") or candidate.metrics.get("mlflow_run_id") or ckpt.get("run_id")
-            run_ids = {"register run": run.run_id, **({"training run": str(training_run)} if training_run else {})}
+        with tracking.start_run(params.tracking, run_name=f"register-{name}", tags={"visionflow.stage": "register"}) as run:
+            lineage = run.log_lineage(section=candidate.section, dataset=candidate.dataset, dataset_name=None if candidate.dataset is None else candidate.dataset.name)
+            lineage.pop(f"{tracking.TAG_PREFIX}prefect_flow_run_id", None)  # the version's own lineage comes from its training run
+            if run_tags:  # the commit (and flow run) that trained it, not the one registering it
+                for key in ("git_commit", "git_dirty", "prefect_flow_run_id"):
+                    if run_tags.get(f"{tracking.TAG_PREFIX}{key}"):
+                        lineage[f"{tracking.TAG_PREFIX}{key}"] = run_tags[f"{tracking.TAG_PREFIX}{key}"]
+                lineage["mlflow.source.git.commit"] = lineage[f"{tracking.TAG_PREFIX}git_commit"]
+            run_ids = {"register run": run.run_id, **({"training run": training_run} if training_run else {})}
             if os.environ.get(tracking.FLOW_RUN_ENV):
                 run_ids["prefect flow run"] = os.environ[tracking.FLOW_RUN_ENV]
-            run.log_params({"registered_name": candidate.registered_name, "stage": candidate.stage, "checkpoint": str(candidate.checkpoint)})
+            run.log_params({"registered_name": name, "stage": candidate.stage, "checkpoint": str(candidate.checkpoint)})
             run.log_metrics(_flat_numbers(candidate.metrics))
             model_uri = tracking.log_pyfunc_model(
                 checkpoint=portable_path,
@@ -335,56 +668,113 @@ def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
                 metadata={"categories": list(ckpt.get("categories") or []), "stage": candidate.stage, "gate_metric": gate.metric, "gate_value": value},
             )
             card = model_card(candidate, ckpt=ckpt, lineage=lineage, gate=gate, run_ids=run_ids)
-            tags = {**lineage, "visionflow.stage": candidate.stage, "visionflow.register_run_id": run.run_id, "visionflow.checkpoint": str(candidate.checkpoint)}
+            extra = [f"- champion on this test data: {measure.method} ({measure.note})" if measure.version else "- no champion before this version"]
+            if changed:
+                extra.insert(0, f"- **class list changed** from champion {changed}")
+            extra += [f"- note: {n}" for n in data.notes]
+            card += "\n\n## Gate and data checks\n" + "\n".join(extra)
+            tags = {
+                **lineage,
+                "visionflow.stage": candidate.stage,
+                "visionflow.register_run_id": run.run_id,
+                "visionflow.checkpoint": str(candidate.checkpoint),
+                tracking.CHECKPOINT_SHA_TAG: sha,
+                "visionflow.categories": json.dumps(data.categories),
+                "visionflow.data_hash_verified": str(data.verified).lower(),
+                "visionflow.lineage_source": f"training run {training_run}" if run_tags else "register run (training run unknown)",
+            }
             if training_run:
-                tags["visionflow.training_run_id"] = str(training_run)
+                tags["visionflow.training_run_id"] = training_run
+            if changed:
+                tags["visionflow.categories_changed"] = changed
             version = tracking.register_version(
                 model_uri,
-                candidate.registered_name,
+                name,
                 version_description=card,
                 model_description=KIND_DESCRIPTIONS[candidate.kind] + f"\n\nGate: `{gate.metric}`, margin {gate.margin}; see each version's card.",
                 tags=tags,
                 alias=params.register.candidate_alias,
             )
-            decision = tracking.apply_gate(candidate.registered_name, version, gate=gate, value=value, champion_alias=params.register.champion_alias)
+            decision = tracking.apply_gate(
+                name, version, gate=gate, value=value, champion_alias=params.register.champion_alias, measured=measure,
+                on_incomparable=params.register.on_incomparable, test_data_hash=data.data_hash,
+            )
             run.set_tags({"visionflow.registered_version": version, "visionflow.promoted": str(decision.promoted).lower()})
     return {
-        "registered_name": candidate.registered_name,
+        "status": "registered",
+        "registered_name": name,
         "version": version,
         "model_uri": model_uri,
         "run_id": run.run_id,
+        "checkpoint_sha256": sha,
         "promoted": decision.promoted,
-        "decision": decision.reason,
+        "decision": decision.decision,
+        "reason": decision.reason,
         "metric": gate.metric,
         "value": value,
-        "champion_version_before": decision.champion_version,
+        "candidate_value": decision.candidate_value,
+        "champion_version_before": measure.version,
         "champion_value_before": decision.champion_value,
+        "champion_value": decision.champion_value,
+        "comparison": decision.comparison,
+        "champion_measure": measure.note,
+        "test_data_hash": data.data_hash,
         "margin": gate.margin,
+        "categories_changed": changed,
+        "data_hash_verified": data.verified,
     }
 
 
 def run_register(params: Params) -> dict:
-    """Register every finished model and gate it to ``champion`` (the ``visionflow register`` stage).
+    """Register every finished model that changed and gate it to ``champion`` (the ``visionflow register`` stage).
 
     Returns:
-        ``{"registered": {name: entry}, "refused": {name: reason}}``, also written to
-        ``metrics/register.json``.
+        ``{"registered": {name: entry}, "unchanged": {name: entry}, "refused": {name: reason},
+        "skipped": {name: reason}, "models": {name: row}}`` (see :func:`model_summary`), also
+        written to ``metrics/register.json``. A registered entry carries ``version``, ``promoted``,
+        ``decision`` (``promoted``/``kept``), ``reason``, ``metric``, ``candidate_value``,
+        ``champion_version_before``, ``champion_value`` (measured on the candidate's test data;
+        None when incomparable), ``comparison`` (``evaluated``, ``recorded``, ``incomparable``,
+        ``none``), ``test_data_hash``, ``categories_changed``, ``checkpoint_sha256``.
 
     Raises:
         TrackingError: the tracking store or registry is unusable.
         CheckpointError: an accepted checkpoint cannot rebuild its model.
     """
+    report: dict[str, Any] = {"registered": {}, "unchanged": {}, "refused": {}, "skipped": {}}
     if not params.register.enabled:
-        return {"registered": {}, "refused": {}, "skipped": "register.enabled is false"}
-    registered: dict[str, Any] = {}
-    refused: dict[str, str] = {}
+        return {**report, "disabled": "register.enabled is false"}
     for candidate in discover_candidates(params):
-        gate: Gate = getattr(params.register, candidate.kind)
-        reason = refusal(candidate, gate, tracking=params.tracking)
-        if reason is not None:
-            refused[candidate.registered_name] = reason
+        name = candidate.registered_name
+        if candidate.skipped:
+            report["skipped"][name] = candidate.skipped
             continue
-        registered[candidate.registered_name] = register_candidate(candidate, params)
-    report = {"registered": registered, "refused": refused}
+        reason = refusal(candidate, getattr(params.register, candidate.kind), tracking=params.tracking)
+        if reason is not None:
+            report["refused"][name] = reason
+            continue
+        entry = register_candidate(candidate, params)
+        status = entry.pop("status")
+        if status == "refused":
+            report["refused"][name] = entry["reason"]
+        else:
+            report[status][name] = entry
+    report["models"] = model_summary(report)
     write_json_atomic(REGISTER_REPORT, report)
     return report
+
+
+SUMMARY_KEYS = ("version", "decision", "promoted", "metric", "champion_version_before", "champion_value", "candidate_value",
+                "test_data_hash", "comparison", "categories_changed", "reason")
+
+
+def model_summary(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """One row per model: ``status`` (registered, unchanged, refused, skipped), its version and the gate's numbers."""
+    rows: dict[str, dict[str, Any]] = {}
+    for status in ("registered", "unchanged"):
+        for name, entry in report.get(status, {}).items():
+            rows[name] = {"status": status, **{k: entry[k] for k in SUMMARY_KEYS if k in entry}}
+    for status in ("refused", "skipped"):
+        for name, reason in report.get(status, {}).items():
+            rows[name] = {"status": status, "reason": reason}
+    return rows

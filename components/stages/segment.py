@@ -5,10 +5,17 @@
 
 * ``<segment.out>/<arch>/`` (``outputs/segment/<arch>/``): ``best.pt`` / ``last.pt`` (through the
   engine), ``overlays.png`` (true and predicted masks drawn on test images with ``draw_segmentation_masks``);
-* ``<segment.metrics>/segment_<arch>.json`` (``metrics/segment_<arch>.json``): per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
-  split, milliseconds per image, parameters, train time; for Mask R-CNN also the COCO ``segm`` and
-  ``bbox`` metrics, its semantic numbers coming from its instance masks rendered as a semantic map;
-* one MLflow run per architecture (params, per-epoch metrics, test metrics, the JSON and the PNGs).
+* ``metrics/segment_<arch>.json``: per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
+  split, milliseconds per image, parameters, train time, the MLflow run id; for Mask R-CNN also the
+  COCO ``segm`` and ``bbox`` metrics, its semantic numbers coming from its instance masks rendered
+  as a semantic map;
+* one MLflow run per architecture (params, per-epoch metrics, test metrics, the JSON and the PNGs);
+  its id is kept in ``.visionflow/stages/segment@<arch>.json``, from which ``--resume`` re-opens it.
+
+The out folder is a function of code, data and params (byte-identical when the stage runs again).
+A dataset without the masks an architecture needs (boxes-only VOC, or binary masks for Mask R-CNN)
+*skips* the stage: ``metrics/segment_<arch>.json`` = ``{"arch", "status": "skipped", "reason"}``,
+an out folder holding only ``SKIPPED.txt``, exit 0.
 
 Semantic models (FCN, UNet) minimise the pixel-wise cross-entropy over K + 1 classes, ignoring
 ``ignore_index`` pixels, on images augmented by the ``augment.segmentation`` preset. Mask R-CNN is
@@ -31,7 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import AugmentConfig, MaskRCNNConfig, SegmentConfig, TrackingConfig
+from components.config import (
+    METRICS_DIR,
+    AugmentConfig,
+    MaskRCNNConfig,
+    SegmentConfig,
+    TrackingConfig,
+    stage_metrics_path,
+)
 from components.errors import ConfigError, DataError
 
 SEMANTIC_ARCHS = ("fcn", "unet")
@@ -39,6 +53,19 @@ INSTANCE_ARCHS = ("mask_rcnn",)
 
 
 # --------------------------------------------------------------------------- dataset
+
+
+def segmentation_skip_reason(root: Path, manifest: Mapping[str, Any], *, arch: str) -> str | None:
+    """Why ``arch`` cannot train on this dataset (no masks, or no instance masks for Mask R-CNN), or None."""
+    from components.stages.detect import describe_labels
+
+    tasks = manifest.get("tasks", [])
+    labels = describe_labels(manifest)
+    if "semantic_segmentation" not in tasks:
+        return f"{root} has no segmentation masks ({labels})"
+    if arch in INSTANCE_ARCHS and "instance_segmentation" not in tasks:
+        return f"{root} has no instance masks ({labels}); {arch} needs them, fcn and unet do not"
+    return None
 
 
 def read_manifest(root: Path, *, arch: str) -> dict[str, Any]:
@@ -298,6 +325,7 @@ def evaluate_semantic(
     ignore_index: int,
     class_names: list[str] | None = None,
     instance: dict[str, float] | None = None,
+    timed: bool = True,
 ) -> dict[str, Any]:
     """Confusion-matrix metrics (per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou``) and ``ms_per_image``.
 
@@ -306,7 +334,10 @@ def evaluate_semantic(
             :func:`render_semantic_map`, ``instance`` holding its thresholds).
         loader: batches ``(Tensor[N, 3, H, W], Tensor[N, H, W])``.
         num_classes: K + 1.
+        timed: add ``ms_per_image``; False for the per-epoch validation, whose numbers go into the
+            checkpoints (which must not vary from run to run).
     """
+    from components.engine import progress
     from components.metrics.segmentation import SegmentationEvaluator
 
     evaluator = SegmentationEvaluator(
@@ -314,7 +345,7 @@ def evaluate_semantic(
     )
     model.eval()
     seconds, n_images = 0.0, 0
-    for images, masks in loader:
+    for images, masks in progress(loader, desc="evaluating", leave=False):
         images = images.to(device, non_blocking=True)
         _synchronize(device)
         start = time.perf_counter()
@@ -324,7 +355,8 @@ def evaluate_semantic(
         n_images += images.shape[0]
         evaluator.update(preds.cpu(), masks)
     metrics = dict(evaluator.compute())
-    metrics["ms_per_image"] = 1000.0 * seconds / max(1, n_images)
+    if timed:
+        metrics["ms_per_image"] = 1000.0 * seconds / max(1, n_images)
     return metrics
 
 
@@ -394,42 +426,70 @@ def run_segment(
 ) -> dict:
     """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
 
+    The whole stage (data preparation, training, test evaluation) runs with the architecture's
+    ``train.threads`` CPU threads.
+
     Args:
         cfg: the ``segment`` params section.
         arch: ``"fcn"``, ``"unet"`` or ``"mask_rcnn"``.
         augment: the augmentation presets (``augment.segmentation`` for FCN/UNet, ``augment.detection``
             for Mask R-CNN; the train split only).
         tracking: where MLflow runs go.
-        resume: continue an interrupted run from ``outputs/segment/<arch>/last.pt`` (and its MLflow run).
+        resume: continue an interrupted run from ``outputs/segment/<arch>/last.pt``, in the MLflow
+            run recorded by ``.visionflow/stages/segment@<arch>.json``; without it the stage starts afresh.
 
     Returns:
-        What is written to ``<segment.metrics>/segment_<arch>.json``: ``{"arch", "dataset", "test":
-        {miou, pixel_accuracy, mean_accuracy, fw_iou, per_class_iou, ms_per_image, num_images,
+        What is written to ``metrics/segment_<arch>.json``: ``{"arch", "status": "finished", "dataset",
+        "test": {miou, pixel_accuracy, mean_accuracy, fw_iou, per_class_iou, ms_per_image, num_images,
         [segm, bbox]}, "val" (best epoch), "parameters", "train_time_s", "train_cpu_time_s", "epochs",
-        "best_epoch", "checkpoint", ...}``.
+        "best_epoch", "checkpoint", "run_id", ...}``; or ``{"arch", "status": "skipped", "reason"}``
+        when the dataset lacks the masks ``arch`` needs.
 
     Raises:
-        ConfigError: unknown architecture. DataError: the dataset lacks masks or a split.
+        ConfigError: unknown architecture. DataError: no dataset, or a split is missing.
         CheckpointError: the backbone weights cannot be loaded. TrainingError: training diverged.
     """
+    acfg = cfg.arch(arch)
+    from components.engine import torch_threads
+
+    with torch_threads(acfg.train.threads):
+        return _run_segment(cfg, arch, augment, tracking, resume=resume)
+
+
+def _run_segment(
+    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool
+) -> dict:
+    from components.data.datasets import load_manifest
     from components.engine import (
         build_loader,
+        dataset_record,
         fit,
-        load_checkpoint,
         load_model,
+        log_line,
+        prepare_out_dir,
         resolve_device,
+        resumed_run_id,
         seed_everything,
+        stage_state_path,
+        update_stage_state,
     )
     from components.plots import write_json
+    from components.stages.detect import skip_stage
+    from components.stages.pretrain import run_exists
     from components.tracking import start_run
 
     acfg = cfg.arch(arch)
     root = Path(cfg.dataset)
+    out_dir = Path(cfg.out) / arch
+    stage = f"segment@{arch}"
+    metrics_file = stage_metrics_path("segment", arch)
+    reason = segmentation_skip_reason(root, load_manifest(root), arch=arch)
+    if reason is not None:
+        return skip_stage(stage, arch, out_dir, metrics_file, reason)
     manifest = read_manifest(root, arch=arch)
     categories: list[str] = list(manifest["categories"])
     class_names = ["background", *categories]
     num_classes = len(class_names)
-    out_dir = Path(cfg.out) / arch
     seed_everything(acfg.train.seed)
 
     is_instance = arch in INSTANCE_ARCHS
@@ -464,15 +524,17 @@ def run_segment(
         ignore_index=cfg.ignore_index,
         class_names=class_names,
         instance=instance_cfg,
+        timed=False,
     )
+    dataset = dataset_record(root)
 
-    run_id = None
-    last = out_dir / "last.pt"
-    if resume and last.exists():
-        run_id = load_checkpoint(last).get("mlflow_run_id")
+    state_file = stage_state_path(stage)
+    run_id = resumed_run_id(state_file, out=out_dir, resume=resume, exists=run_exists(tracking))
+    prepare_out_dir(out_dir, resume=resume)
     with start_run(
         tracking, run_name=f"segment-{arch}", tags={"stage": "segment", "arch": arch}, run_id=run_id
     ) as logger:
+        update_stage_state(state_file, replace=run_id is None, stage=stage, out=str(out_dir), mlflow_run_id=logger.run_id, status="running")
         if run_id is None:
             logger.log_params(
                 {
@@ -489,8 +551,7 @@ def run_segment(
             "model_args": model_args,
             "categories": categories,
             "image_size": acfg.image_size,
-            "dataset": str(root),
-            "mlflow_run_id": logger.run_id,
+            "dataset": dataset,
             "segmentation": "instance" if is_instance else "semantic",
         }
         if is_instance:
@@ -508,6 +569,7 @@ def run_segment(
             resume=resume,
             log_metrics=logger.log_metrics,
             desc=f"segment {arch}",
+            state_file=state_file,
         )
         from components.distributed import is_main_process, rank
 
@@ -518,21 +580,15 @@ def run_segment(
         model, _ = load_model(best_path)
         device = resolve_device(acfg.train.device)
         model.to(device)
-        threads_before = torch.get_num_threads()
-        if acfg.train.threads is not None:  # the same CPU threads as training, so ms/image is comparable
-            torch.set_num_threads(acfg.train.threads)
-        try:
-            test = evaluate_semantic(
-                model,
-                test_loader,
-                device,
-                num_classes=num_classes,
-                ignore_index=cfg.ignore_index,
-                class_names=class_names,
-                instance=instance_cfg,
-            )
-        finally:
-            torch.set_num_threads(threads_before)
+        test = evaluate_semantic(
+            model,
+            test_loader,
+            device,
+            num_classes=num_classes,
+            ignore_index=cfg.ignore_index,
+            class_names=class_names,
+            instance=instance_cfg,
+        )
         if is_instance:
             test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
             coco_loader = build_loader(
@@ -546,21 +602,29 @@ def run_segment(
             test["semantic_from"] = (
                 f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
             )
+        log_line(
+            f"segment {arch}: test split, {len(semantic['test'])} images: mIoU {test['miou']:.4f}, "
+            f"pixel accuracy {test['pixel_accuracy']:.4f}, {test['ms_per_image']:.1f} ms/image"
+        )
         metrics: dict[str, Any] = {
             "arch": arch,
+            "status": "finished",
             "dataset": str(root),
+            "dataset_md5": dataset["md5"],
             "test": {"num_images": len(semantic["test"]), **test},
             "val": result.best_metrics,
             "parameters": count_parameters(model),
             "train_time_s": result.train_time_s,
             "train_cpu_time_s": result.cpu_time_s,
+            "epoch_time_s": result.epoch_time_s,
             "epochs": result.epochs_completed,
             "best_epoch": result.best_epoch,
             "images_per_s": result.images_per_s,
             "device": device.type,
             "eval_batch_size": eval_batch,
-            "threads": torch.get_num_threads() if acfg.train.threads is None else acfg.train.threads,
+            "threads": torch.get_num_threads(),
             "checkpoint": str(best_path),
+            "run_id": logger.run_id,
         }
         overlays = draw_test_overlays(
             model,
@@ -573,12 +637,13 @@ def run_segment(
             instance=instance_cfg,
             title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
-        metrics_path = write_json(metrics, Path(cfg.metrics) / f"segment_{arch}.json")
+        metrics_path = write_json(metrics, metrics_file)
         logger.log_metrics(
             {"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}, sep="_"
         )
         logger.log_artifact(metrics_path)
         logger.log_artifact(overlays, artifact_path="plots")
+        update_stage_state(state_file, status="finished")
     return metrics
 
 
@@ -588,25 +653,32 @@ COMPARED = ("miou", "pixel_accuracy", "ms_per_image", "parameters", "train_time_
 def compare_segmenters(cfg: SegmentConfig) -> dict:
     """Gather ``metrics/segment_<arch>.json`` of the listed architectures into one table and a PNG.
 
-    Writes ``metrics/segment_comparison.json`` (``{arch: {miou, pixel_accuracy, ms_per_image,
-    parameters, train_time_s, per_class_iou}}``) and ``outputs/segment/comparison.png``.
+    Writes ``metrics/segment_comparison.json`` (``{"architectures": {arch: {miou, pixel_accuracy,
+    ms_per_image, parameters, train_time_s, per_class_iou}}, "skipped": {arch: reason}, "missing":
+    [...]}``) and ``outputs/segment/comparison.png``. Architectures the data could not feed
+    (``"status": "skipped"``) are listed with their reason, never a failure: on a boxes-only
+    dataset every segmenter is skipped and the PNG lists why.
 
     Raises:
-        DataError: no architecture has been run yet.
+        DataError: no architecture has run (or been skipped) yet, or a metrics file is not the stage's.
     """
     from components.plots import plot_segmenter_comparison, write_json
 
     table: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     missing = []
     for arch in cfg.architectures:
-        path = Path(cfg.metrics) / f"segment_{arch}.json"
+        path = stage_metrics_path("segment", arch)
         if not path.is_file():
             missing.append(arch)
             continue
         try:
             metrics = json.loads(path.read_text())
+            if metrics.get("status") == "skipped":
+                skipped[arch] = str(metrics.get("reason") or "skipped")
+                continue
             test = metrics["test"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(
                 "not a segment stage metrics file (no 'test' section)",
                 file=path,
@@ -619,13 +691,13 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
             if isinstance(test.get(iou_type), Mapping):
                 table[arch][f"{iou_type}_map"] = test[iou_type].get("map")
                 table[arch][f"{iou_type}_map_50"] = test[iou_type].get("map_50")
-    if not table:
+    if not table and not skipped:
         raise DataError(
             f"no segmentation metrics yet for {list(cfg.architectures)}",
-            file=Path(cfg.metrics),
+            file=Path(METRICS_DIR),
             fix="run `visionflow segment --arch A` for each architecture first",
         )
-    result = {"architectures": table, "missing": missing, "dataset": cfg.dataset}
-    write_json(result, Path(cfg.metrics) / "segment_comparison.json")
-    plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png")
+    result = {"architectures": table, "skipped": skipped, "missing": missing, "dataset": cfg.dataset}
+    write_json(result, Path(METRICS_DIR) / "segment_comparison.json")
+    plot_segmenter_comparison(table, Path(cfg.out) / "comparison.png", skipped=skipped)
     return result
