@@ -26,6 +26,8 @@ bash scripts/seed_weights.sh .venv/bin/python
 
 # No network here: keep Prefect and MLflow from phoning home. dvc.yaml's commands find `visionflow` on PATH.
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+# a busy 2-core machine can take longer than the default 20 s to start the temporary Prefect server
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120}
 export PATH="$PWD/.venv/bin:$PATH"
 cmd=${1:-run}
 shift || true

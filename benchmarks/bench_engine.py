@@ -10,7 +10,7 @@ What is compared, in one process, alternating so that a busy shared CPU affects 
 * **plain**: the textbook loop over the same ``DataLoader``: forward, cross-entropy, backward,
   AdamW step, scheduler step; nothing else.
 
-Both train the project's pretrain classifier (``classifier`` on ``vfnet_small``) on in-memory 32x32
+Both train the project's pretrain classifier (``classifier`` on ``convnet_small``) on in-memory 32x32
 images with the ``basic`` classification augmentation applied on the fly, so augmentation costs the
 same in both and the difference is the engine's own work. No validation (it would be the same
 evaluation code in both). Overhead = ``plain_images_per_s / engine_images_per_s - 1``, from the
@@ -77,7 +77,7 @@ class AugmentedImages(Dataset):
 
 def build_model() -> nn.Module:
     torch.manual_seed(0)
-    return get_model("classification", "classifier", num_classes=NUM_CLASSES, backbone="vfnet_small", weights=None)
+    return get_model("classification", "classifier", num_classes=NUM_CLASSES, backbone="convnet_small", weights=None)
 
 
 def run_engine(data: Dataset, cfg: TrainConfig, out: Path) -> float:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     achieved = flops["train_step"] * engine_ips / 1e9
     result = {
         "benchmark": "engine training throughput vs plain PyTorch loop",
-        "model": "classifier(vfnet_small), 10 classes",
+        "model": "classifier(convnet_small), 10 classes",
         "settings": {**vars(args), "out": str(args.out)},
         "engine_images_per_s": round(engine_ips, 1),
         "plain_images_per_s": round(plain_ips, 1),

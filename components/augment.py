@@ -214,6 +214,16 @@ def _describe(transform: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
+#: the preview's views: (manifest task, augmentation task), in drawing order
+_PREVIEW_VIEWS = (
+    ("detection", "detection"),
+    ("semantic_segmentation", "segmentation"),
+    ("classification", "classification"),
+)
+#: independent draws of the training preset per preview row
+_PREVIEW_DRAWS = 3
+
+
 def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any]:
     """Draw, per view of the dataset, a PNG grid of augmented training samples; write ``policy.json``.
 
@@ -229,19 +239,14 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
     Returns:
         ``{"out", "previews": [paths], "policy": path, "presets": {task: name}}``.
     """
-    from components.data.datasets import (
-        ClassificationDataset,
-        DetectionDataset,
-        SegmentationDataset,
-        load_manifest,
-    )
+    from components.data.datasets import load_manifest
 
     dataset, out = Path(dataset), Path(out)
     manifest = load_manifest(dataset)
     split = "train" if "train" in manifest["splits"] else next(iter(manifest["splits"]))
     out.mkdir(parents=True, exist_ok=True)
+    # one global seed for every view: the draws of a view depend on those of the views before it
     torch.manual_seed(cfg.seed)
-    draws = 3
     policy: dict[str, Any] = {
         "dataset": str(dataset),
         "split": split,
@@ -250,54 +255,14 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
         "presets": {},
     }
     previews: list[str] = []
-    views = [
-        ("detection", "detection"),
-        ("semantic_segmentation", "segmentation"),
-        ("classification", "classification"),
-    ]
-    for view, task in views:
+    for view, task in _PREVIEW_VIEWS:
         if view not in manifest["tasks"]:
             continue
-        if task == "detection":
-            ds: Any = DetectionDataset(dataset, split, masks="instance_segmentation" in manifest["tasks"])
-        elif task == "segmentation":
-            ds = SegmentationDataset(dataset, split)
-        else:
-            ds = ClassificationDataset(dataset, split)
+        ds = build_preview_dataset(dataset, split, task, manifest["tasks"])
         if len(ds) == 0:
             continue
-        first = ds[0][0]
-        size = int(min(320, max(96, max(first.shape[-2:]))))
-        train_t = build_transforms(task, cfg, train=True, image_size=size)
-        eval_t = build_transforms(task, cfg, train=False, image_size=size)
-        g = torch.Generator().manual_seed(cfg.seed)
-        indices = sorted(torch.randperm(len(ds), generator=g)[: cfg.preview_samples].tolist())
-        cells: list[torch.Tensor] = []
-        for i in indices:
-            image, target = ds[i]
-            for t in [eval_t] + [train_t] * draws:
-                if task == "detection":
-                    img, tgt = t(
-                        image,
-                        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in target.items()},
-                    )
-                    cells.append(_draw_detection(img, tgt, ds.classes))
-                elif task == "segmentation":
-                    img, msk = t(image, target)
-                    cells.append(_draw_segmentation(img, msk, ds.classes))
-                else:
-                    cells.append(_to_uint8(t(image)))
-        grid = make_grid(cells, nrow=draws + 1, padding=2, pad_value=255)
-        path = out / f"preview_{task}.png"
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, format="PNG", compress_level=6)
+        path, policy["presets"][task] = write_task_preview(ds, task, cfg, out)
         previews.append(str(path))
-        policy["presets"][task] = {
-            "name": getattr(cfg, task),
-            "image_size": size,
-            "train": _describe(train_t),
-            "eval": _describe(eval_t),
-            "samples": indices,
-        }
     policy_path = out / "policy.json"
     write_json(policy, policy_path)
     return {
@@ -306,3 +271,61 @@ def write_preview(dataset: Path, cfg: AugmentConfig, out: Path) -> dict[str, Any
         "policy": str(policy_path),
         "presets": {t: p["name"] for t, p in policy["presets"].items()},
     }
+
+
+def build_preview_dataset(dataset: Path, split: str, task: str, tasks: list[str]) -> Any:
+    """The un-augmented dataset of one preview ``task`` (detection carries instance masks when the data has them)."""
+    from components.data.datasets import ClassificationDataset, DetectionDataset, SegmentationDataset
+
+    if task == "detection":
+        return DetectionDataset(dataset, split, masks="instance_segmentation" in tasks)
+    if task == "segmentation":
+        return SegmentationDataset(dataset, split)
+    return ClassificationDataset(dataset, split)
+
+
+def write_task_preview(ds: Any, task: str, cfg: AugmentConfig, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Write ``preview_<task>.png`` for one view; return its path and its ``policy.json`` record.
+
+    The image size follows the first sample (96 to 320 px) so small datasets stay legible; the
+    samples are a seeded choice of ``cfg.preview_samples`` indices, in index order.
+    """
+    first = ds[0][0]
+    size = int(min(320, max(96, max(first.shape[-2:]))))
+    train_t = build_transforms(task, cfg, train=True, image_size=size)
+    eval_t = build_transforms(task, cfg, train=False, image_size=size)
+    g = torch.Generator().manual_seed(cfg.seed)
+    indices = sorted(torch.randperm(len(ds), generator=g)[: cfg.preview_samples].tolist())
+    cells = build_preview_cells(ds, task, indices, [eval_t] + [train_t] * _PREVIEW_DRAWS)
+    grid = make_grid(cells, nrow=_PREVIEW_DRAWS + 1, padding=2, pad_value=255)
+    path = out / f"preview_{task}.png"
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, format="PNG", compress_level=6)
+    record = {
+        "name": getattr(cfg, task),
+        "image_size": size,
+        "train": _describe(train_t),
+        "eval": _describe(eval_t),
+        "samples": indices,
+    }
+    return path, record
+
+
+def build_preview_cells(ds: Any, task: str, indices: list[int], transforms: list[Any]) -> list[torch.Tensor]:
+    """One uint8 cell (Tensor[3, H, W]) per sample and transform, row by row, drawn as the transform left it."""
+    cells: list[torch.Tensor] = []
+    for i in indices:
+        image, target = ds[i]
+        for t in transforms:
+            if task == "detection":
+                # a fresh copy per draw: the transforms must not see another draw's boxes
+                img, tgt = t(
+                    image,
+                    {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in target.items()},
+                )
+                cells.append(_draw_detection(img, tgt, ds.classes))
+            elif task == "segmentation":
+                img, msk = t(image, target)
+                cells.append(_draw_segmentation(img, msk, ds.classes))
+            else:
+                cells.append(_to_uint8(t(image)))
+    return cells

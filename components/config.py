@@ -8,7 +8,6 @@ allowed values. Below the edge, functions take plain typed arguments or one sect
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -76,7 +75,7 @@ class BackboneRef(Section):
     of a checkpoint (e.g. the pretrain stage's ``outputs/pretrain/backbone.pt``).
     """
 
-    arch: str = "vfnet_small"
+    arch: str = "convnet_small"
     weights: str | None = None
     trainable_layers: NonNegativeInt | None = None  # None = all
 
@@ -236,7 +235,7 @@ DetectionPreset = Literal["none", "basic", "yolo"]  # the augment.detection pres
 class DetectorConfig(Section):
     """Settings common to every detector; each architecture's section extends it."""
 
-    backbone: BackboneRef = BackboneRef(arch="vfnet_small", weights="outputs/pretrain/backbone.pt")
+    backbone: BackboneRef = BackboneRef(arch="convnet_small", weights="outputs/pretrain/backbone.pt")
     image_size: Annotated[int, Field(ge=32)] = 128
     score_threshold: Probability = 0.05
     nms_iou: Probability = 0.5
@@ -370,7 +369,7 @@ class DetectConfig(Section):
 
 
 # The segmenters start from torchvision's ImageNet MobileNetV2 (cached offline): on the shapes data it
-# gives FCN 0.62 test mIoU after 4 epochs where the CIFAR-pretrained vfnet_small gave 0.42 after 15,
+# gives FCN 0.62 test mIoU after 4 epochs where the CIFAR-pretrained convnet_small gave 0.42 after 15,
 # for less CPU per image (about 0.1 GMAC at 128 px against 0.2); see the README's segmentation table.
 SEGMENTER_BACKBONE = BackboneRef(arch="mobilenet_v2", weights="IMAGENET1K_V1")
 
@@ -431,12 +430,7 @@ class SegmentConfig(Section):
 
 
 class EvaluateConfig(Section):
-    iou_type: Literal["bbox", "segm"] = "bbox"
-    pr_iou_thresholds: list[Probability] = [0.5, 0.75]
-    confusion_iou: Probability = 0.5
-    confusion_score: Probability = 0.25
-    voc_interpolation: Literal["all_point", "11_point"] = "all_point"
-    out: str = "outputs/evaluate"
+    pr_iou_thresholds: list[Probability] = [0.5, 0.75]  # IoU thresholds of the detect stage's PR curves
 
 
 class Gate(Section):
@@ -531,14 +525,6 @@ with warnings.catch_warnings():
                         )
                 tree[name] = {**section, "dataset": out}
             return tree
-
-        def digest(self, *sections: str) -> str:
-            """A content hash of the given sections (all when none), stable across runs."""
-            data = self.model_dump(mode="json")
-            if sections:
-                data = {s: _get_path(data, s.split("."), s) for s in sections}
-            blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-            return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading

@@ -215,29 +215,59 @@ def skip_reason(root: Path, stage: Stage) -> str | None:
 def write_effective_params(source: Path, overrides: list[str], dest: Path) -> bool:
     """Make ``dest`` (the project's ``params.yaml``) hold ``source`` with ``overrides`` applied, as ``dvc exp run -S`` does.
 
-    The pipeline's parameters are ``params.yaml``: DVC reads them, so ``--params FILE`` and ``--set``
-    are written there before a run (validated first). A previous ``params.yaml`` that differs is kept
-    as ``params.yaml.bak``. Returns True when ``dest`` changed.
+    The pipeline's parameters are ``params.yaml``: DVC reads them (``dvc.yaml`` interpolates them), so
+    ``--params FILE`` and ``--set`` are written there before a run, validated first. ``--set`` on
+    ``params.yaml`` itself edits the keys in place (comments kept); another ``FILE`` (e.g. one of
+    ``configs/``, which may give only some sections) is written whole, every default filled in. A
+    previous ``params.yaml`` that differs is kept as ``params.yaml.bak``. Returns True when ``dest`` changed.
     """
-    from components.config import apply_overrides, load_params
+    from components.config import load_params
+    from components.io import atomic_write_text
 
-    load_params(source, overrides)  # validate before touching anything
-    if not overrides and source.resolve() == dest.resolve():
+    params = load_params(source, overrides)  # validate before touching anything
+    same_file = dest.exists() and source.resolve() == dest.resolve()
+    if same_file and not overrides:
         return False
-    tree = yaml.safe_load(source.read_text()) or {}
-    text = yaml.safe_dump(apply_overrides(tree, overrides), sort_keys=False)
-    if dest.exists() and dest.read_text() == text:
+    text = _edited_in_place(dest, overrides) if same_file else _full_params_text(params, source)
+    if dest.exists() and yaml.safe_load(dest.read_text()) == yaml.safe_load(text):
         return False
     if dest.exists():
-        if source.resolve() == dest.resolve():
-            original = dest.read_text()
-            if yaml.safe_load(original) == yaml.safe_load(text):
-                return False
         dest.with_name(dest.name + ".bak").write_text(dest.read_text())
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dest)
+    atomic_write_text(dest, text)
     return True
+
+
+def _edited_in_place(path: Path, overrides: list[str]) -> str:
+    """``path``'s YAML with each ``key.path=value`` set, comments and order kept (ruamel round trip)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from components.config import parse_override
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a line the user wrote
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    tree = rt.load(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    buffer = io.StringIO()
+    rt.dump(tree, buffer)
+    return buffer.getvalue()
+
+
+def _full_params_text(params: Any, source: Path) -> str:
+    """Every section of ``params`` (defaults filled in: ``dvc.yaml`` interpolates keys a short config omits)."""
+    tree = params.model_dump(mode="json")
+    for section in ("detect", "segment"):
+        tree[section].pop("dataset", None)  # derived from data.out, not a key of the file
+    header = f"# written by `visionflow run --params {source}`: that file with every default filled in\n"
+    return header + yaml.safe_dump(tree, sort_keys=False)
 
 
 def describe_changes(stale: dict[str, list[Any]]) -> list[str]:

@@ -16,31 +16,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from components.io import (  # write_json: re-exported for flows/torchrun_stage.py
+    atomic_write_bytes,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    import torch
+
 #: ``savefig(metadata=...)`` for every PNG: no "Software" text chunk, so the bytes depend on the figure alone
 PNG_METADATA: dict[str, Any] = {"Software": None}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
@@ -49,7 +40,7 @@ def _save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _pyplot() -> Any:
@@ -59,23 +50,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_json(data: Any, path: Path) -> Path:
-    """Write ``data`` as indented JSON, atomically (NaN written as null)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and x != x:
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        if isinstance(x, np.generic):
-            return clean(x.item())
-        return x
-
-    return _atomic_write_bytes(path, (json.dumps(clean(data), indent=2) + "\n").encode())
 
 
 def plot_pr_curves(curves: Sequence[dict[str, Any]], path: Path, *, title: str = "Precision-recall") -> Path:
@@ -137,7 +111,7 @@ def write_dvc_pr_curves(curves: Sequence[dict[str, Any]], out_dir: Path, *, pref
         for i, r in enumerate(recall):
             w.writerow([f"{r:.4f}", *[f"{max(c['precision'][i], 0.0):.6f}" for c in group]])
         path = Path(out_dir) / f"{prefix}_iou{round(iou * 100):02d}.csv"
-        written.append(_atomic_write_bytes(path, buf.getvalue().encode()))
+        written.append(atomic_write_bytes(path, buf.getvalue().encode()))
     return written
 
 
@@ -207,6 +181,186 @@ def write_dvc_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path) -
         for _ in range(int(m[i, j]))
     ]
     return write_json(records, path)
+
+
+# --------------------------------------------------------------------------- detection (detect and lineage stages)
+
+
+def draw_detections(
+    model: torch.nn.Module,
+    dataset: Any,
+    device: torch.device,
+    *,
+    categories: list[str],
+    path: Path,
+    count: int = 8,
+    score_threshold: float = 0.3,
+    extra: int = 2,
+    title: str = "",
+) -> Path:
+    """A grid PNG of the first ``count`` test images: true boxes in white, predictions in class colours.
+
+    Drawn per image: every prediction with score >= ``score_threshold``, and at least the
+    ``n_true + extra`` highest-scoring ones whatever their score (each box is labelled with its
+    score). A fixed threshold alone hides a detector whose scores are calibrated lower (YOLO's
+    class-specific confidence ``c * p`` is trained towards the IoU) although its ranking, which is
+    what mAP measures, is good.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import draw_bounding_boxes
+
+    with torch.no_grad():  # inference only: no graph
+        model.eval()
+        n = min(count, len(dataset))
+        cols = min(4, n)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+        palette = plt.get_cmap("tab10")
+        for i in range(rows * cols):
+            ax = axes[i // cols][i % cols]
+            ax.axis("off")
+            if i >= n:
+                continue
+            image, target = dataset[i]
+            image = image.as_subclass(torch.Tensor)
+            (det,) = model([image.to(device)])
+            gt_boxes = target["boxes"].as_subclass(torch.Tensor)
+            scores_all = det["scores"].cpu()
+            keep = scores_all >= score_threshold
+            keep[scores_all.argsort(descending=True)[: len(gt_boxes) + extra]] = True
+            pixels = (image.clamp(0, 1) * 255).to(torch.uint8)
+            if len(gt_boxes):
+                pixels = draw_bounding_boxes(pixels, gt_boxes, colors="white", width=1)
+            boxes, labels, scores = det["boxes"].cpu()[keep], det["labels"].cpu()[keep], det["scores"].cpu()[keep]
+            if len(boxes):
+                names = [f"{categories[int(k) - 1]} {s:.2f}" for k, s in zip(labels, scores, strict=True)]
+                colors = [tuple(int(255 * c) for c in palette((int(k) - 1) % 10)[:3]) for k in labels]
+                pixels = draw_bounding_boxes(pixels, boxes, labels=names, colors=colors, width=2)
+            ax.imshow(pixels.permute(1, 2, 0).numpy())
+        fig.suptitle(title or "white: ground truth; coloured: predictions", fontsize=9)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, metadata=PNG_METADATA)
+        plt.close(fig)
+    return path
+
+
+def plot_detector_comparison(
+    table: Mapping[str, Mapping[str, Any]], path: Path, *, skipped: Mapping[str, str] | None = None
+) -> Path:
+    """Five bar panels (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train time), bars coloured by kind.
+
+    ``skipped`` (``{arch: reason}``) is named in a caption under the panels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(table)
+    colors = {
+        "one-stage": "tab:blue",
+        "two-stage": "tab:orange",
+        "window classifier": "tab:gray",
+        "other": "tab:green",
+    }
+    panels = [
+        ("map_50", "mAP@0.5", 1.0),
+        ("map", "mAP@[.5:.95]", 1.0),
+        ("ms_per_image", "inference ms / image", 1.0),
+        ("parameters", "parameters (M)", 1e-6),
+        ("train_time_s", "training time (s)", 1.0),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        values = [float(table[a].get(key) or 0.0) * scale for a in archs]
+        ax.bar(
+            range(len(archs)),
+            values,
+            color=[colors.get(table[a].get("kind", "other"), "tab:green") for a in archs],
+        )
+        ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="upper right", fontsize=7)
+    caption = skipped_caption(dict(skipped or {}))
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
+    plt.close(fig)
+    return path
+
+
+def plot_lineage(result: dict[str, Any], path: Path) -> Path:
+    """Recall vs number of proposals (IoU 0.5 and 0.7), time per image by part, and accuracy, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
+    for ax, key, iou in ((axes[0], "recall_50", 0.5), (axes[1], "recall_70", 0.7)):
+        for name, rec in result["proposals"].items():
+            ax.plot(
+                rec["counts"], rec[key], marker="o", ms=3, label=f"{name} ({rec['ms_per_image']:.0f} ms/img)"
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("number of proposals per image")
+        ax.set_ylabel(f"recall of GT boxes at IoU {iou}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    archs = list(result["detectors"])
+    bottom = [0.0] * len(archs)
+    for part, colour in (
+        ("proposals_ms", "tab:orange"),
+        ("features_ms", "tab:blue"),
+        ("head_ms", "tab:green"),
+    ):
+        values = [result["detectors"][a][part] for a in archs]
+        axes[2].bar(archs, values, bottom=bottom, color=colour, label=part.replace("_ms", ""))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    axes[2].set_ylabel(f"ms per image ({result['device']})")
+    axes[2].set_title("time per image by part")
+    axes[2].legend(fontsize=8)
+    for arch, row in result.get("feature_cost_vs_regions", {}).items():
+        axes[3].plot(row["regions"], row["ms_per_image"], marker="o", label=arch)
+    axes[3].set_xlabel("regions per image (proposals given)")
+    axes[3].set_ylabel("CNN + heads, ms per image")
+    axes[3].set_title("per-region cost")
+    axes[3].grid(alpha=0.3)
+    axes[3].legend(fontsize=8)
+    width = 0.38
+    xs = range(len(archs))
+    axes[4].bar(
+        [x - width / 2 for x in xs], [result["detectors"][a]["map_50"] for a in archs], width, label="mAP@0.5"
+    )
+    axes[4].bar(
+        [x + width / 2 for x in xs],
+        [result["detectors"][a]["map"] for a in archs],
+        width,
+        label="mAP@[.5:.95]",
+    )
+    axes[4].set_xticks(list(xs), archs)
+    axes[4].set_ylim(0, 1)
+    axes[4].set_title(f"test split ({result['num_images']} images)")
+    axes[4].legend(fontsize=8)
+    fig.suptitle("R-CNN -> Fast R-CNN -> Faster R-CNN: where the time goes")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 # --------------------------------------------------------------------------- segmentation (segment stage)

@@ -12,9 +12,9 @@ Lineage (the link between MLflow, DVC, git and Prefect) is a set of run and mode
   records it) of the dataset the run read; the same value is the digest of the run's MLflow
   dataset input (:meth:`RunLogger.log_dataset`);
 * ``visionflow.params_hash``: a content hash of the params section the stage read;
-* ``visionflow.prefect_flow_run_id``: the Prefect flow run that started it (``$VISIONFLOW_FLOW_RUN_ID``,
-  set by ``flows/``), and ``mlflow.parentRunId`` for the pipeline's parent run
-  (``$VISIONFLOW_PARENT_RUN_ID``), also when a stage runs in another process (``dvc repro``).
+* ``visionflow.prefect_flow_run_id``: the Prefect flow run that started it, and ``mlflow.parentRunId``
+  for the pipeline's parent run: a :class:`RunContext` argument of :func:`start_run` (the CLI builds
+  it from the environment the retrain flow gives each stage process).
 
 Registered models are MLflow *pyfunc* models logged "from code" (no pickle: a consumer loads
 them without ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``), carrying the checkpoint as an artifact
@@ -46,8 +46,18 @@ DEFAULT_DB = "mlflow.db"
 COMPONENTS_DIR = Path(__file__).resolve().parent
 TAG_PREFIX = "visionflow."
 CHECKPOINT_SHA_TAG = "visionflow.checkpoint_sha256"  # a version's identity: sha256 of the stage's checkpoint bytes
-PARENT_RUN_ENV = "VISIONFLOW_PARENT_RUN_ID"
-FLOW_RUN_ENV = "VISIONFLOW_FLOW_RUN_ID"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who started a stage: the Prefect flow run and the pipeline's MLflow parent run.
+
+    Passed as an argument from the edge (the CLI reads it from the environment the retrain flow
+    gives each stage process); ``RunContext()`` for a stage run by hand or by ``dvc repro``.
+    """
+
+    flow_run_id: str | None = None
+    parent_run_id: str | None = None
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -130,29 +140,25 @@ def dvc_hash(path: str | Path) -> str:
     Raises:
         TrackingError: the path does not exist.
     """
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
+    from components import io
 
     path = Path(path).resolve()
     if not path.exists():
         raise TrackingError("cannot hash a missing path", file=path, fix="run the stage that writes it first")
-    odb = HashFileDB(MemoryFileSystem(), "memory://visionflow-dvc-hash")
-    _, _, obj = build(odb, str(path), LocalFileSystem(), "md5", dry_run=True)
-    return str(obj.hash_info.value)
+    return io.dvc_hash(path)
 
 
 def section_hash(section: Any) -> str:
     """A content hash of one params section (a pydantic record or a mapping), stable across runs."""
-    import hashlib
-    import json
+    from components.io import content_hash
 
-    data = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
+    return content_hash(section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section))
 
 
-def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None, root: str | Path | None = None) -> dict[str, str]:
-    """The lineage tags of a run or model version: git commit, DVC data hash, params hash, Prefect flow run.
+def provenance_tags(
+    *, params_hash: str | None = None, data_hash: str | None = None, root: str | Path | None = None, flow_run_id: str | None = None
+) -> dict[str, str]:
+    """The provenance tags of a run or model version: git commit, DVC data hash, params hash, Prefect flow run.
 
     The commit is that of the repository holding the code that runs (``components/``), unless ``root`` is given.
     """
@@ -166,9 +172,8 @@ def lineage_tags(*, params_hash: str | None = None, data_hash: str | None = None
         tags[f"{TAG_PREFIX}params_hash"] = params_hash
     if data_hash:
         tags[f"{TAG_PREFIX}data_hash"] = data_hash
-    flow_run = os.environ.get(FLOW_RUN_ENV)
-    if flow_run:
-        tags[f"{TAG_PREFIX}prefect_flow_run_id"] = flow_run
+    if flow_run_id:
+        tags[f"{TAG_PREFIX}prefect_flow_run_id"] = flow_run_id
     return tags
 
 
@@ -305,9 +310,9 @@ class RunLogger:
         return digest
 
     @_tracking_call
-    def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
+    def log_provenance(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
         """Tag the run with the params hash of ``section`` and the DVC hash of ``dataset`` (logged as input)."""
-        tags = lineage_tags(params_hash=section_hash(section) if section is not None else None)
+        tags = provenance_tags(params_hash=section_hash(section) if section is not None else None)
         self.set_tags(tags)
         if dataset is not None and Path(dataset).exists():
             tags[f"{TAG_PREFIX}data_hash"] = self.log_dataset(name=dataset_name or Path(dataset).name, source=dataset)
@@ -322,12 +327,13 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     nested: bool = False,
+    context: RunContext | None = None,
 ) -> Iterator[RunLogger]:
     """Open (or resume, with ``run_id``) an MLflow run in the configured experiment.
 
-    The run is tagged with the git commit and, when set by the flows, the Prefect flow-run id.
-    A parent run id in ``$VISIONFLOW_PARENT_RUN_ID`` (set by the retrain flow) makes the stage's
-    run a child of the pipeline run, also when the stage runs in another process (``dvc repro``).
+    The run is tagged with the git commit and, from ``context``, the Prefect flow-run id; the
+    context's parent run id (the retrain flow's MLflow run) makes the stage's run its child,
+    although the stage runs in another process.
     A run that raises ends ``FAILED`` (MLflow's context manager), which the registry respects.
 
     Under torchrun (a process group of ``W > 1`` ranks) this is a collective: rank 0 opens the run
@@ -338,23 +344,24 @@ def start_run(
         TrackingError: the tracking server cannot be reached.
     """
     if _process_group_rank() is not None:
-        with _start_run_on_rank_zero(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested) as logger:
+        with _start_run_on_rank_zero(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested, context=context) as logger:
             yield logger
         return
-    with _open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested) as logger:
+    with _open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested, context=context) as logger:
         yield logger
 
 
 @contextmanager
 def _open_run(
-    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool
+    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool, context: RunContext | None = None
 ) -> Iterator[RunLogger]:
     """What :func:`start_run` does in a single process (or on rank 0 of a torchrun job)."""
     import mlflow
 
     connect(cfg)
-    all_tags: dict[str, Any] = {**lineage_tags(), **dict(tags or {})} if run_id is None else dict(tags or {})
-    parent = os.environ.get(PARENT_RUN_ENV)
+    context = context or RunContext()
+    all_tags: dict[str, Any] = {**provenance_tags(flow_run_id=context.flow_run_id), **dict(tags or {})} if run_id is None else dict(tags or {})
+    parent = context.parent_run_id
     if parent and run_id is None and not nested and mlflow.active_run() is None:
         all_tags.setdefault("mlflow.parentRunId", parent)
     try:
@@ -431,7 +438,7 @@ class WorkerRunLogger(RunLogger):
                     context: str = "training") -> str:
         return digest or ""
 
-    def log_lineage(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
+    def log_provenance(self, *, section: Any = None, dataset: str | Path | None = None, dataset_name: str | None = None) -> dict[str, str]:
         return {}
 
 
@@ -449,7 +456,7 @@ def _process_group_rank() -> int | None:
 
 @contextmanager
 def _start_run_on_rank_zero(
-    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool
+    cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None, run_id: str | None, nested: bool, context: RunContext | None = None
 ) -> Iterator[RunLogger]:
     """Rank 0 opens the run and broadcasts its id; the other ranks get a :class:`WorkerRunLogger`.
 
@@ -463,21 +470,11 @@ def _start_run_on_rank_zero(
 
         def open_on_main() -> str:
             nonlocal logger
-            logger = stack.enter_context(_open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested))
+            logger = stack.enter_context(_open_run(cfg, run_name=run_name, tags=tags, run_id=run_id, nested=nested, context=context))
             return logger.run_id
 
         shared_id = run_on_main(open_on_main)
         yield logger if is_main_process() and logger is not None else WorkerRunLogger(shared_id)
-
-
-def find_runs(cfg: TrackingConfig, *, filter_string: str, max_results: int = 10) -> list[dict[str, Any]]:
-    """Runs of the experiment matching an MLflow filter, newest first, as plain dicts (id, status, tags, metrics)."""
-    import mlflow
-
-    connect(cfg)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=max_results)
-    return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics), "name": r.info.run_name} for r in runs]
 
 
 def run_status(cfg: TrackingConfig, run_id: str) -> str | None:
@@ -943,13 +940,3 @@ def run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str] | None:
     except mlflow.exceptions.MlflowException:
         return None
 
-
-def alias_version(registered_name: str, alias: str) -> str | None:
-    """The version number holding ``alias``, or None."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    try:
-        return str(MlflowClient().get_model_version_by_alias(registered_name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None

@@ -28,6 +28,16 @@ def _params(args: argparse.Namespace) -> Any:
     return load_params(args.params, args.set)
 
 
+def _run_context() -> Any:
+    """The run context the retrain flow gives a stage process in its environment (empty by hand or under dvc repro)."""
+    import os
+
+    from components.pipeline import FLOW_RUN_ENV, PARENT_RUN_ENV
+    from components.tracking import RunContext
+
+    return RunContext(flow_run_id=os.environ.get(FLOW_RUN_ENV) or None, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None)
+
+
 def _print(result: Any) -> None:
     if result is None:
         return
@@ -51,7 +61,7 @@ def cmd_ingest(args: argparse.Namespace) -> Any:
         args.source or cfg.source,
         Path(args.out or cfg.out),
         cfg=cfg,
-        images=args.images or cfg.images,
+        images=args.images if args.source else (args.images or cfg.images),  # data.images belongs to data.path
         strict=args.strict or cfg.strict,
         tracking=params.tracking if args.track else None,
     )
@@ -68,14 +78,14 @@ def cmd_pretrain(args: argparse.Namespace) -> Any:
     from components.stages.pretrain import run_pretrain
 
     params = _params(args)
-    return run_pretrain(params.pretrain, params.augment, params.tracking, resume=args.resume)
+    return run_pretrain(params.pretrain, params.augment, params.tracking, resume=args.resume, context=_run_context())
 
 
 def cmd_finetune(args: argparse.Namespace) -> Any:
     from components.stages.finetune import run_finetune
 
     params = _params(args)
-    return run_finetune(params.finetune, params.augment, params.tracking, resume=args.resume)
+    return run_finetune(params.finetune, params.augment, params.tracking, resume=args.resume, context=_run_context())
 
 
 def cmd_detect(args: argparse.Namespace) -> Any:
@@ -88,7 +98,7 @@ def cmd_detect(args: argparse.Namespace) -> Any:
         from components.stages.lineage import run_lineage
 
         return run_lineage(params.detect)
-    return detect.run_detect(params.detect, args.arch, params.augment, params.evaluate, params.tracking, resume=args.resume)
+    return detect.run_detect(params.detect, args.arch, params.augment, params.evaluate, params.tracking, resume=args.resume, context=_run_context())
 
 
 def cmd_segment(args: argparse.Namespace) -> Any:
@@ -97,11 +107,11 @@ def cmd_segment(args: argparse.Namespace) -> Any:
     params = _params(args)
     if args.compare:
         return segment.compare_segmenters(params.segment)
-    return segment.run_segment(params.segment, args.arch, params.augment, params.tracking, resume=args.resume)
+    return segment.run_segment(params.segment, args.arch, params.augment, params.tracking, resume=args.resume, context=_run_context())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> Any:
-    from components.metrics.cli import evaluate_files
+    from components.metrics.evaluate_files import evaluate_files
 
     evaluate_files(Path(args.gt), Path(args.pred), iou_type=args.iou_type, out=Path(args.out) if args.out else None)
     return None
@@ -110,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Any:
 def cmd_register(args: argparse.Namespace) -> Any:
     from components.stages.register import run_register
 
-    return run_register(_params(args))
+    return run_register(_params(args), context=_run_context())
 
 
 def cmd_predict(args: argparse.Namespace) -> Any:

@@ -94,13 +94,13 @@ def registry_store(tmp_path_factory, mlflow_db_template):
             (work / folder).mkdir(parents=True)
             Image.new("RGB", (64, 48), (90, 140, 200)).save(work / folder / "0.png")
         write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
-                              model_args={"num_classes": 2, "backbone": "vfnet_small", "weights": None}, categories=["ants", "bees"], image_size=32)
+                              model_args={"num_classes": 2, "backbone": "convnet_small", "weights": None}, categories=["ants", "bees"], image_size=32)
         write_tiny_checkpoint(work / "outputs/detect/yolo/best.pt", task="detection", model_name="yolo",
                               model_args={"num_classes": 2, "image_size": 64, "S": 4, "hidden": 32}, categories=cats, image_size=64)
         write_tiny_checkpoint(work / "outputs/segment/fcn/best.pt", task="segmentation", model_name="fcn",
                               model_args={"num_classes": 2}, categories=cats, image_size=64)
         write_tiny_checkpoint(work / "outputs/pretrain/backbone.pt", task="classification", model_name="classifier",
-                              model_args={"num_classes": 3, "backbone": "vfnet_small"}, categories=["a", "b", "c"], image_size=32)
+                              model_args={"num_classes": 3, "backbone": "convnet_small"}, categories=["a", "b", "c"], image_size=32)
         (work / "metrics/detect").mkdir(parents=True)
         (work / "metrics/segment").mkdir()
         (work / "metrics/pretrain.json").write_text(json.dumps({"accuracy": 0.4, "checkpoint": "outputs/pretrain/backbone.pt"}))

@@ -83,7 +83,7 @@ def test_feature_extraction_keeps_the_backbone_bit_identical():
 
 def test_fine_tuning_last_k_blocks_only():
     torch.manual_seed(0)
-    model = get_model("classification", "classifier", num_classes=2, backbone="vfnet_small", trainable_layers=1)
+    model = get_model("classification", "classifier", num_classes=2, backbone="convnet_small", trainable_layers=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _sgd_step(model)
     after = model.state_dict()
@@ -94,7 +94,7 @@ def test_fine_tuning_last_k_blocks_only():
 
 def test_frozen_bn_keeps_statistics_while_weights_train():
     torch.manual_seed(0)
-    model = get_model("classification", "classifier", num_classes=2, backbone="vfnet_small", frozen_bn=True)
+    model = get_model("classification", "classifier", num_classes=2, backbone="convnet_small", frozen_bn=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _sgd_step(model)
     after = model.state_dict()
@@ -106,8 +106,8 @@ def test_frozen_bn_keeps_statistics_while_weights_train():
 def test_backbone_learning_rate_is_lower_in_the_actual_update():
     """With plain SGD the update is lr * grad: the backbone's must be backbone_lr_mult x the head's rate."""
     torch.manual_seed(0)
-    model = get_model("classification", "classifier", num_classes=2, backbone="vfnet_small")
-    probe = get_model("classification", "classifier", num_classes=2, backbone="vfnet_small")
+    model = get_model("classification", "classifier", num_classes=2, backbone="convnet_small")
+    probe = get_model("classification", "classifier", num_classes=2, backbone="convnet_small")
     probe.load_state_dict(model.state_dict())
     x, y = _batch(4, 2)
     probe.train()
@@ -136,8 +136,8 @@ def test_imagenet_backbone_matches_torchvision():
 
 def test_checkpoint_round_trip_predicts_any_batch_size(tmp_path):
     torch.manual_seed(0)
-    model = get_model("classification", "classifier", num_classes=3, backbone="vfnet_small", trainable_layers=0).eval()
-    args = {"num_classes": 3, "backbone": "vfnet_small", "weights": None, "trainable_layers": 0}
+    model = get_model("classification", "classifier", num_classes=3, backbone="convnet_small", trainable_layers=0).eval()
+    args = {"num_classes": 3, "backbone": "convnet_small", "weights": None, "trainable_layers": 0}
     path = save_checkpoint(tmp_path / "m.pt", {"task": "classification", "model_name": "classifier", "model_args": args,
                                                "state_dict": model.state_dict(), "categories": ["a", "b", "c"]})
     loaded, ckpt = load_model(path)
@@ -147,6 +147,26 @@ def test_checkpoint_round_trip_predicts_any_batch_size(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
         assert loaded.predict_proba(x).shape == (n, 3)
+
+
+def test_checkpoints_of_the_old_backbone_name_still_load(tmp_path):
+    """``vfnet_small`` was renamed ``convnet_small``: files written before the rename keep loading."""
+    from components.models.backbones import build_backbone, load_backbone_state
+
+    torch.manual_seed(0)
+    model = get_model("classification", "classifier", num_classes=3, backbone="convnet_small").eval()
+    args = {"num_classes": 3, "backbone": "vfnet_small", "weights": None}  # as a pre-rename stage wrote it
+    path = save_checkpoint(tmp_path / "old.pt", {"task": "classification", "model_name": "classifier", "model_args": args,
+                                                 "state_dict": model.state_dict(), "categories": ["a", "b", "c"],
+                                                 "backbone_arch": "vfnet_small"})
+    loaded, _ = load_model(path)
+    x, _ = _batch(2, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for arch in ("convnet_small", "vfnet_small"):  # new params on an old file, old params on it too
+        assert set(load_backbone_state(path, arch=arch)) == set(model.backbone.state_dict())
+        assert build_backbone(arch, weights=str(path)).arch == "convnet_small"
+    assert "vfnet_small" not in list_models("backbone")
 
 
 # --------------------------------------------------------------------------- metrics

@@ -160,7 +160,7 @@ def test_faster_rcnn_anchors_and_box_head_are_params():
     from components.stages.detect import build_detector
 
     acfg = FasterRCNNConfig.model_validate(
-        {"backbone": {"arch": "vfnet_small", "weights": None}, "anchor_scale": 2.0, "aspect_ratios": [1.0], "representation_size": 32}
+        {"backbone": {"arch": "convnet_small", "weights": None}, "anchor_scale": 2.0, "aspect_ratios": [1.0], "representation_size": 32}
     )
     model, args = build_detector("faster_rcnn", acfg, num_classes=2)
     assert args["anchor_scale"] == 2.0 and args["representation_size"] == 32

@@ -208,7 +208,7 @@ def test_early_stopping_on_a_named_metric(tmp_path):
 
 
 def test_param_groups_lr_mult_and_frozen_params_are_skipped():
-    model = get_model("classification", "classifier", num_classes=3, backbone="vfnet_small", trainable_layers=1)
+    model = get_model("classification", "classifier", num_classes=3, backbone="convnet_small", trainable_layers=1)
     cfg = _cfg(lr=1e-2, weight_decay=0.05)
     opt = build_optimizer(model, cfg, model.param_groups(backbone_lr_mult=0.1))
     by_name = {g["name"]: g for g in opt.param_groups}
@@ -268,16 +268,30 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-def test_max_steps_per_epoch_and_grad_clip(tmp_path):
-    seen = []
+def test_max_steps_per_epoch_and_grad_clip(tmp_path, monkeypatch):
+    """Two steps per epoch, and every step's gradient is clipped to ``grad_clip`` before the optimiser sees it."""
+    seen, norms = [], []
+    clip = nn.utils.clip_grad_norm_
 
     def step(model: nn.Module, batch, device):
         out = classification_step(model, batch, device)
         seen.append(1)
         return out
 
-    _, result = _run(tmp_path, _cfg(epochs=2, max_steps_per_epoch=2, grad_clip=0.5, optimizer="sgd"), step=step)
+    def clip_and_measure(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms.append((float(before), float(after), max_norm))
+        return before
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", clip_and_measure)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=2, grad_clip=0.01, optimizer="sgd")
+    _, result = _run(tmp_path, cfg, step=step)
     assert len(seen) == 4 and result.global_step == 4
+    assert len(norms) == 4 and all(m == 0.01 for _, _, m in norms)
+    assert all(before > 0.01 for before, _, _ in norms)  # the clip had something to do
+    assert all(after <= 0.01 * 1.001 for _, after, _ in norms)  # and did it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -270,7 +270,7 @@ def test_cli_prints_one_line_and_exits_2(bccd_files, tmp_path):
 def test_evaluate_import_is_light():
     """The evaluate command's module pulls in no torch, training code, MLflow, Prefect or matplotlib."""
     code = (
-        "import sys, components.metrics.cli, components.metrics.evaluate_files;"
+        "import sys, components.metrics.evaluate_files;"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'mlflow', 'prefect', 'matplotlib', 'pandas'});"
         "train = [m for m in sys.modules if m in ('components.engine', 'components.models', 'components.tracking')];"
         "print(heavy + train)"

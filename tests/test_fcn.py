@@ -115,13 +115,13 @@ def test_fcn_skips_start_at_zero_and_use_earlier_stages():
     assert model.upsample.factor == strides[1]
     assert all(torch.count_nonzero(s.weight) == 0 for s in model.skip_scores)
     with pytest.raises(ConfigError):
-        FCN(build_backbone("vfnet_small"), 3, skips="4s")  # type: ignore[arg-type]
+        FCN(build_backbone("convnet_small"), 3, skips="4s")  # type: ignore[arg-type]
 
 
 def test_fcn_loads_a_pretrained_backbone_checkpoint(tmp_path):
-    backbone = build_backbone("vfnet_small")
+    backbone = build_backbone("convnet_small")
     path = tmp_path / "backbone.pt"
-    torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "vfnet_small"}, path)
+    torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "convnet_small"}, path)
     model = get_model("segmentation", "fcn", num_classes=3, backbone_weights=str(path), trainable_layers=2)
     for key, value in backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value)

@@ -68,7 +68,7 @@ def test_deployment_runs_on_a_process_work_pool(prefect_harness, tmp_path, track
     params["data"]["shapes"].update(num_train=8, num_val=4, num_test=4, image_size=64, min_size=12, max_size=30)
     params["tracking"].update(uri=tracking_cfg.uri, experiment=tracking_cfg.experiment)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (project / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: visionflow ingest\n    deps: [components/data]\n    params: [data]\n    outs: [${data.out}]\n")
+    (project / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: visionflow ingest\n    deps: [components/data]\n    params: [data]\n    outs:\n      - ${data.out}\n")
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([str(REPO / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=project, check=True, env=env)
 

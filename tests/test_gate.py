@@ -217,7 +217,7 @@ def test_segmenter_and_classifier_champions_are_evaluated_too(tracking_cfg, tmp_
         task, metrics_file, tree = "segmentation", "segment/fcn.json", {"arch": "fcn", "dataset": "data/A", "test": {"miou": 0.9}}
     else:
         name, best = "visionflow-classifier", Path("outputs/finetune/fine_tuning/best.pt")
-        spec = {"model_name": "classifier", "model_args": {"num_classes": 2, "backbone": "vfnet_small", "weights": None}, "image_size": 32}
+        spec = {"model_name": "classifier", "model_args": {"num_classes": 2, "backbone": "convnet_small", "weights": None}, "image_size": 32}
         task, metrics_file = "classification", "finetune.json"
         tree = {"dataset": "data/A", "strategies": {"fine_tuning": {"accuracy": 0.9, "checkpoint": str(best)}}}
     params = load_params(REPO / "params.yaml", [

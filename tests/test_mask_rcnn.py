@@ -28,7 +28,7 @@ def instance_targets(masks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 
 
 def test_backbone_with_fpn_levels():
-    body = BackboneWithFPN(build_backbone("vfnet_small"), out_channels=32)
+    body = BackboneWithFPN(build_backbone("convnet_small"), out_channels=32)
     feats = body(torch.rand(1, 3, 64, 64))
     assert list(feats) == ["0", "1", "2", "pool"]  # strides 4, 8, 16 and the max-pooled 32
     assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2]

@@ -86,7 +86,7 @@ def test_label_windows_positive_background_and_ignored():
 
 
 def _overfeat(**kw) -> OverFeat:
-    return OverFeat(build_backbone("vfnet_small"), num_classes=3, image_size=64, **kw)
+    return OverFeat(build_backbone("convnet_small"), num_classes=3, image_size=64, **kw)
 
 
 def test_box_coding_relative_to_the_window_round_trips():

@@ -62,6 +62,14 @@ def test_flow_leaves_dvc_lock_true(flow_and_repro):
     again = run_tool(a, "dvc", "repro").stdout
     assert "Running stage" not in again, again
     assert report["timing"]["overhead_s"] < report["timing"]["wall_s"]
+    # each stage process received the run context: its MLflow run is a child of the flow's, tagged with the flow run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=yaml.safe_load((a / "params.yaml").read_text())["tracking"]["uri"])
+    children = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], f"tags.`mlflow.parentRunId` = '{report['mlflow_run_id']}'")
+    names = {r.info.run_name for r in children}
+    assert {"pretrain", "detect-yolo", "segment-fcn"} <= names, names
+    assert {r.data.tags.get("visionflow.prefect_flow_run_id") for r in children} == {report["flow_run_id"]}
 
 
 def test_flow_and_dvc_repro_give_the_same_models(flow_and_repro):

@@ -83,7 +83,7 @@ def _reregister(work: Path, uri: str, metrics: dict, *, diverged: bool = False, 
 
     if revision is not None:
         write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
-                              model_args={"num_classes": 2, "backbone": "vfnet_small", "weights": None}, categories=["ants", "bees"], image_size=32,
+                              model_args={"num_classes": 2, "backbone": "convnet_small", "weights": None}, categories=["ants", "bees"], image_size=32,
                               revision=revision)
     (work / "metrics/finetune.json").write_text(json.dumps({"fine_tuning": {"test": metrics, **({"status": status} if status else {})}}))
     marker = work / "outputs/finetune/fine_tuning/diverged.json"
@@ -175,7 +175,7 @@ def test_consumer_without_repository_loads_champions(registry_store, tmp_path):
     assert not result["components_file"].startswith(str(REPO))  # the model's own copy of the code
     for name in names:
         assert result[name]["n1"] == 1 and result[name]["n5"] == 5
-    assert len(result["visionflow-backbone"]["row"]["embedding"]) == 128  # vfnet_small's last stage, pooled
+    assert len(result["visionflow-backbone"]["row"]["embedding"]) == 128  # convnet_small's last stage, pooled
     assert {"label", "score", "probabilities"} <= set(result["visionflow-classifier"]["columns"])
     assert result["visionflow-classifier"]["row"]["label"] in ("ants", "bees")
     assert {"boxes", "labels", "scores"} <= set(result["visionflow-detector-yolo"]["columns"])

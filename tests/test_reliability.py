@@ -272,7 +272,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
     backbone = save_checkpoint(tmp_path / "backbone.pt", {"backbone_arch": "mobilenet_v2", "state_dict": {}})
     with pytest.raises(CheckpointError) as err:
-        build_backbone("vfnet_small", weights=str(backbone))
+        build_backbone("convnet_small", weights=str(backbone))
     assert err.value.file == str(backbone) and "mobilenet_v2" in str(err.value)
 
 

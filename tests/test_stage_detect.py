@@ -31,7 +31,7 @@ def _params(dataset: Path, out: Path, arch: str, **extra: object) -> Params:
     from components.config import validate_params
 
     section = {
-        "backbone": {"arch": "vfnet_small", "weights": None},
+        "backbone": {"arch": "convnet_small", "weights": None},
         "image_size": 64,
         "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "device": "cpu"},
         **extra,

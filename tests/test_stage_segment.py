@@ -45,7 +45,7 @@ def tiny_params(work: Path, **extra: str):
     for arch in ("fcn", "unet", "mask_rcnn"):
         overrides += [
             f"segment.{arch}.image_size=64",
-            f"segment.{arch}.backbone.arch=vfnet_small",  # the small CPU backbone keeps the test fast
+            f"segment.{arch}.backbone.arch=convnet_small",  # the small CPU backbone keeps the test fast
             f"segment.{arch}.backbone.weights=null",
             f"segment.{arch}.train.epochs=2",
             f"segment.{arch}.train.batch_size=4",

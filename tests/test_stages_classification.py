@@ -93,9 +93,9 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
     assert state["mlflow_run_id"] == pre["run_id"] and "mlflow_run_id" not in load_checkpoint(tmp_path / "outputs/pretrain/train/last.pt")
     assert json.loads((tmp_path / "metrics/pretrain.json").read_text())["run_id"] == pre["run_id"]
     assert (tmp_path / "outputs/pretrain/training_curves.png").stat().st_size > 0
-    state = load_backbone_state(backbone_pt, arch="vfnet_small")
+    state = load_backbone_state(backbone_pt, arch="convnet_small")
     assert state and not any(k.startswith(("backbone.", "head.")) for k in state)
-    build_backbone("vfnet_small", weights=str(backbone_pt))  # the path other stages put in params
+    build_backbone("convnet_small", weights=str(backbone_pt))  # the path other stages put in params
     history = _runs(tracking_cfg, "pretrain")[0].data.metrics
     assert {"train_loss", "val_accuracy", "best_accuracy"} <= set(history)
 
@@ -130,8 +130,8 @@ def test_finetune_resume_logs_into_the_same_run_and_extends(tiny_dataset, tmp_pa
     from components.stages.finetune import run_finetune
 
     monkeypatch.chdir(tmp_path)
-    first = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"}, train={"epochs": 1}), AugmentConfig(), tracking_cfg)
-    again = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"}, train={"epochs": 2}), AugmentConfig(), tracking_cfg, resume=True)
+    first = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "convnet_small"}, train={"epochs": 1}), AugmentConfig(), tracking_cfg)
+    again = run_finetune(_finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "convnet_small"}, train={"epochs": 2}), AugmentConfig(), tracking_cfg, resume=True)
     assert again["run_id"] == first["run_id"]
     assert again["strategies"]["scratch"]["run_id"] == first["strategies"]["scratch"]["run_id"]
     assert again["strategies"]["scratch"]["epochs"] == 2
@@ -155,7 +155,7 @@ def test_nan_loss_fails_the_stage_and_nothing_can_be_registered(tiny_dataset, tm
 
     pretrain_step = pretrain.classification_step
     monkeypatch.setattr(pretrain, "classification_step", diverging)
-    cfg = _finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "vfnet_small"})
+    cfg = _finetune_cfg(tiny_dataset, tmp_path, ["scratch"], imagenet_backbone={"arch": "convnet_small"})
     with pytest.raises(TrainingError, match=r"finetune\.scratch epoch 1 step 1"):
         run_finetune(cfg, AugmentConfig(), tracking_cfg)
     assert not (tmp_path / "outputs/finetune/best.json").exists()

@@ -11,7 +11,7 @@ from conftest import free_port, stop_process_group
 
 from components.config import TrackingConfig
 from components.errors import TrackingError
-from components.tracking import lineage_tags, resolve_tracking_uri, section_hash, start_run
+from components.tracking import RunContext, provenance_tags, resolve_tracking_uri, section_hash, start_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,10 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_lineage_tags_and_section_hash(monkeypatch):
+def test_provenance_tags_and_section_hash(monkeypatch):
     from components.config import load_params
 
-    monkeypatch.setenv("VISIONFLOW_FLOW_RUN_ID", "flow-123")
-    tags = lineage_tags(params_hash="p", data_hash="d.dir", root=REPO)
+    tags = provenance_tags(params_hash="p", data_hash="d.dir", root=REPO, flow_run_id="flow-123")
     assert len(tags["visionflow.git_commit"]) == 40 and tags["mlflow.source.git.commit"] == tags["visionflow.git_commit"]
     assert tags["visionflow.prefect_flow_run_id"] == "flow-123" and tags["visionflow.data_hash"] == "d.dir"
     a = load_params(REPO / "params.yaml")
@@ -84,7 +83,6 @@ def test_runs_against_real_server(mlflow_server, tmp_path, monkeypatch):
     from components.data.versioning import dvc_directory_md5
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("VISIONFLOW_FLOW_RUN_ID", "flow-abc")
     cfg = TrackingConfig(uri=mlflow_server, experiment="server-test")
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -92,9 +90,9 @@ def test_runs_against_real_server(mlflow_server, tmp_path, monkeypatch):
     (tmp_path / "plot.png").write_bytes(b"\x89PNG")
     section = load_params(REPO / "params.yaml").detect.yolo
     with start_run(cfg, run_name="retrain", tags={"visionflow.pipeline": "retrain"}) as parent:
-        monkeypatch.setenv("VISIONFLOW_PARENT_RUN_ID", parent.run_id)
-        with start_run(cfg, run_name="detect-yolo") as child:
-            tags = child.log_lineage(section=section, dataset=data, dataset_name="shapes")
+        context = RunContext(flow_run_id="flow-abc", parent_run_id=parent.run_id)  # what the CLI passes a stage process
+        with start_run(cfg, run_name="detect-yolo", context=context) as child:
+            tags = child.log_provenance(section=section, dataset=data, dataset_name="shapes")
             child.log_params({"detect": {"yolo": {"S": 7, "lambda_coord": 5.0}}})
             for epoch in range(3):
                 child.log_metrics({"loss": 1.0 / (epoch + 1), "val": {"map_50": 0.1 * epoch}, "bad": float("nan")}, step=epoch)

@@ -38,9 +38,9 @@ def test_unet_paths_are_symmetric_and_concatenate_skips():
 
 
 def test_unet_with_a_pretrained_backbone_encoder(tmp_path):
-    backbone = build_backbone("vfnet_small")
+    backbone = build_backbone("convnet_small")
     path = tmp_path / "backbone.pt"
-    torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "vfnet_small"}, path)
+    torch.save({"state_dict": backbone.state_dict(), "backbone_arch": "convnet_small"}, path)
     model = get_model(
         "segmentation", "unet", num_classes=3, pretrained_encoder=True, backbone_weights=str(path)
     )

@@ -159,7 +159,7 @@ def test_grid_finer_than_the_feature_map_is_a_config_error():
     from components.errors import ConfigError
     from components.models.backbones import build_backbone
 
-    backbone = build_backbone("vfnet_small")  # stride 16: a 64 px image gives a 4x4 map
+    backbone = build_backbone("convnet_small")  # stride 16: a 64 px image gives a 4x4 map
     with pytest.raises(ConfigError, match=r"detect\.yolo\.S") as info:
         YOLOv1(backbone, num_classes=2, S=8, image_size=64)
     assert "image_size to at least 128" in str(info.value)

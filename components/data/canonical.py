@@ -280,92 +280,123 @@ class _Writer:
     def validate_objects(
         self, rec: ImageRecord, width: int, height: int
     ) -> list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]]:
-        """Validated objects ``[(object, xyxy box, mask or None)]``, every decision reported."""
+        """Validated objects ``[(object, xyxy box, mask or None)]``, every decision reported.
+
+        Objects are checked in order, so a duplicate is always the later of two overlapping boxes.
+        """
         where = self._where(rec)
         kept: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]] = []
         for obj in rec.objects:
-            if obj.category not in self.cat_ids:
-                self.report.add(
-                    where,
-                    obj.record,
-                    f"unknown category {obj.category!r}",
-                    "skipped",
-                    kind="unknown category",
-                    fix=self.unknown_category_fix(obj.category),
-                )
-                continue
-            mask, ok = self.object_mask(obj, rec, width, height)
-            if not ok:
-                continue
-            if self.has_masks and mask is None:
-                self.report.add(
-                    where,
-                    obj.record,
-                    "annotation has no segmentation in a dataset with masks",
-                    "skipped",
-                    kind="annotation without segmentation",
-                )
-                continue
-            if obj.box is None:
-                if mask is None:
-                    self.report.add(
-                        where,
-                        obj.record,
-                        "annotation has neither a box nor a mask",
-                        "skipped",
-                        kind="annotation without box or mask",
-                    )
-                    continue
-                box = mask_to_box(mask)
-                if box is None:
-                    self.report.add(
-                        where,
-                        obj.record,
-                        "empty mask: no pixel inside the image",
-                        "skipped",
-                        kind="empty mask",
-                    )
-                    continue
-            else:
-                check = check_box(obj.box, width, height)
-                if check.box is None:
-                    self.report.add(
-                        where,
-                        obj.record,
-                        check.problem or "invalid box",
-                        "skipped",
-                        kind=check.kind or "invalid box",
-                    )
-                    continue
-                if check.repaired:
-                    self.report.add(
-                        where,
-                        obj.record,
-                        check.problem or "box repaired",
-                        "repaired",
-                        kind=check.kind or "box outside the image",
-                        fix="the box is clipped to the image",
-                    )
-                box = check.box
-            if mask is not None and not mask.any():
-                self.report.add(
-                    where, obj.record, "empty mask: no pixel inside the image", "skipped", kind="empty mask"
-                )
-                continue
-            duplicate = self._duplicate_of(obj, box, kept)
-            if duplicate is not None:
-                other, iou = duplicate
-                self.report.add(
-                    where,
-                    obj.record,
-                    f"duplicate box: IoU {iou:.2f} with {other.record} of the same category",
-                    "skipped",
-                    kind="duplicate box",
-                    fix="remove the duplicate annotation",
-                )
-                continue
-            kept.append((obj, box, mask))
+            checked = self.check_object(obj, rec, where, width, height, kept)
+            if checked is not None:
+                kept.append(checked)
         return kept
+
+    def check_object(
+        self,
+        obj: ObjectRecord,
+        rec: ImageRecord,
+        where: Path | str,
+        width: int,
+        height: int,
+        kept: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]],
+    ) -> tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None] | None:
+        """``(object, xyxy box, mask or None)`` when ``obj`` is usable, else None (the reason reported).
+
+        The checks run in a fixed order (category, mask, box, empty mask, duplicate of ``kept``)
+        so that each skipped object gets exactly one report line, the first problem found.
+        """
+        if obj.category not in self.cat_ids:
+            self.report.add(
+                where,
+                obj.record,
+                f"unknown category {obj.category!r}",
+                "skipped",
+                kind="unknown category",
+                fix=self.unknown_category_fix(obj.category),
+            )
+            return None
+        mask, ok = self.object_mask(obj, rec, width, height)
+        if not ok:
+            return None
+        if self.has_masks and mask is None:
+            self.report.add(
+                where,
+                obj.record,
+                "annotation has no segmentation in a dataset with masks",
+                "skipped",
+                kind="annotation without segmentation",
+            )
+            return None
+        box = self.check_object_box(obj, where, mask, width, height)
+        if box is None:
+            return None
+        if mask is not None and not mask.any():
+            self.report.add(
+                where, obj.record, "empty mask: no pixel inside the image", "skipped", kind="empty mask"
+            )
+            return None
+        duplicate = self._duplicate_of(obj, box, kept)
+        if duplicate is not None:
+            other, iou = duplicate
+            self.report.add(
+                where,
+                obj.record,
+                f"duplicate box: IoU {iou:.2f} with {other.record} of the same category",
+                "skipped",
+                kind="duplicate box",
+                fix="remove the duplicate annotation",
+            )
+            return None
+        return obj, box, mask
+
+    def check_object_box(
+        self, obj: ObjectRecord, where: Path | str, mask: np.ndarray | None, width: int, height: int
+    ) -> tuple[float, float, float, float] | None:
+        """The object's xyxy box, clipped to the image (reported), or the box of its mask when it has none.
+
+        None (reported) when it has neither, its mask is empty or its box is unusable.
+        """
+        if obj.box is None:
+            if mask is None:
+                self.report.add(
+                    where,
+                    obj.record,
+                    "annotation has neither a box nor a mask",
+                    "skipped",
+                    kind="annotation without box or mask",
+                )
+                return None
+            box = mask_to_box(mask)
+            if box is None:
+                self.report.add(
+                    where,
+                    obj.record,
+                    "empty mask: no pixel inside the image",
+                    "skipped",
+                    kind="empty mask",
+                )
+            return box
+        check = check_box(obj.box, width, height)
+        if check.box is None:
+            self.report.add(
+                where,
+                obj.record,
+                check.problem or "invalid box",
+                "skipped",
+                kind=check.kind or "invalid box",
+            )
+            return None
+        if check.repaired:
+            self.report.add(
+                where,
+                obj.record,
+                check.problem or "box repaired",
+                "repaired",
+                kind=check.kind or "box outside the image",
+                fix="the box is clipped to the image",
+            )
+        return check.box
 
     def _duplicate_of(
         self,
@@ -410,6 +441,11 @@ class _Writer:
         self.crops += 1
 
     def write_split(self, split: str, records: list[ImageRecord], progress: tqdm) -> dict[str, Any]:
+        """Write one split's records and its ``annotations/instances_<split>.json``; return its counts.
+
+        Image and annotation ids count from 1 in record order within the split, so the same
+        records always give the same ids (and the same bytes).
+        """
         images: list[dict[str, Any]] = []
         annotations: list[dict[str, Any]] = []
         used: set[str] = set()
@@ -418,112 +454,10 @@ class _Writer:
             size = self.load_pixels(rec)
             if size is None:
                 continue
-            width, height = size
-            if not self.writes_images:  # classification-only source: the images are the ImageFolder view
-                assert rec.file is not None and rec.label is not None
-                if rec.label not in self.cat_ids:
-                    self.report.add(
-                        rec.file,
-                        rec.record,
-                        f"unknown class {rec.label!r}",
-                        "skipped",
-                        kind="unknown category",
-                        fix=self.unknown_category_fix(rec.label),
-                    )
-                    continue
-                folder = self.root / "classification" / split / category_folder(rec.label)
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(rec.file, folder / rec.name)
-                images.append({"id": len(images) + 1, "file_name": rec.name})
-                self.objects[rec.label] += 1
-                continue
-
-            semantic = rec.semantic
-            if rec.mask_file is not None:
-                label = self.load_label_image(rec, width, height)
-                if label is None:
-                    continue
-                category = rec.label or self.source.categories[0]
-                if category not in self.cat_ids:
-                    self.report.add(
-                        rec.mask_file,
-                        rec.record,
-                        f"unknown category {category!r}",
-                        "skipped",
-                        kind="unknown category",
-                        fix=self.unknown_category_fix(category),
-                    )
-                    continue
-                if rec.mask_kind == "instance":
-                    rec.objects = [
-                        ObjectRecord(
-                            category,
-                            None,
-                            f"{rec.record}/instance {int(v)}",
-                            mask=label == v,
-                        )
-                        for v in np.unique(label)
-                        if v != 0
-                    ]
-                else:  # binary: the category is the dark or bright pixels
-                    fg = label < 128 if self.source.binary_foreground == "dark" else label >= 128
-                    semantic = fg.astype(np.uint8) * np.uint8(self.cat_ids[category])
-            objects = self.validate_objects(rec, width, height)
-
-            name = _unique_name(rec.name, used)
-            stem = Path(name).stem
-            image_id = len(images) + 1
-            folder = self.root / "images" / split
-            if rec.pixels is not None:
-                write_png(rec.pixels, folder / name)
-            else:
-                assert rec.file is not None
-                shutil.copyfile(rec.file, folder / name)
-            entry: dict[str, Any] = {
-                "id": image_id,
-                "file_name": name,
-                "width": width,
-                "height": height,
-                "source_record": rec.record,
-            }
-            images.append(entry)
-
-            if self.has_semantic and semantic is None:
-                semantic = np.zeros((height, width), dtype=np.uint8)
-                for obj, _box, mask in objects:  # drawing order: a later instance wins where two overlap
-                    if mask is not None:
-                        semantic[mask] = IGNORE_INDEX if obj.iscrowd else self.cat_ids[obj.category]
-            pil_image = None
-            jpeg_source = rec.file is not None and rec.file.suffix.lower() in (".jpg", ".jpeg")
-            if "classification" in self.source.tasks and objects:
-                pil_image = (
-                    Image.fromarray(rec.pixels)
-                    if rec.pixels is not None
-                    else Image.open(rec.file).convert("RGB")
-                )
-            for obj, box, mask in objects:
-                ann_id = len(annotations) + 1
-                x0, y0, x1, y1 = box
-                ann: dict[str, Any] = {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": self.cat_ids[obj.category],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": float(mask.sum()) if mask is not None else (x1 - x0) * (y1 - y0),
-                    "iscrowd": int(obj.iscrowd),
-                }
-                if mask is not None:
-                    ann["segmentation"] = encode_rle(mask)
-                if obj.difficult:
-                    ann["difficult"] = 1
-                elif self.source.spec.startswith("voc:"):
-                    ann["difficult"] = 0
-                annotations.append(ann)
-                self.objects[obj.category] += 1
-                if pil_image is not None and not obj.iscrowd:
-                    self.write_crops(split, pil_image, stem, ann_id, obj.category, box, jpeg=jpeg_source)
-            if self.has_semantic and semantic is not None:
-                write_png(semantic.astype(np.uint8), self.root / "masks" / split / f"{stem}.png")
+            if self.writes_images:
+                self.write_record(split, rec, size, images, annotations, used)
+            else:  # classification-only source: the images are the ImageFolder view
+                self.write_class_image(split, rec, images)
         if self.writes_images and images:
             categories = [{"id": k, "name": n} for n, k in self.cat_ids.items()]
             _write_compact_json(
@@ -531,6 +465,157 @@ class _Writer:
                 self.root / "annotations" / f"instances_{split}.json",
             )
         return {"images": len(images), "objects": len(annotations)}
+
+    def write_class_image(self, split: str, rec: ImageRecord, images: list[dict[str, Any]]) -> None:
+        """Copy a labelled image to ``classification/<split>/<class>/`` (skipped, reported, if its class is unknown)."""
+        assert rec.file is not None and rec.label is not None
+        if rec.label not in self.cat_ids:
+            self.report.add(
+                rec.file,
+                rec.record,
+                f"unknown class {rec.label!r}",
+                "skipped",
+                kind="unknown category",
+                fix=self.unknown_category_fix(rec.label),
+            )
+            return
+        folder = self.root / "classification" / split / category_folder(rec.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rec.file, folder / rec.name)
+        images.append({"id": len(images) + 1, "file_name": rec.name})
+        self.objects[rec.label] += 1
+
+    def write_record(
+        self,
+        split: str,
+        rec: ImageRecord,
+        size: tuple[int, int],
+        images: list[dict[str, Any]],
+        annotations: list[dict[str, Any]],
+        used: set[str],
+    ) -> None:
+        """Write one image with its validated objects: the image file, its annotations, crops and class map.
+
+        Appends the image's entry to ``images`` and its objects to ``annotations``; ``used``
+        holds the file names taken so far in the split (a clash gets a numbered name).
+        """
+        width, height = size
+        semantic = rec.semantic
+        if rec.mask_file is not None:
+            usable, semantic = self.read_label_mask(rec, width, height)
+            if not usable:
+                return
+        objects = self.validate_objects(rec, width, height)
+
+        name = _unique_name(rec.name, used)
+        stem = Path(name).stem
+        image_id = len(images) + 1
+        folder = self.root / "images" / split
+        if rec.pixels is not None:
+            write_png(rec.pixels, folder / name)
+        else:
+            assert rec.file is not None
+            shutil.copyfile(rec.file, folder / name)
+        images.append(
+            {"id": image_id, "file_name": name, "width": width, "height": height, "source_record": rec.record}
+        )
+
+        if self.has_semantic and semantic is None:
+            semantic = self.build_class_map(objects, width, height)
+        self.write_objects(split, rec, image_id, stem, objects, annotations)
+        if self.has_semantic and semantic is not None:
+            write_png(semantic.astype(np.uint8), self.root / "masks" / split / f"{stem}.png")
+
+    def read_label_mask(self, rec: ImageRecord, width: int, height: int) -> tuple[bool, np.ndarray | None]:
+        """Read ``rec.mask_file``: an instance mask becomes ``rec.objects``, a binary one the class map.
+
+        Returns:
+            ``(usable, class map)``: usable is False (reported) when the mask or its category is
+            unusable; the class map is ``uint8[H, W]`` for a binary mask, else ``rec.semantic``.
+        """
+        label = self.load_label_image(rec, width, height)
+        if label is None:
+            return False, None
+        assert rec.mask_file is not None
+        category = rec.label or self.source.categories[0]
+        if category not in self.cat_ids:
+            self.report.add(
+                rec.mask_file,
+                rec.record,
+                f"unknown category {category!r}",
+                "skipped",
+                kind="unknown category",
+                fix=self.unknown_category_fix(category),
+            )
+            return False, None
+        if rec.mask_kind == "instance":
+            rec.objects = [
+                ObjectRecord(
+                    category,
+                    None,
+                    f"{rec.record}/instance {int(v)}",
+                    mask=label == v,
+                )
+                for v in np.unique(label)
+                if v != 0
+            ]
+            return True, rec.semantic
+        # binary: the category is the dark or bright pixels
+        fg = label < 128 if self.source.binary_foreground == "dark" else label >= 128
+        return True, fg.astype(np.uint8) * np.uint8(self.cat_ids[category])
+
+    def build_class_map(
+        self,
+        objects: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]],
+        width: int,
+        height: int,
+    ) -> np.ndarray:
+        """The ``uint8[H, W]`` class map drawn from instance masks (crowd regions are ``IGNORE_INDEX``)."""
+        semantic = np.zeros((height, width), dtype=np.uint8)
+        for obj, _box, mask in objects:  # drawing order: a later instance wins where two overlap
+            if mask is not None:
+                semantic[mask] = IGNORE_INDEX if obj.iscrowd else self.cat_ids[obj.category]
+        return semantic
+
+    def write_objects(
+        self,
+        split: str,
+        rec: ImageRecord,
+        image_id: int,
+        stem: str,
+        objects: list[tuple[ObjectRecord, tuple[float, float, float, float], np.ndarray | None]],
+        annotations: list[dict[str, Any]],
+    ) -> None:
+        """Append the COCO annotations of one image's objects and write their crops (classification view)."""
+        pil_image = None
+        jpeg_source = rec.file is not None and rec.file.suffix.lower() in (".jpg", ".jpeg")
+        if "classification" in self.source.tasks and objects:
+            pil_image = (
+                Image.fromarray(rec.pixels)
+                if rec.pixels is not None
+                else Image.open(rec.file).convert("RGB")
+            )
+        for obj, box, mask in objects:
+            ann_id = len(annotations) + 1
+            x0, y0, x1, y1 = box
+            ann: dict[str, Any] = {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": self.cat_ids[obj.category],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": float(mask.sum()) if mask is not None else (x1 - x0) * (y1 - y0),
+                "iscrowd": int(obj.iscrowd),
+            }
+            if mask is not None:
+                ann["segmentation"] = encode_rle(mask)
+            if obj.difficult:
+                ann["difficult"] = 1
+            elif self.source.spec.startswith("voc:"):
+                ann["difficult"] = 0
+            annotations.append(ann)
+            self.objects[obj.category] += 1
+            if pil_image is not None and not obj.iscrowd:
+                self.write_crops(split, pil_image, stem, ann_id, obj.category, box, jpeg=jpeg_source)
 
 
 def write_canonical(
@@ -568,49 +653,15 @@ def write_canonical(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         writer = _Writer(source, tmp, report, duplicate_iou)
-        for s in SPLITS:
-            if writer.writes_images:
-                (tmp / "images" / s).mkdir(parents=True)
-                if writer.has_semantic:
-                    (tmp / "masks" / s).mkdir(parents=True)
-        (tmp / "annotations").mkdir()
-        splits: dict[str, Any] = {}
-        quiet = {} if show_progress else {"disable": True}  # else TQDM_DISABLE in the environment decides
-        with tqdm(
-            total=len(source.records), desc=f"ingest {source.name}", unit="img", file=sys.stderr, **quiet
-        ) as progress:
-            for s in SPLITS:
-                records = [r for r in source.records if r.split == s]
-                if records:
-                    counts = writer.write_split(s, records, progress)
-                    if counts["images"]:
-                        splits[s] = counts
-        for s in SPLITS:  # drop folders of splits the source lacks
-            for folder in (tmp / "images" / s, tmp / "masks" / s):
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-        for folder in (tmp / "images", tmp / "masks", tmp / "annotations"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        splits = write_splits(writer, source, show_progress=show_progress)
+        _remove_empty_folders(tmp)
         if not splits:
             raise DataError(
                 f"nothing usable remains after validation ({report.counts()['by_kind']})",
                 file=source.spec,
                 fix="fix the records named in the report above, or point --source at the right folder",
             )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": source.name,
-            "source": source_label(source.spec),
-            "tasks": list(source.tasks),
-            "categories": list(source.categories),
-            "splits": {s: v["images"] for s, v in splits.items()},
-            "objects": {s: v["objects"] for s, v in splits.items()},
-            "objects_per_category": {c: writer.objects.get(c, 0) for c in source.categories},
-            "crops": writer.crops,
-            "ignore_index": IGNORE_INDEX,
-            "params": params,
-        }
+        manifest = build_manifest(source, writer, splits, params)
         _write_compact_json(manifest, tmp / "dataset.json")
         _write_compact_json(report.as_dict(), tmp / "ingest_report.json")
         _replace(tmp, out)
@@ -618,6 +669,59 @@ def write_canonical(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def write_splits(writer: _Writer, source: SourceDataset, *, show_progress: bool) -> dict[str, dict[str, int]]:
+    """Create the layout's folders in ``writer.root`` and write every split; ``{split: counts}`` of non-empty splits."""
+    tmp = writer.root
+    for s in SPLITS:
+        if writer.writes_images:
+            (tmp / "images" / s).mkdir(parents=True)
+            if writer.has_semantic:
+                (tmp / "masks" / s).mkdir(parents=True)
+    (tmp / "annotations").mkdir()
+    splits: dict[str, Any] = {}
+    quiet = {} if show_progress else {"disable": True}  # else TQDM_DISABLE in the environment decides
+    with tqdm(
+        total=len(source.records), desc=f"ingest {source.name}", unit="img", file=sys.stderr, **quiet
+    ) as progress:
+        for s in SPLITS:
+            records = [r for r in source.records if r.split == s]
+            if records:
+                counts = writer.write_split(s, records, progress)
+                if counts["images"]:
+                    splits[s] = counts
+    return splits
+
+
+def _remove_empty_folders(tmp: Path) -> None:
+    """Drop the folders of splits (and views) the source lacks, so the layout lists only what exists."""
+    for s in SPLITS:
+        for folder in (tmp / "images" / s, tmp / "masks" / s):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    for folder in (tmp / "images", tmp / "masks", tmp / "annotations"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def build_manifest(
+    source: SourceDataset, writer: _Writer, splits: dict[str, dict[str, int]], params: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of ``dataset.json``: tasks, categories, per-split counts and the params that produced it."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": source.name,
+        "source": source_label(source.spec),
+        "tasks": list(source.tasks),
+        "categories": list(source.categories),
+        "splits": {s: v["images"] for s, v in splits.items()},
+        "objects": {s: v["objects"] for s, v in splits.items()},
+        "objects_per_category": {c: writer.objects.get(c, 0) for c in source.categories},
+        "crops": writer.crops,
+        "ignore_index": IGNORE_INDEX,
+        "params": params,
+    }
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -90,6 +90,19 @@ def read_coco_file(
     Returns:
         (categories ``{source id: name}``, image records, whether any annotation has a segmentation).
     """
+    data = read_instances_json(path)
+    cats = _categories(data, path, report)
+    by_id = read_coco_images(data["images"], path, images, split, report)
+    has_masks = read_coco_annotations(data.get("annotations", []), path, by_id, cats, report)
+    return cats, list(by_id.values()), has_masks
+
+
+def read_instances_json(path: Path) -> dict[str, Any]:
+    """The parsed instances JSON; a file that is not one cannot be repaired and fails in both modes.
+
+    Raises:
+        DataError: missing file, invalid JSON, or no ``images``/``categories``/``annotations`` lists.
+    """
     if not path.is_file():
         raise DataError("annotation file not found", file=path, fix="check the coco: path")
     data = load_json(path, fix="repair or re-export the annotation file")
@@ -105,42 +118,16 @@ def read_coco_file(
         )
     if not isinstance(data.get("annotations", []), list):
         raise DataError("'annotations' is not a list", file=path, fix="re-export the annotation file")
-    cats = _categories(data, path, report)
+    return data
+
+
+def read_coco_images(
+    entries: list[Any], path: Path, images: Path, split: str | None, report: IngestReport
+) -> dict[int, ImageRecord]:
+    """Image records by COCO id, in file order; malformed, duplicate and escaping entries are reported and skipped."""
     by_id: dict[int, ImageRecord] = {}
-    for i, im in enumerate(data["images"]):
-        if (
-            not isinstance(im, dict)
-            or not isinstance(im.get("id"), int)
-            or not isinstance(im.get("file_name"), str)
-        ):
-            report.add(
-                path,
-                f"images[{i}]",
-                "malformed image entry: needs integer id and file_name",
-                "skipped",
-                kind="malformed image entry",
-            )
-            continue
-        if im["id"] in by_id:
-            report.add(
-                path,
-                f"image {im['id']}",
-                f"duplicate image id {im['id']} ({im['file_name']})",
-                "skipped",
-                kind="duplicate image id",
-                fix="give every image a unique id",
-            )
-            continue
-        escape = escaping_file_name(im["file_name"])
-        if escape is not None:
-            report.add(
-                path,
-                f"image {im['id']}",
-                f"file_name {im['file_name']!r} {escape}: it would read a file outside the images folder",
-                "skipped",
-                kind="file_name outside the images folder",
-                fix="make file_name relative to the images folder (e.g. '000123.jpg' or 'sub/000123.jpg')",
-            )
+    for i, im in enumerate(entries):
+        if not check_coco_image(im, i, path, by_id, report):
             continue
         w, h = im.get("width"), im.get("height")
         size = (int(w), int(h)) if all(isinstance(v, (int, float)) and 0 < v < 1e6 for v in (w, h)) else None
@@ -161,9 +148,63 @@ def read_coco_file(
             key=PurePosixPath(im["file_name"].replace("\\", "/")).as_posix(),
             size=size,
         )
+    return by_id
+
+
+def check_coco_image(im: Any, i: int, path: Path, by_id: dict[int, ImageRecord], report: IngestReport) -> bool:
+    """Whether the ``images[i]`` entry is usable: well-formed, a new id, a ``file_name`` inside the images folder.
+
+    An unusable entry is reported (an escaping ``file_name`` would make ingest copy an
+    arbitrary file of the machine into the dataset).
+    """
+    if (
+        not isinstance(im, dict)
+        or not isinstance(im.get("id"), int)
+        or not isinstance(im.get("file_name"), str)
+    ):
+        report.add(
+            path,
+            f"images[{i}]",
+            "malformed image entry: needs integer id and file_name",
+            "skipped",
+            kind="malformed image entry",
+        )
+        return False
+    if im["id"] in by_id:
+        report.add(
+            path,
+            f"image {im['id']}",
+            f"duplicate image id {im['id']} ({im['file_name']})",
+            "skipped",
+            kind="duplicate image id",
+            fix="give every image a unique id",
+        )
+        return False
+    escape = escaping_file_name(im["file_name"])
+    if escape is not None:
+        report.add(
+            path,
+            f"image {im['id']}",
+            f"file_name {im['file_name']!r} {escape}: it would read a file outside the images folder",
+            "skipped",
+            kind="file_name outside the images folder",
+            fix="make file_name relative to the images folder (e.g. '000123.jpg' or 'sub/000123.jpg')",
+        )
+        return False
+    return True
+
+
+def read_coco_annotations(
+    entries: list[Any], path: Path, by_id: dict[int, ImageRecord], cats: dict[int, str], report: IngestReport
+) -> bool:
+    """Append each annotation to its image's ``objects``; return whether any has a segmentation.
+
+    Annotations of missing images are skipped (reported); an unknown category is kept as a
+    ``<category_id N>`` placeholder so that validation reports it with its record.
+    """
     seen_ann: set[Any] = set()
     has_masks = False
-    for i, ann in enumerate(data.get("annotations", [])):
+    for i, ann in enumerate(entries):
         if not isinstance(ann, dict):
             report.add(
                 path,
@@ -211,7 +252,7 @@ def read_coco_file(
                 iscrowd=int(bool(ann.get("iscrowd", 0))),
             )
         )
-    return cats, list(by_id.values()), has_masks
+    return has_masks
 
 
 def read_coco(target: Path, images: Path | None, report: IngestReport) -> SourceDataset:

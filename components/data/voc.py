@@ -77,85 +77,130 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
     names: set[str] = set()
     annotated: set[str] = set()
     for xml in sorted(ann_dir.glob("*.xml"), key=natural_key):
-        stem = xml.stem
-        annotated.add(stem)
-        try:
-            tree = ET.parse(xml).getroot()
-        except ET.ParseError as err:
-            line, column = err.position
-            report.add(
-                xml,
-                stem,
-                f"invalid XML at line {line}, column {column}: {err}",
-                "skipped",
-                kind="invalid XML",
-            )
-            continue
-        filename = (tree.findtext("filename") or "").strip()
-        image = img_dir / filename if filename else None
-        if image is None or not image.is_file():
-            found = next(
-                (img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()), None
-            )
-            if found is not None and image is not None:
-                report.add(
-                    xml,
-                    stem,
-                    f"<filename> {filename!r} not found; using {found.name}",
-                    "repaired",
-                    kind="filename not found",
-                )
-            image = found or image or img_dir / f"{stem}.jpg"
-        size = None
-        w, h = _number(tree.findtext("size/width")), _number(tree.findtext("size/height"))
-        if isinstance(w, float) and isinstance(h, float) and 0 < w < 1e6 and 0 < h < 1e6:
-            size = (int(w), int(h))
-        elif tree.find("size") is not None:
-            report.add(
-                xml,
-                stem,
-                f"<size> {w!r} x {h!r} is not a valid image size; the image's own size is used",
-                "repaired",
-                kind="invalid image size",
-            )
-        objects = []
-        for j, obj in enumerate(tree.findall("object")):
-            name = (obj.findtext("name") or "").strip()
-            box_el = obj.find("bndbox")
-            box = (
-                None
-                if box_el is None
-                else [_number(box_el.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-            )
-            difficult = _number(obj.findtext("difficult"))
-            objects.append(ObjectRecord(name, box, f"{stem}/object {j}", difficult=int(difficult == 1.0)))
-            if name:
-                names.add(name)
-        split = None
-        if splits:
-            split = splits.get(stem)
-            if split is None:
-                report.add(
-                    xml,
-                    stem,
-                    "image not listed in any ImageSets/Main split file",
-                    "skipped",
-                    kind="image in no split list",
-                    fix="add it to train.txt, val.txt or test.txt",
-                )
-                continue
-        records.append(
-            ImageRecord(
-                record=stem,
-                name=image.name,
-                file=image,
-                ann_file=xml,
-                split=split,
-                key=relative_key(image, root),
-                size=size,
-                objects=objects,
-            )
+        annotated.add(xml.stem)
+        rec = read_voc_xml(xml, root, img_dir, splits, names, report)
+        if rec is not None:
+            records.append(rec)
+    check_unannotated_images(img_dir, ann_dir, annotated, report)
+    if not records:
+        raise DataError("no usable annotation XML found", file=ann_dir, fix="check the folder and the report")
+    return SourceDataset(
+        name=root.name.lower(),
+        spec=f"voc:{root}",
+        categories=sorted(names),
+        tasks=["classification", "detection"],
+        records=records,
+    )
+
+
+def read_voc_xml(
+    xml: Path, root: Path, img_dir: Path, splits: dict[str, str], names: set[str], report: IngestReport
+) -> ImageRecord | None:
+    """The record of one annotation XML, or None (reported) when it is invalid or in no split list.
+
+    Adds the object names it finds to ``names`` (also for an image left out of the split lists,
+    so the categories do not depend on the split files).
+    """
+    stem = xml.stem
+    try:
+        tree = ET.parse(xml).getroot()
+    except ET.ParseError as err:
+        line, column = err.position
+        report.add(
+            xml,
+            stem,
+            f"invalid XML at line {line}, column {column}: {err}",
+            "skipped",
+            kind="invalid XML",
         )
+        return None
+    image = find_voc_image(tree, xml, img_dir, report)
+    size = read_voc_size(tree, xml, report)
+    objects = read_voc_objects(tree, stem)
+    names.update(obj.category for obj in objects if obj.category)
+    split = None
+    if splits:
+        split = splits.get(stem)
+        if split is None:
+            report.add(
+                xml,
+                stem,
+                "image not listed in any ImageSets/Main split file",
+                "skipped",
+                kind="image in no split list",
+                fix="add it to train.txt, val.txt or test.txt",
+            )
+            return None
+    return ImageRecord(
+        record=stem,
+        name=image.name,
+        file=image,
+        ann_file=xml,
+        split=split,
+        key=relative_key(image, root),
+        size=size,
+        objects=objects,
+    )
+
+
+def find_voc_image(tree: ET.Element, xml: Path, img_dir: Path, report: IngestReport) -> Path:
+    """The image of an annotation: its ``<filename>``, else ``<stem>.<any image suffix>`` (reported as repaired).
+
+    When neither exists the path is still returned: the canonical writer reports the missing image.
+    """
+    stem = xml.stem
+    filename = (tree.findtext("filename") or "").strip()
+    image = img_dir / filename if filename else None
+    if image is None or not image.is_file():
+        found = next(
+            (img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()), None
+        )
+        if found is not None and image is not None:
+            report.add(
+                xml,
+                stem,
+                f"<filename> {filename!r} not found; using {found.name}",
+                "repaired",
+                kind="filename not found",
+            )
+        image = found or image or img_dir / f"{stem}.jpg"
+    return image
+
+
+def read_voc_size(tree: ET.Element, xml: Path, report: IngestReport) -> tuple[int, int] | None:
+    """The declared ``(width, height)``, or None when absent or invalid (then reported; the decoded size is used)."""
+    w, h = _number(tree.findtext("size/width")), _number(tree.findtext("size/height"))
+    if isinstance(w, float) and isinstance(h, float) and 0 < w < 1e6 and 0 < h < 1e6:
+        return int(w), int(h)
+    if tree.find("size") is not None:
+        report.add(
+            xml,
+            xml.stem,
+            f"<size> {w!r} x {h!r} is not a valid image size; the image's own size is used",
+            "repaired",
+            kind="invalid image size",
+        )
+    return None
+
+
+def read_voc_objects(tree: ET.Element, stem: str) -> list[ObjectRecord]:
+    """The ``<object>`` entries as records, boxes in VOC pixels as written (the writer checks them)."""
+    objects = []
+    for j, obj in enumerate(tree.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        box_el = obj.find("bndbox")
+        box = (
+            None
+            if box_el is None
+            else [_number(box_el.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        )
+        difficult = _number(obj.findtext("difficult"))
+        objects.append(ObjectRecord(name, box, f"{stem}/object {j}", difficult=int(difficult == 1.0)))
+    return objects
+
+
+def check_unannotated_images(img_dir: Path, ann_dir: Path, annotated: set[str], report: IngestReport) -> None:
+    """Report every image that has no annotation XML: it is skipped, since its objects are unknown."""
     for image in sorted(img_dir.iterdir(), key=natural_key):
         if image.suffix.lower() in IMAGE_SUFFIXES and image.stem not in annotated:
             report.add(
@@ -166,12 +211,3 @@ def read_voc(root: Path, report: IngestReport) -> SourceDataset:
                 kind="image without annotation",
                 fix=f"add {ann_dir.name}/{image.stem}.xml",
             )
-    if not records:
-        raise DataError("no usable annotation XML found", file=ann_dir, fix="check the folder and the report")
-    return SourceDataset(
-        name=root.name.lower(),
-        spec=f"voc:{root}",
-        categories=sorted(names),
-        tasks=["classification", "detection"],
-        records=records,
-    )

@@ -159,9 +159,28 @@ def load_ground_truth(
                 key,
                 "a COCO instances file has images, annotations and categories",
             )
+    images = read_gt_images(data["images"], file)
+    categories = read_gt_categories(data["categories"], file)
+    image_ids = sorted(images)
+    category_ids = sorted(categories)
+    instances = read_gt_annotations(data["annotations"], images, image_ids, category_ids, iou_type=iou_type, file=file)
+    return CocoGroundTruth(
+        image_ids,
+        [images[i] for i in image_ids],
+        category_ids,
+        [categories[c] for c in category_ids],
+        instances,
+    )
 
+
+def read_gt_images(entries: list[Any], file: Path | str | None) -> dict[int, tuple[int, int]]:
+    """``{image id: (height, width)}`` of the ground truth's images (0 where a size is missing).
+
+    Raises:
+        EvaluationError: an image without an integer id, or a duplicate id.
+    """
     images: dict[int, tuple[int, int]] = {}
-    for i, img in enumerate(data["images"]):
+    for i, img in enumerate(entries):
         if not isinstance(img, Mapping) or not isinstance(img.get("id"), int):
             raise _fail(
                 "image without an integer 'id'", file, f"images[{i}]", "every image has an integer id"
@@ -169,8 +188,17 @@ def load_ground_truth(
         if img["id"] in images:
             raise _fail(f"duplicate image id {img['id']}", file, f"images[{i}]", "image ids must be unique")
         images[img["id"]] = (int(img.get("height") or 0), int(img.get("width") or 0))
+    return images
+
+
+def read_gt_categories(entries: list[Any], file: Path | str | None) -> dict[int, str]:
+    """``{category id: name}`` (the id as name when it has none).
+
+    Raises:
+        EvaluationError: a category without an integer id, a duplicate id, or no category at all.
+    """
     categories: dict[int, str] = {}
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(entries):
         if not isinstance(cat, Mapping) or not isinstance(cat.get("id"), int):
             raise _fail(
                 "category without an integer 'id'",
@@ -185,13 +213,25 @@ def load_ground_truth(
         categories[cat["id"]] = str(cat.get("name", cat["id"]))
     if not categories:
         raise _fail("no categories", file, "categories", "list the categories (id, name)")
+    return categories
 
-    image_ids = sorted(images)
-    category_ids = sorted(categories)
+
+def read_gt_annotations(
+    anns: list[Any],
+    images: Mapping[int, tuple[int, int]],
+    image_ids: list[int],
+    category_ids: list[int],
+    *,
+    iou_type: IouType,
+    file: Path | str | None,
+) -> Instances:
+    """The annotations in columns; image and category are indices into the sorted ``image_ids``/``category_ids``.
+
+    Raises:
+        EvaluationError: naming the first bad annotation (see :func:`check_gt_annotation`).
+    """
     image_index = {k: i for i, k in enumerate(image_ids)}
     category_index = {k: i for i, k in enumerate(category_ids)}
-
-    anns = data["annotations"]
     n = len(anns)
     img_col = np.zeros(n, dtype=np.int64)
     cat_col = np.zeros(n, dtype=np.int64)
@@ -204,77 +244,93 @@ def load_ground_truth(
     seen: set[int] = set()
     for j, a in enumerate(anns):
         record = f"annotations[{j}]" + (f" id {a.get('id')}" if isinstance(a, Mapping) else "")
-        if not isinstance(a, Mapping):
-            raise _fail("annotation is not an object", file, record, "each annotation is a JSON object")
-        for key in ("id", "image_id", "category_id", "area"):
-            if key not in a:
-                raise _fail(
-                    f"missing {key!r}",
-                    file,
-                    record,
-                    "COCO annotations carry id, image_id, category_id, bbox, area, iscrowd",
-                )
-        for key in ("id", "image_id", "category_id"):
-            if not isinstance(a[key], (int, str)) or isinstance(a[key], bool):
-                raise _fail(f"{key} {a[key]!r} is not an integer id", file, record, "ids are integers")
-        if a["id"] in seen:
-            raise _fail(f"duplicate annotation id {a['id']}", file, record, "annotation ids must be unique")
-        seen.add(a["id"])
-        if a["image_id"] not in image_index:
-            raise _fail(
-                f"image_id {a['image_id']!r} is not in 'images'",
-                file,
-                record,
-                "add the image or drop the annotation",
-            )
-        if a["category_id"] not in category_index:
-            raise _fail(
-                f"category_id {a['category_id']!r} is not in 'categories'",
-                file,
-                record,
-                "add the category or drop the annotation",
-            )
-        if not _number(a["area"]):
-            raise _fail(
-                f"area {a['area']!r} is not a finite number", file, record, "area is the object's pixel area"
-            )
+        check_gt_annotation(a, record, image_index, category_index, seen, file)
         h, w = images[a["image_id"]]
-        if iou_type == "segm":
-            if "segmentation" not in a:
-                raise _fail(
-                    "missing 'segmentation' for segm evaluation",
-                    file,
-                    record,
-                    "add masks or evaluate with --iou-type bbox",
-                )
-            rle = to_rle(a["segmentation"], h, w, file=file, record=record)
-            assert rles is not None
+        rle = None
+        if rles is not None:
+            rle = read_gt_segmentation(a, h, w, record, file)
             rles.append(rle)
-        if "bbox" in a:
-            if not _check_box(a["bbox"]):
-                raise _fail(
-                    f"malformed bbox {a['bbox']!r}", file, record, "bbox is [x, y, width, height] in pixels"
-                )
-            bbox[j] = a["bbox"]
-        elif iou_type == "segm":
-            assert rles is not None
-            bbox[j] = mask_utils.toBbox(rles[-1])
-        else:
-            raise _fail("missing 'bbox'", file, record, "bbox is [x, y, width, height] in pixels")
+        bbox[j] = read_gt_box(a, rle, record, file)
         img_col[j] = image_index[a["image_id"]]
         cat_col[j] = category_index[a["category_id"]]
         area[j] = a["area"]
         crowd[j] = bool(a.get("iscrowd", 0))
         difficult[j] = bool(a.get("difficult", 0))
         ids[j] = a["id"] if isinstance(a["id"], int) else j + 1
-    instances = Instances(img_col, cat_col, bbox, area, np.zeros(n), crowd, difficult, ids, rles)
-    return CocoGroundTruth(
-        image_ids,
-        [images[i] for i in image_ids],
-        category_ids,
-        [categories[c] for c in category_ids],
-        instances,
-    )
+    return Instances(img_col, cat_col, bbox, area, np.zeros(n), crowd, difficult, ids, rles)
+
+
+def check_gt_annotation(
+    a: Any,
+    record: str,
+    image_index: Mapping[int, int],
+    category_index: Mapping[int, int],
+    seen: set[int],
+    file: Path | str | None,
+) -> None:
+    """Raise EvaluationError unless annotation ``a`` has its keys, a new id, a known image and category, a finite area.
+
+    Adds its id to ``seen``.
+    """
+    if not isinstance(a, Mapping):
+        raise _fail("annotation is not an object", file, record, "each annotation is a JSON object")
+    for key in ("id", "image_id", "category_id", "area"):
+        if key not in a:
+            raise _fail(
+                f"missing {key!r}",
+                file,
+                record,
+                "COCO annotations carry id, image_id, category_id, bbox, area, iscrowd",
+            )
+    for key in ("id", "image_id", "category_id"):
+        if not isinstance(a[key], (int, str)) or isinstance(a[key], bool):
+            raise _fail(f"{key} {a[key]!r} is not an integer id", file, record, "ids are integers")
+    if a["id"] in seen:
+        raise _fail(f"duplicate annotation id {a['id']}", file, record, "annotation ids must be unique")
+    seen.add(a["id"])
+    if a["image_id"] not in image_index:
+        raise _fail(
+            f"image_id {a['image_id']!r} is not in 'images'",
+            file,
+            record,
+            "add the image or drop the annotation",
+        )
+    if a["category_id"] not in category_index:
+        raise _fail(
+            f"category_id {a['category_id']!r} is not in 'categories'",
+            file,
+            record,
+            "add the category or drop the annotation",
+        )
+    if not _number(a["area"]):
+        raise _fail(
+            f"area {a['area']!r} is not a finite number", file, record, "area is the object's pixel area"
+        )
+
+
+def read_gt_segmentation(a: Mapping[str, Any], h: int, w: int, record: str, file: Path | str | None) -> RLE:
+    """The annotation's mask as an RLE of its ``h x w`` image (``segm`` evaluation requires one)."""
+    if "segmentation" not in a:
+        raise _fail(
+            "missing 'segmentation' for segm evaluation",
+            file,
+            record,
+            "add masks or evaluate with --iou-type bbox",
+        )
+    return to_rle(a["segmentation"], h, w, file=file, record=record)
+
+
+def read_gt_box(a: Mapping[str, Any], rle: RLE | None, record: str, file: Path | str | None) -> Any:
+    """The annotation's ``[x, y, w, h]`` box; without one, the box of its mask ``rle`` (``segm`` only)."""
+    if "bbox" in a:
+        if not _check_box(a["bbox"]):
+            raise _fail(
+                f"malformed bbox {a['bbox']!r}", file, record, "bbox is [x, y, width, height] in pixels"
+            )
+        return a["bbox"]
+    if rle is not None:
+        return mask_utils.toBbox(rle)
+    raise _fail("missing 'bbox'", file, record, "bbox is [x, y, width, height] in pixels")
 
 
 def _result_record(j: int, r: Any) -> str:
@@ -365,51 +421,15 @@ def load_results(
     # loadRes: the first result decides whether a detection's area is its box's or its mask's.
     box_area = n > 0 and isinstance(results[0], Mapping) and bool(results[0].get("bbox"))
     use_boxes = iou_type == "bbox" and box_area
-
-    def slow_path() -> None:
-        for j, r in enumerate(results):
-            _validate_result(j, r, gt_images, iou_type=iou_type, box_area=box_area, file=file)
-
-    try:
-        image_id = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=n)
-        category_id = np.fromiter((r["category_id"] for r in results), dtype=np.int64, count=n)
-        score = np.fromiter((r["score"] for r in results), dtype=np.float64, count=n)
-        if use_boxes:
-            bbox = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(n, 4)
-    except (KeyError, TypeError, ValueError, OverflowError):
-        slow_path()
-        raise _fail(
-            "unreadable results", file, "results", "each result is {image_id, category_id, score, bbox}"
-        ) from None
-    ids = np.asarray(gt.image_ids, dtype=np.int64)
-    image = np.searchsorted(ids, image_id).clip(max=max(len(ids) - 1, 0))
-    cats = np.asarray(gt.category_ids, dtype=np.int64)
-    category = np.searchsorted(cats, category_id).clip(max=len(cats) - 1)
-    bad = ~np.isfinite(score) | (ids[image] != image_id if len(ids) else np.ones(n, bool))
-    if use_boxes:
-        bad |= ~np.isfinite(bbox).all(axis=1)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        _validate_result(j, results[j], gt_images, iou_type=iou_type, box_area=box_area, file=file)
-        raise _fail("invalid result", file, _result_record(j, results[j]), "check image_id, score and bbox")
-    keep = cats[category] == category_id
-
+    checks = {"gt_images": gt_images, "iou_type": iou_type, "box_area": box_area, "file": file}
+    image_id, category_id, score, bbox = read_result_columns(results, use_boxes=use_boxes, checks=checks)
+    image, category, keep = check_result_ids(results, gt, image_id, category_id, score, bbox, checks=checks)
     rles: list[RLE] | None = None
-    if use_boxes:
+    if bbox is not None:
         area = bbox[:, 2] * bbox[:, 3]
     else:
-        slow_path()
-        bbox = np.zeros((n, 4), dtype=np.float64)
-        rles = []
-        for j, r in enumerate(results):
-            h, w = gt.image_sizes[image[j]]
-            segm = r.get("segmentation")
-            if segm is None:  # a box result's segmentation is its rectangle (loadRes)
-                x, y, bw, bh = r["bbox"]
-                segm = [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
-            rles.append(to_rle(segm, h, w, file=file, record=_result_record(j, r)))
-            bbox[j] = r["bbox"] if "bbox" in r else mask_utils.toBbox(rles[-1])
-        area = bbox[:, 2] * bbox[:, 3] if box_area else rle_area(rles)
+        check_results_one_by_one(results, **checks)
+        bbox, area, rles = read_result_masks(results, gt, image, box_area=box_area, file=file)
     idx = np.flatnonzero(keep)
     dets = Instances(
         image=image[idx].astype(np.int64),
@@ -423,6 +443,95 @@ def load_results(
         rles=[rles[i] for i in idx] if (rles is not None and iou_type == "segm") else None,
     )
     return dets, int(n - len(idx))
+
+
+def check_results_one_by_one(
+    results: list[Any], *, gt_images: Mapping[int, int], iou_type: IouType, box_area: bool, file: Path | str | None
+) -> None:
+    """The slow path: validate each result in turn, raising EvaluationError at the first bad one."""
+    for j, r in enumerate(results):
+        _validate_result(j, r, gt_images, iou_type=iou_type, box_area=box_area, file=file)
+
+
+def read_result_columns(
+    results: list[Any], *, use_boxes: bool, checks: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(image_id, category_id, score, bbox or None)`` columns, read in one pass each (bbox only for box results).
+
+    Raises:
+        EvaluationError: a result cannot be read; the slow path names it.
+    """
+    n = len(results)
+    bbox = None
+    try:
+        image_id = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=n)
+        category_id = np.fromiter((r["category_id"] for r in results), dtype=np.int64, count=n)
+        score = np.fromiter((r["score"] for r in results), dtype=np.float64, count=n)
+        if use_boxes:
+            bbox = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(n, 4)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        check_results_one_by_one(results, **checks)
+        raise _fail(
+            "unreadable results", checks["file"], "results", "each result is {image_id, category_id, score, bbox}"
+        ) from None
+    return image_id, category_id, score, bbox
+
+
+def check_result_ids(
+    results: list[Any],
+    gt: CocoGroundTruth,
+    image_id: np.ndarray,
+    category_id: np.ndarray,
+    score: np.ndarray,
+    bbox: np.ndarray | None,
+    *,
+    checks: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map result ids to ground-truth indices: ``(image index, category index, keep)``.
+
+    ``keep`` is False for results of categories the ground truth lacks (dropped, as pycocotools
+    does). Vectorised; on the first bad row (unknown image, non-finite score or box) the slow
+    check of that row names it.
+
+    Raises:
+        EvaluationError: a result's image is not in the ground truth, or its score or box is not finite.
+    """
+    n = len(results)
+    ids = np.asarray(gt.image_ids, dtype=np.int64)
+    image = np.searchsorted(ids, image_id).clip(max=max(len(ids) - 1, 0))
+    cats = np.asarray(gt.category_ids, dtype=np.int64)
+    category = np.searchsorted(cats, category_id).clip(max=len(cats) - 1)
+    bad = ~np.isfinite(score) | (ids[image] != image_id if len(ids) else np.ones(n, bool))
+    if bbox is not None:
+        bad |= ~np.isfinite(bbox).all(axis=1)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        _validate_result(j, results[j], **checks)
+        raise _fail("invalid result", checks["file"], _result_record(j, results[j]), "check image_id, score and bbox")
+    keep = cats[category] == category_id
+    return image, category, keep
+
+
+def read_result_masks(
+    results: list[Any], gt: CocoGroundTruth, image: np.ndarray, *, box_area: bool, file: Path | str | None
+) -> tuple[np.ndarray, np.ndarray, list[RLE]]:
+    """``(bbox, area, rles)`` of mask results; a box result's mask is its rectangle (``loadRes``).
+
+    The area is the box's when the first result had a box (``box_area``), else the mask's.
+    """
+    n = len(results)
+    bbox = np.zeros((n, 4), dtype=np.float64)
+    rles: list[RLE] = []
+    for j, r in enumerate(results):
+        h, w = gt.image_sizes[image[j]]
+        segm = r.get("segmentation")
+        if segm is None:  # a box result's segmentation is its rectangle (loadRes)
+            x, y, bw, bh = r["bbox"]
+            segm = [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
+        rles.append(to_rle(segm, h, w, file=file, record=_result_record(j, r)))
+        bbox[j] = r["bbox"] if "bbox" in r else mask_utils.toBbox(rles[-1])
+    area = bbox[:, 2] * bbox[:, 3] if box_area else rle_area(rles)
+    return bbox, area, rles
 
 
 def read_user_json(path: Path, what: str) -> Any:

@@ -125,6 +125,39 @@ def record_to_instances(
     """
     what = "prediction" if is_pred else "target"
     record = f"{what} of image_id {image_id}"
+    boxes, labels = read_boxes_and_labels(d, record=record, is_pred=is_pred, num_categories=num_categories)
+    n = len(boxes)
+    bbox = xyxy_to_xywh(boxes)
+    score = read_scores(d, n, record=record) if is_pred else np.zeros(n)
+    rles = read_masks(d, n, record=record, mask_threshold=mask_threshold) if iou_type == "segm" else None
+    if not is_pred and "area" in d:
+        area = to_numpy(d["area"], np.float64).reshape(-1)
+    else:
+        area = rle_area(rles) if rles is not None else bbox[:, 2] * bbox[:, 3]
+    flags = read_flags(d, n, record=record, is_pred=is_pred)
+    return Instances(
+        image=np.full(n, index, dtype=np.int64),
+        category=labels - 1,
+        bbox=bbox,
+        area=area,
+        score=score,
+        iscrowd=flags["iscrowd"],
+        difficult=flags["difficult"],
+        ann_id=np.arange(1, n + 1, dtype=np.int64),  # ids only matter for being non-zero
+        rles=rles,
+    )
+
+
+def read_boxes_and_labels(
+    d: Mapping[str, Any], *, record: str, is_pred: bool, num_categories: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes ndarray[N, 4] xyxy float64, labels ndarray[N] int64)`` of a record, checked.
+
+    Raises:
+        EvaluationError: a required key is missing (``scores`` too for a prediction), the shapes
+            disagree, a label is outside 1..K, or a coordinate is not finite.
+    """
+    what = "prediction" if is_pred else "target"
     for key in ("boxes", "labels") + (("scores",) if is_pred else ()):
         if key not in d:
             raise EvaluationError(
@@ -152,36 +185,42 @@ def record_to_instances(
         raise EvaluationError(
             "non-finite box coordinates", record=record, fix="drop NaN/inf boxes before evaluation"
         )
-    bbox = xyxy_to_xywh(boxes)
-    score = np.zeros(n)
-    if is_pred:
-        score = to_numpy(d["scores"], np.float64).reshape(-1)
-        if len(score) != n:
-            raise EvaluationError(
-                f"{n} boxes but {len(score)} scores", record=record, fix="one score per box"
-            )
-        if not np.isfinite(score).all():
-            raise EvaluationError("NaN or infinite score", record=record, fix="check the model's outputs")
-    rles: list[RLE] | None = None
-    if iou_type == "segm":
-        if "masks" not in d:
-            raise EvaluationError(
-                "missing 'masks' for segm evaluation",
-                record=record,
-                fix="pass masks or use iou_type='bbox'",
-            )
-        masks = to_numpy(d["masks"])
-        if masks.ndim == 4:
-            masks = masks[:, 0]
-        masks = masks.reshape(n, *masks.shape[-2:]) if n else masks.reshape(0, *masks.shape[-2:])
-        binary = masks >= mask_threshold if masks.dtype.kind == "f" else masks != 0
-        rles = encode_masks(binary)
-    if is_pred:
-        area = rle_area(rles) if rles is not None else bbox[:, 2] * bbox[:, 3]
-    elif "area" in d:
-        area = to_numpy(d["area"], np.float64).reshape(-1)
-    else:
-        area = rle_area(rles) if rles is not None else bbox[:, 2] * bbox[:, 3]
+    return boxes, labels
+
+
+def read_scores(d: Mapping[str, Any], n: int, *, record: str) -> np.ndarray:
+    """A prediction's ``scores`` as ndarray[N] float64; one finite score per box, else EvaluationError."""
+    score = to_numpy(d["scores"], np.float64).reshape(-1)
+    if len(score) != n:
+        raise EvaluationError(
+            f"{n} boxes but {len(score)} scores", record=record, fix="one score per box"
+        )
+    if not np.isfinite(score).all():
+        raise EvaluationError("NaN or infinite score", record=record, fix="check the model's outputs")
+    return score
+
+
+def read_masks(d: Mapping[str, Any], n: int, *, record: str, mask_threshold: float) -> list[RLE]:
+    """The record's ``masks`` as COCO RLEs, binarised first (probabilities at ``mask_threshold``, integers != 0).
+
+    Takes ``Tensor[N, 1, H, W]`` or ``Tensor[N, H, W]``; raises EvaluationError when ``masks`` is missing.
+    """
+    if "masks" not in d:
+        raise EvaluationError(
+            "missing 'masks' for segm evaluation",
+            record=record,
+            fix="pass masks or use iou_type='bbox'",
+        )
+    masks = to_numpy(d["masks"])
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    masks = masks.reshape(n, *masks.shape[-2:]) if n else masks.reshape(0, *masks.shape[-2:])
+    binary = masks >= mask_threshold if masks.dtype.kind == "f" else masks != 0
+    return encode_masks(binary)
+
+
+def read_flags(d: Mapping[str, Any], n: int, *, record: str, is_pred: bool) -> dict[str, np.ndarray]:
+    """A target's ``iscrowd`` and ``difficult`` flags as ndarray[N] bool (all False when absent, or for a prediction)."""
     flags = {}
     for key in ("iscrowd", "difficult"):
         flags[key] = (
@@ -193,17 +232,7 @@ def record_to_instances(
                 record=record,
                 fix=f"one {key} flag per box",
             )
-    return Instances(
-        image=np.full(n, index, dtype=np.int64),
-        category=labels - 1,
-        bbox=bbox,
-        area=area,
-        score=score,
-        iscrowd=flags["iscrowd"],
-        difficult=flags["difficult"],
-        ann_id=np.arange(1, n + 1, dtype=np.int64),  # ids only matter for being non-zero
-        rles=rles,
-    )
+    return flags
 
 
 def mean_valid(values: np.ndarray) -> float:

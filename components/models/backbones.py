@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from components.errors import CheckpointError
-from components.models.registry import register_model
+from components.models.registry import register_model, resolve_model_name
 
 # torchvision architectures: where each stage ends in ``model.features`` (or which children form it)
 _TV_STAGES: dict[str, list[tuple[int, int]]] = {
@@ -90,7 +90,7 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 @register_model("backbone")
-def vfnet_small(*, widths: Sequence[int] = (16, 32, 64, 128), in_channels: int = 3) -> Backbone:
+def convnet_small(*, widths: Sequence[int] = (16, 32, 64, 128), in_channels: int = 3) -> Backbone:
     """The project's own small backbone, fast on CPU: the lecture's convnet body.
 
     Four stages of (3x3 conv, BatchNorm, ReLU) x 2 followed by 2x2 max pooling; strides
@@ -102,7 +102,7 @@ def vfnet_small(*, widths: Sequence[int] = (16, 32, 64, 128), in_channels: int =
         stages.append(nn.Sequential(_conv_bn_relu(cin, w), _conv_bn_relu(w, w), nn.MaxPool2d(2)))
         cin = w
     strides = [2 ** (i + 1) for i in range(len(widths))]
-    return Backbone(stages, widths, strides, arch="vfnet_small")
+    return Backbone(stages, widths, strides, arch="convnet_small")
 
 
 def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
@@ -189,6 +189,9 @@ def load_backbone_state(path: str | Path, *, arch: str) -> dict[str, Tensor]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError("not a visionflow checkpoint (no state_dict)", file=path, fix="point weights at a file written by visionflow")
     ckpt_arch = ckpt.get("backbone_arch") or ckpt.get("model_args", {}).get("arch")
+    arch = resolve_model_name("backbone", arch)
+    if ckpt_arch is not None:  # a checkpoint written before a rename names the old architecture
+        ckpt_arch = resolve_model_name("backbone", ckpt_arch)
     if ckpt_arch is not None and ckpt_arch != arch:
         raise CheckpointError(
             f"checkpoint holds a {ckpt_arch} backbone, params ask for {arch}",
@@ -206,6 +209,7 @@ def build_backbone(arch: str, *, weights: str | None = None, trainable_layers: i
     """Build a registered backbone and load ``weights`` (None, torchvision enum name, or checkpoint path)."""
     from components.models.registry import get_model
 
+    arch = resolve_model_name("backbone", arch)
     if weights is not None and not is_torchvision_weights(weights):
         backbone = get_model("backbone", arch)
         state = load_backbone_state(weights, arch=arch)
@@ -218,8 +222,8 @@ def build_backbone(arch: str, *, weights: str | None = None, trainable_layers: i
                 fix="use a checkpoint written for this architecture",
             )
     elif weights is not None:
-        if arch == "vfnet_small":
-            raise CheckpointError(f"vfnet_small has no torchvision weights {weights!r}", record="backbone.weights", fix="use a checkpoint path or null")
+        if arch == "convnet_small":
+            raise CheckpointError(f"convnet_small has no torchvision weights {weights!r}", record="backbone.weights", fix="use a checkpoint path or null")
         backbone = get_model("backbone", arch, weights=weights)
     else:
         backbone = get_model("backbone", arch)

@@ -200,7 +200,7 @@ def convnet(**kwargs: Any) -> ConvNet:
 def classifier(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights: str | None = None,
     trainable_layers: int | None = None,
     **kwargs: Any,
@@ -209,7 +209,7 @@ def classifier(
 
     Args:
         num_classes: K.
-        backbone: backbone name (``vfnet_small``, ``mobilenet_v2``, ``resnet18``, ...).
+        backbone: backbone name (``convnet_small``, ``mobilenet_v2``, ``resnet18``, ...).
         weights: ``None`` (scratch), a torchvision weights enum name (``"IMAGENET1K_V1"``) or the
             path of a project checkpoint (e.g. ``outputs/pretrain/backbone.pt``).
         trainable_layers: how many of the backbone's last stages train: ``0`` = feature

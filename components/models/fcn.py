@@ -232,7 +232,7 @@ class FCN(nn.Module):
 def fcn(
     *,
     num_classes: int,
-    backbone_arch: str = "vfnet_small",
+    backbone_arch: str = "convnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
     **kwargs: Any,
@@ -243,7 +243,7 @@ def fcn(
 
     Args:
         num_classes: K + 1 (background included).
-        backbone_arch: a registered backbone (``vfnet_small``, ``mobilenet_v2``, ...).
+        backbone_arch: a registered backbone (``convnet_small``, ``mobilenet_v2``, ...).
         backbone_weights: None (random), a torchvision enum name (``IMAGENET1K_V1``) or a checkpoint path.
         trainable_layers: backbone stages left trainable (None = all).
         **kwargs: passed to :class:`FCN` (``skips``, ``head_channels``, ``dropout``, ...).

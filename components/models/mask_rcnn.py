@@ -139,7 +139,7 @@ def build_mask_rcnn(
 def mask_rcnn(
     *,
     num_classes: int,
-    backbone_arch: str = "vfnet_small",
+    backbone_arch: str = "convnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
     **kwargs: Any,

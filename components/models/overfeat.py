@@ -512,7 +512,7 @@ class OverFeat(nn.Module):
 def sliding_window(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     **kwargs: Any,
@@ -531,7 +531,7 @@ def sliding_window(
 def overfeat(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     **kwargs: Any,

@@ -546,7 +546,7 @@ def _proposer(
 def rcnn(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     proposals_per_image: int = 100,
@@ -586,7 +586,7 @@ def rcnn(
 def fast_rcnn(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     proposals_per_image: int = 100,

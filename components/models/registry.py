@@ -23,6 +23,12 @@ _REGISTRY: dict[str, dict[str, Callable[..., nn.Module]]] = {task: {} for task i
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
+#: Old names of renamed builders, per task: checkpoints and params written before a rename still
+#: say the old name, and every lookup by name (:func:`get_model_builder`, the backbone loader)
+#: maps it here, in one place. ``vfnet_small`` was renamed ``convnet_small``: "vfnet" read as
+#: VarifocalNet, a detector this project does not implement.
+RENAMED_MODELS: dict[str, dict[str, str]] = {"backbone": {"vfnet_small": "convnet_small"}}
+
 
 def register_model(task: str, name: str | None = None) -> Callable[[F], F]:
     """Register a builder under ``task``; a second builder with the same name is refused."""
@@ -64,6 +70,11 @@ def passes_kwargs_to(target: Callable[..., Any], *, exclude: Iterable[str] = ())
     return wrapper
 
 
+def resolve_model_name(task: str, name: str) -> str:
+    """Today's name of ``name`` for ``task``: the new name of a renamed builder, else ``name`` itself."""
+    return RENAMED_MODELS.get(task, {}).get(name, name)
+
+
 def _ensure_loaded() -> None:
     from components.models import load_all
 
@@ -86,7 +97,7 @@ def get_model_builder(task: str, name: str) -> Callable[..., nn.Module]:
     """
     _ensure_loaded()
     try:
-        return _REGISTRY[task][name]
+        return _REGISTRY[task][resolve_model_name(task, name)]
     except KeyError:
         raise ConfigError(
             f"unknown {task} model {name!r}", record=name, fix=f"use one of {sorted(_REGISTRY.get(task, {}))}"

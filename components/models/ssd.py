@@ -68,7 +68,7 @@ class SSDFeatures(nn.Module):
 def ssd(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     image_size: int = 128,

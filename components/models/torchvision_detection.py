@@ -43,7 +43,7 @@ def _anchor_sizes(strides: Sequence[int], anchor_scale: float, octaves: int) -> 
 def faster_rcnn(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     image_size: int = 128,
@@ -105,7 +105,7 @@ def faster_rcnn(
 def retinanet(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     image_size: int = 128,

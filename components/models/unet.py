@@ -218,7 +218,7 @@ def unet(
     *,
     num_classes: int,
     pretrained_encoder: bool = False,
-    backbone_arch: str = "vfnet_small",
+    backbone_arch: str = "convnet_small",
     backbone_weights: str | None = None,
     trainable_layers: int | None = None,
     **kwargs: Any,

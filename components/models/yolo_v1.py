@@ -410,7 +410,7 @@ class YOLOv1(nn.Module):
 def yolo_v1(
     *,
     num_classes: int,
-    backbone: str = "vfnet_small",
+    backbone: str = "convnet_small",
     weights_backbone: str | None = None,
     trainable_backbone_layers: int | None = None,
     **kwargs: Any,

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -49,11 +49,17 @@ from components.config import (
     TrackingConfig,
     stage_metrics_path,
 )
+from components.engine import log_line
 from components.errors import ConfigError, DataError
+from components.io import write_json
 from components.metrics.detection import COCO_METRIC_NAMES as COCO_NAMES
-from components.plots import PNG_METADATA
+from components.plots import draw_detections, plot_detector_comparison
+from components.stages.runner import fit_summary, reload_best, skip_stage, training_run, worker_result
 
 _BACKBONE_KEYS = ("backbone", "train", "augment")  # params keys that are not builder arguments
+
+if TYPE_CHECKING:
+    from components.tracking import RunContext
 
 
 # --------------------------------------------------------------------------- dataset
@@ -199,11 +205,6 @@ def build_detector(arch: str, acfg: DetectorConfig, num_classes: int) -> tuple[n
     return model, args
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not) of ``model``."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- training and evaluation
 
 
@@ -215,11 +216,6 @@ def detection_step(
     images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
     losses = model(images, plain_targets(targets, device))
     return {"loss": sum(losses.values()), **losses}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -234,7 +230,7 @@ def predict_and_score(
 
     The seconds are the model's forward passes only (data loading excluded, CUDA synchronised).
     """
-    from components.engine import progress
+    from components.engine import progress, synchronize
     from components.metrics.detection import DetectionEvaluator
 
     evaluator = DetectionEvaluator(categories, iou_type="bbox")
@@ -242,10 +238,10 @@ def predict_and_score(
     seconds, n_images = 0.0, 0
     for images, targets in progress(loader, desc="evaluating", leave=False):
         images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         detections = model(images)
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - start
         n_images += len(images)
         evaluator.update(
@@ -269,72 +265,6 @@ def evaluate_detector(
     return out
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-@torch.no_grad()
-def draw_detections(
-    model: nn.Module,
-    dataset: Any,
-    device: torch.device,
-    *,
-    categories: list[str],
-    path: Path,
-    count: int = 8,
-    score_threshold: float = 0.3,
-    extra: int = 2,
-    title: str = "",
-) -> Path:
-    """A grid PNG of the first ``count`` test images: true boxes in white, predictions in class colours.
-
-    Drawn per image: every prediction with score >= ``score_threshold``, and at least the
-    ``n_true + extra`` highest-scoring ones whatever their score (each box is labelled with its
-    score). A fixed threshold alone hides a detector whose scores are calibrated lower (YOLO's
-    class-specific confidence ``c * p`` is trained towards the IoU) although its ranking, which is
-    what mAP measures, is good.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import draw_bounding_boxes
-
-    model.eval()
-    n = min(count, len(dataset))
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
-    palette = plt.get_cmap("tab10")
-    for i in range(rows * cols):
-        ax = axes[i // cols][i % cols]
-        ax.axis("off")
-        if i >= n:
-            continue
-        image, target = dataset[i]
-        image = image.as_subclass(Tensor)
-        (det,) = model([image.to(device)])
-        gt_boxes = target["boxes"].as_subclass(Tensor)
-        scores_all = det["scores"].cpu()
-        keep = scores_all >= score_threshold
-        keep[scores_all.argsort(descending=True)[: len(gt_boxes) + extra]] = True
-        pixels = (image.clamp(0, 1) * 255).to(torch.uint8)
-        if len(gt_boxes):
-            pixels = draw_bounding_boxes(pixels, gt_boxes, colors="white", width=1)
-        boxes, labels, scores = det["boxes"].cpu()[keep], det["labels"].cpu()[keep], det["scores"].cpu()[keep]
-        if len(boxes):
-            names = [f"{categories[int(k) - 1]} {s:.2f}" for k, s in zip(labels, scores, strict=True)]
-            colors = [tuple(int(255 * c) for c in palette((int(k) - 1) % 10)[:3]) for k in labels]
-            pixels = draw_bounding_boxes(pixels, boxes, labels=names, colors=colors, width=2)
-        ax.imshow(pixels.permute(1, 2, 0).numpy())
-    fig.suptitle(title or "white: ground truth; coloured: predictions", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
-    plt.close(fig)
-    return path
-
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -346,6 +276,7 @@ def run_detect(
     tracking: TrackingConfig,
     *,
     resume: bool = False,
+    context: RunContext | None = None,
 ) -> dict:
     """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
 
@@ -372,91 +303,40 @@ def run_detect(
 
     acfg = cfg.arch(arch)
     with torch_threads(acfg.train.threads):
-        return _run_detect(cfg, arch, augment, evaluate, tracking, resume=resume)
-
-
-def skip_stage(stage: str, arch: str, out_dir: Path, metrics_file: Path, reason: str) -> dict[str, Any]:
-    """Record a stage its data cannot feed: ``metrics_file``, ``out_dir/SKIPPED.txt``, the state file; exit 0.
-
-    Returns:
-        ``{"arch": arch, "status": "skipped", "reason": reason}`` (what ``metrics_file`` holds).
-    """
-    from components.engine import log_line, stage_state_path, update_stage_state, write_skipped
-    from components.plots import write_json
-
-    metrics = {"arch": arch, "status": "skipped", "reason": reason}
-    write_skipped(out_dir, reason)
-    write_json(metrics, metrics_file)
-    update_stage_state(stage_state_path(stage), replace=True, stage=stage, out=str(out_dir), status="skipped", reason=reason)
-    log_line(f"{stage}: skipped, {reason}")
-    return metrics
+        return _run_detect(cfg, arch, augment, evaluate, tracking, resume=resume, context=context)
 
 
 def _run_detect(
-    cfg: DetectConfig, arch: str, augment: AugmentConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, *, resume: bool
+    cfg: DetectConfig, arch: str, augment: AugmentConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, *, resume: bool,
+    context: RunContext | None = None,
 ) -> dict:
     from components.data.datasets import detection_collate, load_manifest
-    from components.engine import (
-        build_loader,
-        dataset_record,
-        fit,
-        load_model,
-        log_line,
-        prepare_out_dir,
-        resolve_device,
-        resumed_run_id,
-        seed_everything,
-        stage_state_path,
-        update_stage_state,
-    )
-    from components.plots import plot_pr_curves, write_dvc_pr_curves, write_json
-    from components.stages.pretrain import run_exists
-    from components.tracking import start_run
+    from components.engine import build_loader, dataset_record, fit, seed_everything
 
     acfg = cfg.arch(arch)
     root = Path(cfg.dataset)
     out_dir = Path(cfg.out) / arch
     stage = f"detect@{arch}"
-    metrics_file = stage_metrics_path("detect", arch)
     reason = detection_skip_reason(root, load_manifest(root))
     if reason is not None:
-        return skip_stage(stage, arch, out_dir, metrics_file, reason)
-    manifest = read_detection_manifest(root)
-    categories: list[str] = list(manifest["categories"])
+        return skip_stage(stage, arch, out_dir, stage_metrics_path("detect", arch), reason)
+    categories: list[str] = list(read_detection_manifest(root)["categories"])
     augment = detector_augment(augment, acfg)
     seed_everything(acfg.train.seed)
 
     model, model_args = build_detector(arch, acfg, len(categories))
     datasets = detection_datasets(root, augment, acfg.image_size)
     eval_batch = max(acfg.train.batch_size, 8)
-    train_loader = build_loader(datasets["train"], acfg.train, train=True, collate_fn=detection_collate)
-    val_loader = build_loader(
-        datasets["val"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
-    )
-    test_loader = build_loader(
-        datasets["test"], acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
-    )
+    loaders = {
+        split: build_loader(datasets[split], acfg.train, train=split == "train", collate_fn=detection_collate, batch_size=None if split == "train" else eval_batch)
+        for split in ("train", "val", "test")
+    }
     dataset = dataset_record(root)
-
-    state_file = stage_state_path(stage)
-    run_id = resumed_run_id(state_file, out=out_dir, resume=resume, exists=run_exists(tracking))
-    prepare_out_dir(out_dir, resume=resume)
-    with start_run(
-        tracking,
-        run_name=f"detect-{arch}",
-        tags={"stage": "detect", "arch": arch, "task": "detection"},
-        run_id=run_id,
-    ) as logger:
-        update_stage_state(state_file, replace=run_id is None, stage=stage, out=str(out_dir), mlflow_run_id=logger.run_id, status="running")
-        if run_id is None:
-            logger.log_params(
-                {
-                    "arch": arch,
-                    "dataset": str(root),
-                    **acfg.model_dump(mode="json"),
-                    "augment": augment.model_dump(mode="json"),
-                }
-            )
+    params = {"arch": arch, "dataset": str(root), **acfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")}
+    tags = {"stage": "detect", "arch": arch, "task": "detection"}
+    with training_run(
+        tracking, context=context, stage=stage, out_dir=out_dir, run_name=f"detect-{arch}", tags=tags, resume=resume, params=params, section=acfg, dataset=root
+    ) as run:
         meta = {
             "task": "detection",
             "model_name": arch,
@@ -467,41 +347,15 @@ def _run_detect(
             "backbone_weights": acfg.backbone.weights,
         }
         result = fit(
-            model,
-            train_loader=train_loader,
-            val_loader=val_loader,
-            step=detection_step,
-            evaluate=partial(evaluate_detector, categories=categories),
-            cfg=acfg.train,
-            out_dir=out_dir,
-            meta=meta,
-            resume=resume,
-            log_metrics=logger.log_metrics,
-            desc=f"detect {arch}",
-            state_file=state_file,
+            model, train_loader=loaders["train"], val_loader=loaders["val"], step=detection_step,
+            evaluate=partial(evaluate_detector, categories=categories), cfg=acfg.train, out_dir=out_dir, meta=meta,
+            resume=resume, log_metrics=run.logger.log_metrics, desc=f"detect {arch}", state_file=run.state_file,
         )
-        from components.distributed import is_main_process, rank
-
-        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone tests and writes files
-            return {"rank": rank(), "role": "worker"}
-
-        best_path = result.best_path or result.last_path
-        assert best_path is not None
-        model, _ = load_model(best_path)
-        device = resolve_device(acfg.train.device)
-        model.to(device)
-        evaluator, seconds, n_images = predict_and_score(model, test_loader, device, categories=categories)
-        bbox = evaluator.compute()["bbox"]
-        curves = evaluator.pr_curves(evaluate.pr_iou_thresholds)
-        _, results = evaluator.to_coco()
-        test: dict[str, Any] = {k: float(bbox[k]) for k in COCO_NAMES}
-        test.update(
-            voc_map_50=float(bbox["voc"]["map_50"]),
-            voc_map_50_11point=float(bbox["voc"]["map_50_11point"]),
-            per_class=bbox["per_class"],
-            ms_per_image=1000.0 * seconds / max(1, n_images),
-            num_images=n_images,
-        )
+        if (worker := worker_result()) is not None:
+            return worker
+        model, best_path, device = reload_best(result, acfg.train.device)
+        evaluator, seconds, n_images = predict_and_score(model, loaders["test"], device, categories=categories)
+        test = _test_metrics(evaluator, seconds, n_images)
         log_line(
             f"detect {arch}: test split, {n_images} images: mAP@0.5 {test['map_50']:.4f}, "
             f"mAP {test['map']:.4f}, {test['ms_per_image']:.1f} ms/image"
@@ -513,48 +367,54 @@ def _run_detect(
             "dataset_md5": dataset["md5"],
             "backbone": acfg.backbone.model_dump(mode="json"),
             "test": test,
-            "val": result.best_metrics,
-            "parameters": count_parameters(model),
-            "train_time_s": result.train_time_s,
-            "train_cpu_time_s": result.cpu_time_s,
-            "epoch_time_s": result.epoch_time_s,
-            "epochs": result.epochs_completed,
-            "best_epoch": result.best_epoch,
-            "images_per_s": result.images_per_s,
-            "device": device.type,
-            "eval_batch_size": eval_batch,
-            "threads": torch.get_num_threads(),
-            "checkpoint": str(best_path),
-            "run_id": logger.run_id,
+            **fit_summary(result, model, device=device, eval_batch=eval_batch, checkpoint=best_path, run_id=run.run_id),
         }
         if hasattr(model, "windows_per_image"):
             metrics["windows_per_image"] = int(model.windows_per_image)
-        predictions = write_json(results, out_dir / "predictions_test.json")
-        pr_csvs = write_dvc_pr_curves(curves, out_dir)
-        pr_png = plot_pr_curves(curves, out_dir / "pr_curves.png", title=f"{arch} on {root.name} test")
-        drawn = draw_detections(
-            model,
-            datasets["test"],
-            device,
-            categories=categories,
-            path=out_dir / "detections.png",
-            title=f"{arch}: mAP@0.5 {test['map_50']:.3f} on {root.name} test (white: truth)",
-        )
-        metrics_path = write_json(metrics, metrics_file)
-        scalars = {
-            "test": {k: v for k, v in test.items() if k != "per_class"},
-            "parameters": metrics["parameters"],
-            "train_time_s": result.train_time_s,
-        }
-        if "windows_per_image" in metrics:
-            scalars["windows_per_image"] = metrics["windows_per_image"]
-        logger.log_metrics(scalars, sep="_")
-        logger.log_artifact(metrics_path)
-        logger.log_artifact(predictions, artifact_path="predictions")
-        for plot in (drawn, pr_png, *pr_csvs):
-            logger.log_artifact(plot, artifact_path="plots")
-        update_stage_state(state_file, status="finished")
+        _write_outputs(arch, root, model, evaluator, datasets["test"], device, categories, metrics, result, run, evaluate)
     return metrics
+
+
+def _test_metrics(evaluator: Any, seconds: float, n_images: int) -> dict[str, Any]:
+    """The test split's COCO numbers, VOC AP@0.5 (all-point and 11-point), per class, ms per image."""
+    bbox = evaluator.compute()["bbox"]
+    test: dict[str, Any] = {k: float(bbox[k]) for k in COCO_NAMES}
+    test.update(
+        voc_map_50=float(bbox["voc"]["map_50"]),
+        voc_map_50_11point=float(bbox["voc"]["map_50_11point"]),
+        per_class=bbox["per_class"],
+        ms_per_image=1000.0 * seconds / max(1, n_images),
+        num_images=n_images,
+    )
+    return test
+
+
+def _write_outputs(
+    arch: str, root: Path, model: nn.Module, evaluator: Any, test_set: Any, device: torch.device, categories: list[str],
+    metrics: dict[str, Any], result: Any, run: Any, evaluate: EvaluateConfig,
+) -> None:
+    """Predictions, PR curves (CSV + PNG), drawn detections, the metrics file; all logged to the run."""
+    from components.plots import plot_pr_curves, write_dvc_pr_curves
+
+    out_dir, test, logger = run.out_dir, metrics["test"], run.logger
+    curves = evaluator.pr_curves(evaluate.pr_iou_thresholds)
+    _, results = evaluator.to_coco()
+    predictions = write_json(results, out_dir / "predictions_test.json")
+    pr_csvs = write_dvc_pr_curves(curves, out_dir)
+    pr_png = plot_pr_curves(curves, out_dir / "pr_curves.png", title=f"{arch} on {root.name} test")
+    drawn = draw_detections(
+        model, test_set, device, categories=categories, path=out_dir / "detections.png",
+        title=f"{arch}: mAP@0.5 {test['map_50']:.3f} on {root.name} test (white: truth)",
+    )
+    metrics_path = write_json(metrics, stage_metrics_path("detect", arch))
+    scalars = {"test": {k: v for k, v in test.items() if k != "per_class"}, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}
+    if "windows_per_image" in metrics:
+        scalars["windows_per_image"] = metrics["windows_per_image"]
+    logger.log_metrics(scalars, sep="_")
+    logger.log_artifact(metrics_path)
+    logger.log_artifact(predictions, artifact_path="predictions")
+    for plot in (drawn, pr_png, *pr_csvs):
+        logger.log_artifact(plot, artifact_path="plots")
 
 
 COMPARED = ("map_50", "map", "voc_map_50", "ms_per_image")
@@ -573,7 +433,7 @@ def compare_detectors(cfg: DetectConfig) -> dict:
     Raises:
         DataError: no architecture has run (or been skipped) yet, or a metrics file is not the stage's.
     """
-    from components.plots import plot_skipped, write_json
+    from components.plots import plot_skipped
 
     table: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -629,55 +489,3 @@ DETECTOR_KIND = {
     "rcnn": "two-stage",
     "fast_rcnn": "two-stage",
 }
-
-
-def plot_detector_comparison(
-    table: Mapping[str, Mapping[str, Any]], path: Path, *, skipped: Mapping[str, str] | None = None
-) -> Path:
-    """Five bar panels (mAP@0.5, mAP@[.5:.95], ms/image, parameters, train time), bars coloured by kind.
-
-    ``skipped`` (``{arch: reason}``) is named in a caption under the panels.
-    """
-    import matplotlib
-
-    from components.plots import skipped_caption
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    archs = list(table)
-    colors = {
-        "one-stage": "tab:blue",
-        "two-stage": "tab:orange",
-        "window classifier": "tab:gray",
-        "other": "tab:green",
-    }
-    panels = [
-        ("map_50", "mAP@0.5", 1.0),
-        ("map", "mAP@[.5:.95]", 1.0),
-        ("ms_per_image", "inference ms / image", 1.0),
-        ("parameters", "parameters (M)", 1e-6),
-        ("train_time_s", "training time (s)", 1.0),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
-    for ax, (key, label, scale) in zip(axes, panels, strict=True):
-        values = [float(table[a].get(key) or 0.0) * scale for a in archs]
-        ax.bar(
-            range(len(archs)),
-            values,
-            color=[colors.get(table[a].get("kind", "other"), "tab:green") for a in archs],
-        )
-        ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), loc="upper right", fontsize=7)
-    caption = skipped_caption(dict(skipped or {}))
-    if caption:
-        fig.text(0.01, 0.005, caption, fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
-    plt.close(fig)
-    return path

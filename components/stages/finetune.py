@@ -26,30 +26,23 @@ strategy from its ``last.pt``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.config import AugmentConfig, FinetuneConfig, TrackingConfig
-from components.distributed import is_main_process, rank
 from components.engine import (
+    FitResult,
     dataset_record,
     load_checkpoint,
     prepare_out_dir,
-    resumed_run_id,
     seed_everything,
-    stage_state_path,
     torch_threads,
-    update_stage_state,
 )
 from components.errors import CheckpointError
+from components.io import write_json
 from components.models.classifier import Classifier
-from components.plots import plot_confusion_matrix, plot_strategy_comparison, plot_training_curves, write_json
-from components.stages.pretrain import (
-    METRICS_DIR,
-    count_parameters,
-    fit_classifier,
-    load_classification_data,
-    run_exists,
-)
+from components.plots import plot_confusion_matrix, plot_strategy_comparison, plot_training_curves
+from components.stages.pretrain import METRICS_DIR, fit_classifier, load_classification_data, parameter_counts
+from components.stages.runner import training_run, worker_result
 
 STRATEGY_TITLES = {
     "scratch": "scratch (random init)",
@@ -57,6 +50,9 @@ STRATEGY_TITLES = {
     "fine_tuning": "ImageNet, fine-tuned",
     "own_fine_tuning": "own backbone, fine-tuned",
 }
+
+if TYPE_CHECKING:
+    from components.tracking import RunContext
 
 
 def strategy_model(strategy: str, cfg: FinetuneConfig, num_classes: int) -> tuple[Classifier, dict[str, Any], list[dict[str, Any]] | None, dict[str, Any]]:
@@ -97,7 +93,8 @@ def _own_backbone_arch(path: Path) -> str:
     return arch
 
 
-def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False, context: RunContext | None = None
+) -> dict[str, Any]:
     """Train and compare the strategies of ``cfg.strategies`` on ``cfg.dataset``.
 
     Returns:
@@ -111,122 +108,153 @@ def run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: Tracking
         TrackingError: MLflow is unreachable.
     """
     with torch_threads(cfg.train.threads):
-        return _run_finetune(cfg, augment, tracking, resume=resume)
+        return _run_finetune(cfg, augment, tracking, resume=resume, context=context)
 
 
-def _run_finetune(cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool) -> dict[str, Any]:
-    from components.tracking import start_run
-
+def _run_finetune(
+    cfg: FinetuneConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool, context: RunContext | None
+) -> dict[str, Any]:
     out = prepare_out_dir(Path(cfg.out), resume=resume)
     (out / "best.json").unlink(missing_ok=True)  # written again only when every strategy finished
-    state_file = stage_state_path("finetune")
-    exists = run_exists(tracking) if resume else None
-    parent_id = resumed_run_id(state_file, out=out, resume=resume, exists=exists)
     dataset = dataset_record(cfg.dataset)
     size_of = {s: (cfg.own_image_size or cfg.image_size) if s == "own_fine_tuning" else cfg.image_size for s in cfg.strategies}
     data = load_classification_data(
         cfg.dataset, augment, image_size=max(size_of.values()), label_fraction=cfg.label_fraction, seed=cfg.train.seed
     )
     rows: dict[str, dict[str, Any]] = {}
-    with start_run(tracking, run_name="finetune", tags={"visionflow.stage": "finetune"}, run_id=parent_id) as parent:
-        update_stage_state(state_file, replace=parent_id is None, stage="finetune", out=str(out), mlflow_run_id=parent.run_id, status="running")
-        if parent_id is None:
-            parent.log_params({"finetune": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
-            parent.log_lineage(section=cfg, dataset=cfg.dataset)
+    params = {"finetune": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")}
+    with training_run(
+        tracking, context=context, stage="finetune", out_dir=out, run_name="finetune", tags={"visionflow.stage": "finetune"}, resume=resume, prepare=False,
+        params=params, section=cfg, dataset=cfg.dataset,
+    ) as parent:
         for strategy in cfg.strategies:
-            strategy_dir = out / strategy
-            child_state = stage_state_path(f"finetune@{strategy}")
-            child_id = resumed_run_id(child_state, out=strategy_dir, resume=resume and parent_id is not None, exists=exists)
-            with start_run(tracking, run_name=f"finetune.{strategy}", tags={"visionflow.stage": "finetune", "visionflow.strategy": strategy}, run_id=child_id, nested=True) as logger:
-                update_stage_state(
-                    child_state, replace=child_id is None, stage=f"finetune@{strategy}", out=str(strategy_dir),
-                    mlflow_run_id=logger.run_id, mlflow_parent_run_id=parent.run_id, status="running",
-                )
-                seed_everything(cfg.train.seed)
-                model, model_args, groups, init = strategy_model(strategy, cfg, len(data.classes))
-                init["image_size"] = size_of[strategy]
-                if child_id is None:
-                    logger.log_params({"strategy": strategy, **{f"init.{k}": v for k, v in init.items()}, **count_parameters(model)})
-                meta = {
-                    "task": "classification",
-                    "model_name": "classifier",
-                    "model_args": model_args,
-                    "categories": data.classes,
-                    "image_size": size_of[strategy],
-                    "backbone_arch": init["backbone"],
-                    "stage": "finetune",
-                    "strategy": strategy,
-                    "init": init,
-                    "dataset": dataset,
-                    "label_fraction": cfg.label_fraction,
-                }
-                result = fit_classifier(
-                    model, data.at_size(size_of[strategy]), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume,
-                    log_metrics=logger.log_metrics, desc=f"finetune.{strategy}", state_file=child_state,
-                )
-                if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
-                    continue
-                best = result.best_metrics
-                curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
-                matrix = plot_confusion_matrix(
-                    best["confusion_matrix"], data.classes, strategy_dir / "confusion_matrix.png",
-                    title=f"{STRATEGY_TITLES[strategy]}: accuracy {best['accuracy']:.3f}",
-                )
-                for path in (curves, matrix):
-                    logger.log_artifact(path, "plots")
-                rows[strategy] = {
-                    "accuracy": best.get("accuracy"),
-                    "macro_f1": best.get("macro_f1"),
-                    "loss": best.get("loss"),
-                    "per_class_accuracy": best.get("per_class_accuracy"),
-                    "confusion_matrix": best.get("confusion_matrix"),
-                    "train_time_s": round(result.train_time_s, 2),
-                    "train_cpu_s": round(result.cpu_time_s, 2),
-                    "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
-                    "image_size": size_of[strategy],
-                    "images_per_s": round(result.images_per_s, 1),
-                    "epochs": result.epochs_completed,
-                    "best_epoch": result.best_epoch,
-                    **count_parameters(model),
-                    "init": init,
-                    "checkpoint": str(result.best_path),
-                    "run_id": logger.run_id,
-                }
-                logger.log_metrics({"best_accuracy": rows[strategy]["accuracy"], "best_macro_f1": rows[strategy]["macro_f1"], "train_time_s": rows[strategy]["train_time_s"]})
-                parent.log_metrics({f"{strategy}.accuracy": rows[strategy]["accuracy"], f"{strategy}.macro_f1": rows[strategy]["macro_f1"]})
-                update_stage_state(child_state, status="finished")
-
-        if not is_main_process():
-            return {"rank": rank(), "role": "worker"}
-        best_strategy = max(rows, key=lambda s: (rows[s]["accuracy"] or 0.0, rows[s]["macro_f1"] or 0.0))
-        metrics = {
-            "dataset": str(cfg.dataset),
-            "dataset_md5": dataset["md5"],
-            "val_split": data.val_split,
-            "label_fraction": cfg.label_fraction,
-            "num_train": len(data.train),
-            "num_val": len(data.val),
-            "image_size": cfg.image_size,
-            "own_image_size": size_of.get("own_fine_tuning"),
-            "classes": data.classes,
-            "strategies": rows,
-            "best": {"strategy": best_strategy, "accuracy": rows[best_strategy]["accuracy"], "checkpoint": rows[best_strategy]["checkpoint"]},
-            "total_train_time_s": round(sum(r["train_time_s"] for r in rows.values()), 2),
-            "total_train_cpu_s": round(sum(r["train_cpu_s"] for r in rows.values()), 2),
-            "run_id": parent.run_id,
-        }
-        bars = plot_strategy_comparison(
-            rows, out / "strategies.png", labels=STRATEGY_TITLES, title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split"
-        )
-        matrix = plot_confusion_matrix(
-            rows[best_strategy]["confusion_matrix"], data.classes, out / "confusion_matrix.png",
-            title=f"best: {STRATEGY_TITLES[best_strategy]} (accuracy {rows[best_strategy]['accuracy']:.3f})",
-        )
-        write_json({"strategy": best_strategy, "checkpoint": rows[best_strategy]["checkpoint"], "metric": "accuracy", "value": rows[best_strategy]["accuracy"]}, out / "best.json")
-        write_json(metrics, METRICS_DIR / "finetune.json")
-        for path in (bars, matrix):
-            parent.log_artifact(path, "plots")
-        parent.log_artifact(METRICS_DIR / "finetune.json")
-        parent.set_tags({"visionflow.best_strategy": best_strategy})
-        update_stage_state(state_file, status="finished")
+            row = _train_strategy(
+                strategy, cfg, data, dataset, size_of[strategy], tracking, parent, resume=resume, resume_run=resume and parent.resumed,
+                context=context,
+            )
+            if row is not None:
+                rows[strategy] = row
+        if (worker := worker_result()) is not None:
+            return worker
+        metrics = _finetune_metrics(cfg, data, dataset, rows, size_of, parent.run_id)
+        _write_outputs(cfg, data, rows, metrics, out, parent.logger)
     return metrics
+
+
+def _train_strategy(
+    strategy: str, cfg: FinetuneConfig, data: Any, dataset: dict[str, str], image_size: int, tracking: TrackingConfig, parent: Any, *,
+    resume: bool, resume_run: bool, context: RunContext | None = None,
+) -> dict[str, Any] | None:
+    """Train one strategy in its nested run; its row of ``metrics/finetune.json`` (None on torchrun workers).
+
+    ``resume`` continues ``last.pt``; ``resume_run`` re-opens the strategy's MLflow run (only when the parent run was re-opened).
+    """
+    strategy_dir = Path(cfg.out) / strategy
+    tags = {"visionflow.stage": "finetune", "visionflow.strategy": strategy}
+    with training_run(
+        tracking, context=context, stage=f"finetune@{strategy}", out_dir=strategy_dir, run_name=f"finetune.{strategy}", tags=tags, resume=resume_run,
+        prepare=False, nested=True, state={"mlflow_parent_run_id": parent.run_id},
+    ) as run:
+        logger = run.logger
+        seed_everything(cfg.train.seed)
+        model, model_args, groups, init = strategy_model(strategy, cfg, len(data.classes))
+        init["image_size"] = image_size
+        if not run.resumed:
+            logger.log_params({"strategy": strategy, **{f"init.{k}": v for k, v in init.items()}, **parameter_counts(model)})
+            logger.log_dataset(name=Path(cfg.dataset).name, source=cfg.dataset)
+        meta = {
+            "task": "classification",
+            "model_name": "classifier",
+            "model_args": model_args,
+            "categories": data.classes,
+            "image_size": image_size,
+            "backbone_arch": init["backbone"],
+            "stage": "finetune",
+            "strategy": strategy,
+            "init": init,
+            "dataset": dataset,
+            "label_fraction": cfg.label_fraction,
+        }
+        result = fit_classifier(
+            model, data.at_size(image_size), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume,
+            log_metrics=logger.log_metrics, desc=f"finetune.{strategy}", state_file=run.state_file,
+        )
+        if worker_result() is not None:
+            return None
+        row = _strategy_row(strategy, strategy_dir, data, result, model, init, image_size, logger)
+        logger.log_metrics({"best_accuracy": row["accuracy"], "best_macro_f1": row["macro_f1"], "train_time_s": row["train_time_s"]})
+        parent.logger.log_metrics({f"{strategy}.accuracy": row["accuracy"], f"{strategy}.macro_f1": row["macro_f1"]})
+    return row
+
+
+def _strategy_row(
+    strategy: str, strategy_dir: Path, data: Any, result: FitResult, model: Any, init: dict[str, Any], image_size: int, logger: Any
+) -> dict[str, Any]:
+    """Draw the strategy's curves and confusion matrix; its row of ``metrics/finetune.json``."""
+    best = result.best_metrics
+    curves = plot_training_curves(result.history, strategy_dir / "training_curves.png", title=f"finetune: {STRATEGY_TITLES[strategy]}")
+    matrix = plot_confusion_matrix(
+        best["confusion_matrix"], data.classes, strategy_dir / "confusion_matrix.png",
+        title=f"{STRATEGY_TITLES[strategy]}: accuracy {best['accuracy']:.3f}",
+    )
+    for path in (curves, matrix):
+        logger.log_artifact(path, "plots")
+    return {
+        "accuracy": best.get("accuracy"),
+        "macro_f1": best.get("macro_f1"),
+        "loss": best.get("loss"),
+        "per_class_accuracy": best.get("per_class_accuracy"),
+        "confusion_matrix": best.get("confusion_matrix"),
+        "train_time_s": round(result.train_time_s, 2),
+        "train_cpu_s": round(result.cpu_time_s, 2),
+        "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
+        "image_size": image_size,
+        "images_per_s": round(result.images_per_s, 1),
+        "epochs": result.epochs_completed,
+        "best_epoch": result.best_epoch,
+        **parameter_counts(model),
+        "init": init,
+        "checkpoint": str(result.best_path),
+        "run_id": logger.run_id,
+    }
+
+
+def _finetune_metrics(
+    cfg: FinetuneConfig, data: Any, dataset: dict[str, str], rows: dict[str, dict[str, Any]], size_of: dict[str, int], run_id: str
+) -> dict[str, Any]:
+    """``metrics/finetune.json``: every strategy's row and the best one (by accuracy, then macro F1)."""
+    best_strategy = max(rows, key=lambda s: (rows[s]["accuracy"] or 0.0, rows[s]["macro_f1"] or 0.0))
+    return {
+        "dataset": str(cfg.dataset),
+        "dataset_md5": dataset["md5"],
+        "val_split": data.val_split,
+        "label_fraction": cfg.label_fraction,
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        "image_size": cfg.image_size,
+        "own_image_size": size_of.get("own_fine_tuning"),
+        "classes": data.classes,
+        "strategies": rows,
+        "best": {"strategy": best_strategy, "accuracy": rows[best_strategy]["accuracy"], "checkpoint": rows[best_strategy]["checkpoint"]},
+        "total_train_time_s": round(sum(r["train_time_s"] for r in rows.values()), 2),
+        "total_train_cpu_s": round(sum(r["train_cpu_s"] for r in rows.values()), 2),
+        "run_id": run_id,
+    }
+
+
+def _write_outputs(cfg: FinetuneConfig, data: Any, rows: dict[str, dict[str, Any]], metrics: dict[str, Any], out: Path, parent: Any) -> None:
+    """The comparison bars, the best strategy's confusion matrix, ``best.json`` and ``metrics/finetune.json``."""
+    best_strategy = metrics["best"]["strategy"]
+    bars = plot_strategy_comparison(
+        rows, out / "strategies.png", labels=STRATEGY_TITLES, title=f"{Path(cfg.dataset).name}: {len(data.train)} labelled train images, {data.val_split} split"
+    )
+    matrix = plot_confusion_matrix(
+        rows[best_strategy]["confusion_matrix"], data.classes, out / "confusion_matrix.png",
+        title=f"best: {STRATEGY_TITLES[best_strategy]} (accuracy {rows[best_strategy]['accuracy']:.3f})",
+    )
+    write_json({"strategy": best_strategy, "checkpoint": rows[best_strategy]["checkpoint"], "metric": "accuracy", "value": rows[best_strategy]["accuracy"]}, out / "best.json")
+    write_json(metrics, METRICS_DIR / "finetune.json")
+    for path in (bars, matrix):
+        parent.log_artifact(path, "plots")
+    parent.log_artifact(METRICS_DIR / "finetune.json")
+    parent.set_tags({"visionflow.best_strategy": best_strategy})

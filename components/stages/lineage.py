@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from components.config import DetectConfig, SelectiveSearchDetectorConfig
-from components.engine import log_line, progress
+from components.engine import log_line, progress, synchronize
 from components.errors import CheckpointError, DataError
 from components.ops.selective_search import (
     ProposalCache,
@@ -50,6 +50,7 @@ from components.ops.selective_search import (
     proposal_recall,
     selective_search,
 )
+from components.plots import plot_lineage
 
 LINEAGE = ("rcnn", "fast_rcnn", "faster_rcnn")
 METRICS_FILE = Path("metrics/rcnn_lineage.json")
@@ -61,11 +62,6 @@ ACCURACY_TOLERANCE = 0.01  # "keeps" accuracy: within one mAP point
 
 
 # --------------------------------------------------------------------------- timed inference
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed_selective_search_model(
@@ -86,14 +82,14 @@ def _timed_faster_rcnn(model: nn.Module, image: Tensor) -> tuple[dict[str, Tenso
     original_size = [(int(image.shape[-2]), int(image.shape[-1]))]
     images, _ = model.transform([image])
     features = model.backbone(images.tensors)
-    _sync(device)
+    synchronize(device)
     t_features = time.perf_counter()
     proposals, _ = model.rpn(images, features)
-    _sync(device)
+    synchronize(device)
     t_proposals = time.perf_counter()
     detections, _ = model.roi_heads(features, proposals, images.image_sizes)
     detections = model.transform.postprocess(detections, images.image_sizes, original_size)
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     return detections[0], {
         "proposals_s": t_proposals - t_features,
@@ -168,10 +164,10 @@ def measure_detector(
     total = 0.0
     for image, target in progress(list(zip(images, targets, strict=True)), desc=f"lineage {arch}", unit="img"):
         image = image.to(device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         detections, timing = timed(model, image)
-        _sync(device)
+        synchronize(device)
         total += time.perf_counter() - start
         for key in parts:
             parts[key] += timing[key]
@@ -346,70 +342,6 @@ def check_claims(
 # --------------------------------------------------------------------------- outputs
 
 
-def plot_lineage(result: dict[str, Any], path: Path) -> Path:
-    """Recall vs number of proposals (IoU 0.5 and 0.7), time per image by part, and accuracy, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
-    for ax, key, iou in ((axes[0], "recall_50", 0.5), (axes[1], "recall_70", 0.7)):
-        for name, rec in result["proposals"].items():
-            ax.plot(
-                rec["counts"], rec[key], marker="o", ms=3, label=f"{name} ({rec['ms_per_image']:.0f} ms/img)"
-            )
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("number of proposals per image")
-        ax.set_ylabel(f"recall of GT boxes at IoU {iou}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    archs = list(result["detectors"])
-    bottom = [0.0] * len(archs)
-    for part, colour in (
-        ("proposals_ms", "tab:orange"),
-        ("features_ms", "tab:blue"),
-        ("head_ms", "tab:green"),
-    ):
-        values = [result["detectors"][a][part] for a in archs]
-        axes[2].bar(archs, values, bottom=bottom, color=colour, label=part.replace("_ms", ""))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    axes[2].set_ylabel(f"ms per image ({result['device']})")
-    axes[2].set_title("time per image by part")
-    axes[2].legend(fontsize=8)
-    for arch, row in result.get("feature_cost_vs_regions", {}).items():
-        axes[3].plot(row["regions"], row["ms_per_image"], marker="o", label=arch)
-    axes[3].set_xlabel("regions per image (proposals given)")
-    axes[3].set_ylabel("CNN + heads, ms per image")
-    axes[3].set_title("per-region cost")
-    axes[3].grid(alpha=0.3)
-    axes[3].legend(fontsize=8)
-    width = 0.38
-    xs = range(len(archs))
-    axes[4].bar(
-        [x - width / 2 for x in xs], [result["detectors"][a]["map_50"] for a in archs], width, label="mAP@0.5"
-    )
-    axes[4].bar(
-        [x + width / 2 for x in xs],
-        [result["detectors"][a]["map"] for a in archs],
-        width,
-        label="mAP@[.5:.95]",
-    )
-    axes[4].set_xticks(list(xs), archs)
-    axes[4].set_ylim(0, 1)
-    axes[4].set_title(f"test split ({result['num_images']} images)")
-    axes[4].legend(fontsize=8)
-    fig.suptitle("R-CNN -> Fast R-CNN -> Faster R-CNN: where the time goes")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def _load_detector(cfg: DetectConfig, arch: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     from components.engine import load_model
 
@@ -442,79 +374,26 @@ def run_lineage(
         CheckpointError: a detector of the lineage has not been trained by the detect stage.
         DataError: the dataset has no test split with detection labels.
     """
-    from components.data.datasets import DetectionDataset
-    from components.engine import prepare_out_dir, read_skipped, resolve_device, write_skipped
-    from components.plots import write_json
+    from components.engine import prepare_out_dir, resolve_device
+    from components.io import write_json
 
-    lineage_dir = Path(cfg.out) / "lineage"
-    skipped = {arch: r for arch in LINEAGE if (r := read_skipped(Path(cfg.out) / arch)) is not None}
-    absent = [arch for arch in LINEAGE if arch not in cfg.architectures]
-    if skipped or absent:
-        reason = "; ".join(
-            ([f"detect.architectures lacks {', '.join(absent)} (the lineage compares all three)"] if absent else [])
-            + [f"detect skipped {arch} ({r})" for arch, r in skipped.items()]
-        )
-        write_skipped(lineage_dir, reason)
-        result = {"stage": "lineage", "status": "skipped", "reason": reason}
-        write_json(result, Path(metrics_file))
-        log_line(f"lineage: skipped, {reason}")
-        return result
-    prepare_out_dir(lineage_dir, resume=False)
+    reason = read_lineage_skip_reason(cfg)
+    if reason is not None:
+        return write_lineage_skipped(cfg, reason, Path(metrics_file))
+    prepare_out_dir(Path(cfg.out) / "lineage", resume=False)
 
     device = resolve_device(cfg.faster_rcnn.train.device)
-    dataset = DetectionDataset(cfg.dataset, "test")
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n == 0:
-        raise DataError(
-            "the test split is empty",
-            file=cfg.dataset,
-            record="test",
-            fix="ingest a dataset with a test split",
-        )
-    samples = [dataset[i] for i in range(n)]
-    images = [torch.as_tensor(img).as_subclass(Tensor) for img, _ in samples]
-    targets = [
-        {
-            "boxes": t["boxes"].as_subclass(Tensor),
-            "labels": t["labels"],
-            "iscrowd": t["iscrowd"],
-            "area": t["area"],
-        }
-        for _, t in samples
-    ]
-
+    classes, images, targets = read_test_split(cfg, limit)
+    n = len(images)
     detectors: dict[str, dict[str, Any]] = {}
     models: dict[str, nn.Module] = {}
     for arch in LINEAGE:
         model, ckpt = _load_detector(cfg, arch, device)
-        categories = ckpt.get("categories") or dataset.classes
+        categories = ckpt.get("categories") or classes
         detectors[arch] = measure_detector(arch, model, images, targets, categories, device)
         models[arch] = model
 
-    gt_boxes = [t["boxes"] for t in targets]
-    cap = max(RECALL_COUNTS)
-    own = search_params(cfg.rcnn, max_proposals=cap)
-    fast_mode = SelectiveSearchParams(
-        **PAPER_FAST_MODE, sigma=cfg.rcnn.ss_sigma, min_size=cfg.rcnn.ss_min_size, max_proposals=cap
-    )
-    faster = models["faster_rcnn"]
-    fast_mode_summary, fast_mode_boxes = measure_proposals(
-        "ss fast mode", lambda im: selective_search(im, fast_mode), images, gt_boxes
-    )
-    proposals = {
-        "selective search (detect.rcnn params)": measure_proposals(
-            "ss params", lambda im: selective_search(im, own), images, gt_boxes
-        )[0],
-        "selective search (paper's fast mode)": fast_mode_summary,
-        "RPN (trained Faster R-CNN)": measure_proposals(
-            "rpn", lambda im: _rpn_proposals(faster, im.to(device)), images, gt_boxes
-        )[0],
-    }
-    if cfg.fast_rcnn.model_dump(include=_SEARCH_KEYS) != cfg.rcnn.model_dump(include=_SEARCH_KEYS):
-        fast_own = search_params(cfg.fast_rcnn, max_proposals=cap)
-        proposals["selective search (detect.fast_rcnn params)"] = measure_proposals(
-            "ss fast_rcnn", lambda im: selective_search(im, fast_own), images, gt_boxes
-        )[0]
+    proposals, fast_mode_boxes = measure_all_proposals(cfg, images, [t["boxes"] for t in targets], models["faster_rcnn"], device)
     m = min(SCALING_IMAGES, n)
     scaling = feature_cost_vs_regions(
         {arch: models[arch] for arch in ("rcnn", "fast_rcnn")},
@@ -537,6 +416,100 @@ def run_lineage(
     result["plot"] = str(plot)
     write_json(_finite(result), Path(metrics_file))
     return result
+
+
+def read_lineage_skip_reason(cfg: DetectConfig) -> str | None:
+    """Why the lineage cannot run (a detector absent from the params or skipped by the detect stage), or None."""
+    from components.engine import read_skipped
+
+    skipped = {arch: r for arch in LINEAGE if (r := read_skipped(Path(cfg.out) / arch)) is not None}
+    absent = [arch for arch in LINEAGE if arch not in cfg.architectures]
+    if not (skipped or absent):
+        return None
+    return "; ".join(
+        ([f"detect.architectures lacks {', '.join(absent)} (the lineage compares all three)"] if absent else [])
+        + [f"detect skipped {arch} ({r})" for arch, r in skipped.items()]
+    )
+
+
+def write_lineage_skipped(cfg: DetectConfig, reason: str, metrics_file: Path) -> dict[str, Any]:
+    """Write ``<cfg.out>/lineage/SKIPPED.txt`` and the skipped metrics file, so DVC still finds both outs."""
+    from components.engine import write_skipped
+    from components.io import write_json
+
+    write_skipped(Path(cfg.out) / "lineage", reason)
+    result = {"stage": "lineage", "status": "skipped", "reason": reason}
+    write_json(result, metrics_file)
+    log_line(f"lineage: skipped, {reason}")
+    return result
+
+
+def read_test_split(
+    cfg: DetectConfig, limit: int | None
+) -> tuple[list[str], list[Tensor], list[dict[str, Tensor]]]:
+    """``(classes, images, targets)`` of the first ``limit`` (default all) test images, in the metrics' target contract.
+
+    Raises:
+        DataError: the test split is empty.
+    """
+    from components.data.datasets import DetectionDataset
+
+    dataset = DetectionDataset(cfg.dataset, "test")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise DataError(
+            "the test split is empty",
+            file=cfg.dataset,
+            record="test",
+            fix="ingest a dataset with a test split",
+        )
+    samples = [dataset[i] for i in range(n)]
+    images = [torch.as_tensor(img).as_subclass(Tensor) for img, _ in samples]
+    targets = [
+        {
+            "boxes": t["boxes"].as_subclass(Tensor),
+            "labels": t["labels"],
+            "iscrowd": t["iscrowd"],
+            "area": t["area"],
+        }
+        for _, t in samples
+    ]
+    return dataset.classes, images, targets
+
+
+def measure_all_proposals(
+    cfg: DetectConfig, images: list[Tensor], gt_boxes: list[Tensor], faster: nn.Module, device: torch.device
+) -> tuple[dict[str, dict[str, Any]], list[Tensor]]:
+    """Recall and time of every proposal method: selective search (params, paper's fast mode) and the trained RPN.
+
+    Returns:
+        ``({method: summary}, the fast mode's boxes per image)``: those boxes feed the
+        feature-cost sweep. ``detect.fast_rcnn``'s search is measured only when it differs from
+        ``detect.rcnn``'s.
+    """
+    cap = max(RECALL_COUNTS)
+    own = search_params(cfg.rcnn, max_proposals=cap)
+    fast_mode = SelectiveSearchParams(
+        **PAPER_FAST_MODE, sigma=cfg.rcnn.ss_sigma, min_size=cfg.rcnn.ss_min_size, max_proposals=cap
+    )
+    fast_mode_summary, fast_mode_boxes = measure_proposals(
+        "ss fast mode", lambda im: selective_search(im, fast_mode), images, gt_boxes
+    )
+    proposals = {
+        "selective search (detect.rcnn params)": measure_proposals(
+            "ss params", lambda im: selective_search(im, own), images, gt_boxes
+        )[0],
+        "selective search (paper's fast mode)": fast_mode_summary,
+        "RPN (trained Faster R-CNN)": measure_proposals(
+            "rpn", lambda im: _rpn_proposals(faster, im.to(device)), images, gt_boxes
+        )[0],
+    }
+    if cfg.fast_rcnn.model_dump(include=_SEARCH_KEYS) != cfg.rcnn.model_dump(include=_SEARCH_KEYS):
+        fast_own = search_params(cfg.fast_rcnn, max_proposals=cap)
+        proposals["selective search (detect.fast_rcnn params)"] = measure_proposals(
+            "ss fast_rcnn", lambda im: selective_search(im, fast_own), images, gt_boxes
+        )[0]
+    return proposals, fast_mode_boxes
 
 
 _SEARCH_KEYS = {

@@ -22,9 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from components.errors import CheckpointError, DataError
+from components.io import write_json
 
 PREDICTION_TASKS = ("backbone", "classification", "detection", "segmentation")
 
@@ -268,7 +266,7 @@ def predict_files(model_uri: str, images: list[Path], *, out: Path | None = None
     predictions = {str(p): r for p, r in zip(images, records, strict=True)}
     result: dict[str, Any] = {"model": model_uri, "count": len(records), "predictions": predictions}
     if out is not None:
-        write_json_atomic(Path(out), {"model": model_uri, "predictions": predictions})
+        write_json({"model": model_uri, "predictions": predictions}, Path(out))
         result["out"] = str(out)
     if draw is not None:
         result["drawn"] = [str(p) for p in draw_predictions(images, records, Path(draw))]
@@ -311,10 +309,3 @@ def draw_predictions(images: Sequence[Path], records: Sequence[dict[str, Any]], 
     return written
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Atomic JSON write: temp file beside the target, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,32 +37,34 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from components.config import AugmentConfig, PretrainConfig, TrackingConfig, TrainConfig
-from components.distributed import is_main_process, rank
 from components.engine import (
     FitResult,
     build_loader,
+    count_parameters,
     dataset_record,
     fit,
     load_checkpoint,
     log_line,
     prepare_out_dir,
     progress,
-    resumed_run_id,
     save_checkpoint,
     seed_everything,
-    stage_state_path,
     torch_threads,
-    update_stage_state,
 )
 from components.errors import CheckpointError, DataError
+from components.io import write_json
 from components.metrics.classification import evaluate_classification
 from components.models.classifier import classification_step
-from components.plots import plot_training_curves, write_json
+from components.plots import plot_training_curves
+from components.stages.runner import training_run, worker_result
 
 METRICS_DIR = Path("metrics")
 #: images are decoded once and kept with their shorter side at most this factor x image_size
 #: (torchvision's 256/224 for ImageNet evaluation), before the random crop of each epoch
 CACHE_SCALE = 8 / 7
+
+if TYPE_CHECKING:
+    from components.tracking import RunContext
 
 
 # --------------------------------------------------------------------------- data
@@ -238,24 +240,16 @@ def fit_classifier(
     )
 
 
-def run_exists(tracking: TrackingConfig) -> Callable[[str], bool]:
-    """``exists(run_id)`` for :func:`components.engine.resumed_run_id`: is the run in ``tracking``'s store?"""
-    from components.tracking import run_status
-
-    return lambda run_id: run_status(tracking, run_id) is not None
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"params": all, "trainable_params": those with requires_grad}``."""
+    return {"params": count_parameters(model), "trainable_params": count_parameters(model, trainable=True)}
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False, context: RunContext | None = None
+) -> dict[str, Any]:
     """Produce ``<cfg.out>/backbone.pt`` from ImageNet weights or by training on ``cfg.dataset``.
 
     Args:
@@ -272,37 +266,39 @@ def run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Tracking
         TrackingError: MLflow is unreachable.
     """
     with torch_threads(cfg.train.threads):
-        return _run_pretrain(cfg, augment, tracking, resume=resume)
+        out = prepare_out_dir(Path(cfg.out), resume=resume)
+        if cfg.source == "imagenet":
+            return _run_pretrain_imagenet(cfg, tracking, out, context=context)
+        return _run_pretrain_dataset(cfg, augment, tracking, out, resume=resume, context=context)
 
 
-def _run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool) -> dict[str, Any]:
-    from components.tracking import start_run
+def _run_pretrain_imagenet(cfg: PretrainConfig, tracking: TrackingConfig, out: Path, *, context: RunContext | None) -> dict[str, Any]:
+    tags = {"visionflow.stage": "pretrain", "visionflow.source": "imagenet"}
+    with training_run(
+        tracking, context=context, stage="pretrain", out_dir=out, run_name="pretrain", tags=tags, resume=False, prepare=False,
+        params={"pretrain": cfg.model_dump(mode="json")}, section=cfg,
+    ) as run:
+        metrics = _pretrain_imagenet(cfg, out)
+        metrics["run_id"] = run.run_id
+        run.logger.log_metrics({k: v for k, v in metrics.items() if k in ("accuracy", "params")})
+        write_json(metrics, METRICS_DIR / "pretrain.json")
+        run.logger.log_artifact(METRICS_DIR / "pretrain.json")
+    return metrics
 
-    out = prepare_out_dir(Path(cfg.out), resume=resume)
-    state_file = stage_state_path("pretrain")
-    if cfg.source == "imagenet":
-        with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "imagenet"}) as logger:
-            update_stage_state(state_file, replace=True, stage="pretrain", out=str(out), mlflow_run_id=logger.run_id, status="running")
-            logger.log_params({"pretrain": cfg.model_dump(mode="json")})
-            logger.log_lineage(section=cfg)
-            metrics = _pretrain_imagenet(cfg, out)
-            metrics["run_id"] = logger.run_id
-            logger.log_metrics({k: v for k, v in metrics.items() if k in ("accuracy", "params")})
-            write_json(metrics, METRICS_DIR / "pretrain.json")
-            logger.log_artifact(METRICS_DIR / "pretrain.json")
-            update_stage_state(state_file, status="finished")
-        return metrics
+
+def _run_pretrain_dataset(
+    cfg: PretrainConfig, augment: AugmentConfig, tracking: TrackingConfig, out: Path, *, resume: bool, context: RunContext | None
+) -> dict[str, Any]:
+    from components.models.registry import get_model
 
     train_dir = out / "train"
-    run_id = resumed_run_id(state_file, out=out, resume=resume, exists=run_exists(tracking))
-    with start_run(tracking, run_name="pretrain", tags={"visionflow.stage": "pretrain", "visionflow.source": "dataset"}, run_id=run_id) as logger:
-        update_stage_state(state_file, replace=run_id is None, stage="pretrain", out=str(out), mlflow_run_id=logger.run_id, status="running")
-        if run_id is None:
-            logger.log_params({"pretrain": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")})
-            logger.log_lineage(section=cfg, dataset=cfg.dataset)
+    tags = {"visionflow.stage": "pretrain", "visionflow.source": "dataset"}
+    params = {"pretrain": cfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")}
+    with training_run(
+        tracking, context=context, stage="pretrain", out_dir=out, run_name="pretrain", tags=tags, resume=resume, prepare=False,
+        params=params, section=cfg, dataset=cfg.dataset,
+    ) as run:
         data = load_classification_data(cfg.dataset, augment, image_size=cfg.image_size, seed=cfg.train.seed)
-        from components.models.registry import get_model
-
         seed_everything(cfg.train.seed)
         arch = cfg.backbone.arch
         model_args = {"num_classes": len(data.classes), "backbone": arch, "weights": None, "trainable_layers": cfg.backbone.trainable_layers}
@@ -321,45 +317,52 @@ def _run_pretrain(cfg: PretrainConfig, augment: AugmentConfig, tracking: Trackin
             "init_weights": cfg.backbone.weights,
         }
         result = fit_classifier(
-            model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=logger.log_metrics, desc="pretrain", state_file=state_file
+            model, data, cfg.train, out_dir=train_dir, meta=meta, resume=resume, log_metrics=run.logger.log_metrics, desc="pretrain",
+            state_file=run.state_file,
         )
-        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone writes files
-            return {"rank": rank(), "role": "worker"}
+        if (worker := worker_result()) is not None:
+            return worker
         if result.best_path is None:
             raise CheckpointError("training wrote no best.pt", file=train_dir, fix="re-run the stage without --resume")
         backbone_path = save_checkpoint(out / "backbone.pt", load_checkpoint(result.best_path))
         curves = plot_training_curves(result.history, out / "training_curves.png", title=f"pretrain: {arch} on {Path(cfg.dataset).name}")
-        best = result.best_metrics
-        metrics = {
-            "source": "dataset",
-            "dataset": str(cfg.dataset),
-            "dataset_md5": dataset["md5"],
-            "val_split": data.val_split,
-            "backbone": arch,
-            "image_size": cfg.image_size,
-            "accuracy": best.get("accuracy"),
-            "macro_f1": best.get("macro_f1"),
-            "loss": best.get("loss"),
-            "per_class_accuracy": best.get("per_class_accuracy"),
-            "epochs": result.epochs_completed,
-            "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early,
-            "train_time_s": round(result.train_time_s, 2),
-            "train_cpu_s": round(result.cpu_time_s, 2),
-            "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
-            "images_per_s": round(result.images_per_s, 1),
-            "num_train": len(data.train),
-            "num_val": len(data.val),
-            **count_parameters(model),
-            "checkpoint": str(backbone_path),
-            "run_id": logger.run_id,
-        }
+        metrics = _dataset_metrics(cfg, data, dataset, result, model, backbone_path, run.run_id)
         write_json(metrics, METRICS_DIR / "pretrain.json")
-        logger.log_metrics({"best_accuracy": metrics["accuracy"], "best_macro_f1": metrics["macro_f1"], "train_time_s": metrics["train_time_s"]})
-        logger.log_artifact(curves, "plots")
-        logger.log_artifact(METRICS_DIR / "pretrain.json")
-        update_stage_state(state_file, status="finished")
+        run.logger.log_metrics({"best_accuracy": metrics["accuracy"], "best_macro_f1": metrics["macro_f1"], "train_time_s": metrics["train_time_s"]})
+        run.logger.log_artifact(curves, "plots")
+        run.logger.log_artifact(METRICS_DIR / "pretrain.json")
     return metrics
+
+
+def _dataset_metrics(
+    cfg: PretrainConfig, data: ClassificationData, dataset: Mapping[str, str], result: FitResult, model: nn.Module, checkpoint: Path, run_id: str
+) -> dict[str, Any]:
+    """``metrics/pretrain.json`` of a backbone trained on ``cfg.dataset``."""
+    best = result.best_metrics
+    return {
+        "source": "dataset",
+        "dataset": str(cfg.dataset),
+        "dataset_md5": dataset["md5"],
+        "val_split": data.val_split,
+        "backbone": cfg.backbone.arch,
+        "image_size": cfg.image_size,
+        "accuracy": best.get("accuracy"),
+        "macro_f1": best.get("macro_f1"),
+        "loss": best.get("loss"),
+        "per_class_accuracy": best.get("per_class_accuracy"),
+        "epochs": result.epochs_completed,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "train_time_s": round(result.train_time_s, 2),
+        "train_cpu_s": round(result.cpu_time_s, 2),
+        "epoch_time_s": [round(t, 2) for t in result.epoch_time_s],
+        "images_per_s": round(result.images_per_s, 1),
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        **parameter_counts(model),
+        "checkpoint": str(checkpoint),
+        "run_id": run_id,
+    }
 
 
 def _pretrain_imagenet(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
@@ -367,11 +370,11 @@ def _pretrain_imagenet(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
     import torchvision
 
     from components.models.backbones import _torchvision_model
-    from components.models.registry import get_model
+    from components.models.registry import get_model, resolve_model_name
 
     arch, weights = cfg.backbone.arch, cfg.backbone.weights or "IMAGENET1K_V1"
-    if arch == "vfnet_small":
-        raise CheckpointError("vfnet_small has no ImageNet weights", record="pretrain.backbone.arch", fix="use mobilenet_v2 (or set pretrain.source: dataset)")
+    if resolve_model_name("backbone", arch) == "convnet_small":
+        raise CheckpointError(f"{arch} has no ImageNet weights", record="pretrain.backbone.arch", fix="use mobilenet_v2 (or set pretrain.source: dataset)")
     enum = torchvision.models.get_model_weights(arch)[weights] if weights in torchvision.models.get_model_weights(arch).__members__ else None
     categories = list(enum.meta["categories"]) if enum is not None else [str(i) for i in range(1000)]
     model = get_model("classification", "classifier", num_classes=len(categories), backbone=arch, weights=weights)
@@ -401,7 +404,7 @@ def _pretrain_imagenet(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
         # the published ImageNet-1K val top-1 of these weights (torchvision's Weights.meta), as a fraction
         "accuracy": acc / 100 if acc is not None else None,
         "accuracy_source": "torchvision Weights.meta ImageNet-1K acc@1 (published, not measured here)",
-        **count_parameters(model),
+        **parameter_counts(model),
         "checkpoint": str(out / "backbone.pt"),
     }
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import yaml
 
 from components.config import METRICS_DIR, Gate, Params
 from components.errors import CheckpointError
-from components.stages.predict import write_json_atomic
+from components.io import write_json
 
 REGISTER_REPORT = Path(METRICS_DIR) / "register.json"
 FAILED_STATUSES = ("failed", "diverged", "interrupted", "killed", "error")
@@ -335,13 +334,9 @@ def check_data(candidate: Candidate, ckpt: Mapping[str, Any], *, run_data_hash: 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes (the identity of a checkpoint: same bytes, same model)."""
-    import hashlib
+    from components.io import sha256_file
 
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(path))
 
 
 # --------------------------------------------------------------------------- portable checkpoint and examples
@@ -604,7 +599,92 @@ def measure_champion(candidate: Candidate, params: Params, *, gate: Gate, task: 
 # --------------------------------------------------------------------------- the stage
 
 
-def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
+@dataclass
+class Admission:
+    """What the checks of one candidate found: its checkpoint, training run, data and identity."""
+
+    ckpt: dict[str, Any]  # the portable checkpoint's record (task, model name, categories, ...)
+    training_run: str | None
+    run_tags: dict[str, str] | None
+    data: Any  # check_data's result: categories, data hash, verified, notes
+    sha: str
+
+
+def admit_candidate(candidate: Candidate, params: Params, portable_path: Path) -> Admission | dict[str, Any]:
+    """Write the portable checkpoint and check that it is a new model of the data the params point to.
+
+    Returns:
+        An :class:`Admission`, or the report entry of a ``refused`` (other categories, data or
+        params hash) or ``unchanged`` (same sha256 as the latest version) candidate.
+    """
+    from components import tracking
+    from components.engine import load_checkpoint
+
+    ckpt = write_portable_checkpoint(candidate.checkpoint, portable_path, as_backbone=candidate.kind == "backbone")
+    raw = load_checkpoint(candidate.checkpoint)
+    training_run = _training_run(candidate.metrics, raw)
+    run_tags = tracking.run_tags(params.tracking, training_run) if training_run else None
+    data = check_data(candidate, raw, run_data_hash=(run_tags or {}).get(f"{tracking.TAG_PREFIX}data_hash"))
+    if data.refusal:
+        return {"status": "refused", "reason": data.refusal}
+    params_hash = tracking.section_hash(candidate.section)
+    trained_hash = (run_tags or {}).get(f"{tracking.TAG_PREFIX}params_hash")
+    if trained_hash and trained_hash != params_hash:
+        return {"status": "refused", "reason": f"{candidate.checkpoint} was trained with params.{candidate.stage.split('.')[0]} hash {trained_hash}, "
+                f"the params are now hash {params_hash}: re-run the stage"}
+    sha = file_sha256(candidate.checkpoint)
+    tracking.connect(params.tracking)
+    latest = tracking.latest_version(candidate.registered_name)
+    if latest is not None and latest.tags.get(tracking.CHECKPOINT_SHA_TAG) == sha:
+        return {"status": "unchanged", "reason": f"unchanged: version {latest.version}", "version": latest.version, "checkpoint_sha256": sha}
+    return Admission(ckpt=ckpt, training_run=training_run, run_tags=run_tags, data=data, sha=sha)
+
+
+def provenance_of(run: Any, candidate: Candidate, admitted: Admission) -> dict[str, str]:
+    """The version's provenance tags: its training run's commit and flow run (not the register run's), data, params."""
+    from components import tracking
+
+    tags = run.log_provenance(section=candidate.section, dataset=candidate.dataset, dataset_name=None if candidate.dataset is None else candidate.dataset.name)
+    tags.pop(f"{tracking.TAG_PREFIX}prefect_flow_run_id", None)
+    if admitted.run_tags:
+        for key in ("git_commit", "git_dirty", "prefect_flow_run_id"):
+            if admitted.run_tags.get(f"{tracking.TAG_PREFIX}{key}"):
+                tags[f"{tracking.TAG_PREFIX}{key}"] = admitted.run_tags[f"{tracking.TAG_PREFIX}{key}"]
+        tags["mlflow.source.git.commit"] = tags[f"{tracking.TAG_PREFIX}git_commit"]
+    return tags
+
+
+def version_tags(candidate: Candidate, admitted: Admission, provenance: Mapping[str, str], *, register_run: str, changed: str | None) -> dict[str, str]:
+    """Every tag of the new version: provenance, checkpoint identity, categories, where the lineage came from."""
+    from components import tracking
+
+    tags = {
+        **provenance,
+        "visionflow.stage": candidate.stage,
+        "visionflow.register_run_id": register_run,
+        "visionflow.checkpoint": str(candidate.checkpoint),
+        tracking.CHECKPOINT_SHA_TAG: admitted.sha,
+        "visionflow.categories": json.dumps(admitted.data.categories),
+        "visionflow.data_hash_verified": str(admitted.data.verified).lower(),
+        "visionflow.provenance_source": f"training run {admitted.training_run}" if admitted.run_tags else "register run (training run unknown)",
+    }
+    if admitted.training_run:
+        tags["visionflow.training_run_id"] = admitted.training_run
+    if changed:
+        tags["visionflow.categories_changed"] = changed
+    return tags
+
+
+def gate_card(card: str, measure: Any, admitted: Admission, changed: str | None) -> str:
+    """The model card with its gate section: how the champion was measured, a changed class list, data notes."""
+    extra = [f"- champion on this test data: {measure.method} ({measure.note})" if measure.version else "- no champion before this version"]
+    if changed:
+        extra.insert(0, f"- **class list changed** from champion {changed}")
+    extra += [f"- note: {n}" for n in admitted.data.notes]
+    return card + "\n\n## Gate and data checks\n" + "\n".join(extra)
+
+
+def register_candidate(candidate: Candidate, params: Params, context: Any = None) -> dict[str, Any]:
     """Check, log, register and gate one candidate whose run finished; returns its report entry.
 
     The entry's ``status`` is ``registered``, ``unchanged`` (the checkpoint's sha256 equals the
@@ -616,83 +696,43 @@ def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
         TrackingError: the tracking store or registry is unusable.
     """
     from components import tracking
-    from components.engine import load_checkpoint
 
     gate: Gate = getattr(params.register, candidate.kind)
     value = find_metric(candidate.metrics, gate.metric)
     name = candidate.registered_name
     with tempfile.TemporaryDirectory(prefix="visionflow-register-") as tmp:
         portable_path = Path(tmp) / "model.pt"
-        ckpt = write_portable_checkpoint(candidate.checkpoint, portable_path, as_backbone=candidate.kind == "backbone")
-        raw = load_checkpoint(candidate.checkpoint)
-        training_run = _training_run(candidate.metrics, raw)
-        run_tags = tracking.run_tags(params.tracking, training_run) if training_run else None
-        data = check_data(candidate, raw, run_data_hash=(run_tags or {}).get(f"{tracking.TAG_PREFIX}data_hash"))
-        if data.refusal:
-            return {"status": "refused", "reason": data.refusal}
-        params_hash = tracking.section_hash(candidate.section)
-        trained_hash = (run_tags or {}).get(f"{tracking.TAG_PREFIX}params_hash")
-        if trained_hash and trained_hash != params_hash:
-            return {"status": "refused", "reason": f"{candidate.checkpoint} was trained with params.{candidate.stage.split('.')[0]} hash {trained_hash}, "
-                    f"the params are now hash {params_hash}: re-run the stage"}
-        sha = file_sha256(candidate.checkpoint)
-        tracking.connect(params.tracking)
-        latest = tracking.latest_version(name)
-        if latest is not None and latest.tags.get(tracking.CHECKPOINT_SHA_TAG) == sha:
-            return {"status": "unchanged", "reason": f"unchanged: version {latest.version}", "version": latest.version, "checkpoint_sha256": sha}
-
+        admitted = admit_candidate(candidate, params, portable_path)
+        if not isinstance(admitted, Admission):
+            return admitted
+        ckpt, data = admitted.ckpt, admitted.data
         task = str(ckpt["task"])
         measure = measure_champion(candidate, params, gate=gate, task=task, categories=data.categories, data_hash=data.data_hash, workdir=Path(tmp))
         changed = None
         if measure.categories is not None and candidate.kind != "backbone" and list(measure.categories) != data.categories:
             changed = f"v{measure.version}: {list(measure.categories)} -> {data.categories}"
-        instance = task == "segmentation" and "mask" in str(ckpt.get("model_name", "")).lower() and "rcnn" in str(ckpt.get("model_name", "")).lower()
-        with tracking.start_run(params.tracking, run_name=f"register-{name}", tags={"visionflow.stage": "register"}) as run:
-            lineage = run.log_lineage(section=candidate.section, dataset=candidate.dataset, dataset_name=None if candidate.dataset is None else candidate.dataset.name)
-            lineage.pop(f"{tracking.TAG_PREFIX}prefect_flow_run_id", None)  # the version's own lineage comes from its training run
-            if run_tags:  # the commit (and flow run) that trained it, not the one registering it
-                for key in ("git_commit", "git_dirty", "prefect_flow_run_id"):
-                    if run_tags.get(f"{tracking.TAG_PREFIX}{key}"):
-                        lineage[f"{tracking.TAG_PREFIX}{key}"] = run_tags[f"{tracking.TAG_PREFIX}{key}"]
-                lineage["mlflow.source.git.commit"] = lineage[f"{tracking.TAG_PREFIX}git_commit"]
-            run_ids = {"register run": run.run_id, **({"training run": training_run} if training_run else {})}
-            if os.environ.get(tracking.FLOW_RUN_ENV):
-                run_ids["prefect flow run"] = os.environ[tracking.FLOW_RUN_ENV]
+        model_name = str(ckpt.get("model_name", "")).lower()
+        with tracking.start_run(params.tracking, run_name=f"register-{name}", tags={"visionflow.stage": "register"}, context=context) as run:
+            provenance = provenance_of(run, candidate, admitted)
+            run_ids = {"register run": run.run_id, **({"training run": admitted.training_run} if admitted.training_run else {})}
+            if context is not None and context.flow_run_id:
+                run_ids["prefect flow run"] = context.flow_run_id
             run.log_params({"registered_name": name, "stage": candidate.stage, "checkpoint": str(candidate.checkpoint)})
             run.log_metrics(_flat_numbers(candidate.metrics))
             model_uri = tracking.log_pyfunc_model(
                 checkpoint=portable_path,
                 task=task,
-                instance=instance,
+                instance=task == "segmentation" and "mask" in model_name and "rcnn" in model_name,
                 example_images=example_images(candidate.dataset),
                 metadata={"categories": list(ckpt.get("categories") or []), "stage": candidate.stage, "gate_metric": gate.metric, "gate_value": value},
             )
-            card = model_card(candidate, ckpt=ckpt, lineage=lineage, gate=gate, run_ids=run_ids)
-            extra = [f"- champion on this test data: {measure.method} ({measure.note})" if measure.version else "- no champion before this version"]
-            if changed:
-                extra.insert(0, f"- **class list changed** from champion {changed}")
-            extra += [f"- note: {n}" for n in data.notes]
-            card += "\n\n## Gate and data checks\n" + "\n".join(extra)
-            tags = {
-                **lineage,
-                "visionflow.stage": candidate.stage,
-                "visionflow.register_run_id": run.run_id,
-                "visionflow.checkpoint": str(candidate.checkpoint),
-                tracking.CHECKPOINT_SHA_TAG: sha,
-                "visionflow.categories": json.dumps(data.categories),
-                "visionflow.data_hash_verified": str(data.verified).lower(),
-                "visionflow.lineage_source": f"training run {training_run}" if run_tags else "register run (training run unknown)",
-            }
-            if training_run:
-                tags["visionflow.training_run_id"] = training_run
-            if changed:
-                tags["visionflow.categories_changed"] = changed
+            card = gate_card(model_card(candidate, ckpt=ckpt, lineage=provenance, gate=gate, run_ids=run_ids), measure, admitted, changed)
             version = tracking.register_version(
                 model_uri,
                 name,
                 version_description=card,
                 model_description=KIND_DESCRIPTIONS[candidate.kind] + f"\n\nGate: `{gate.metric}`, margin {gate.margin}; see each version's card.",
-                tags=tags,
+                tags=version_tags(candidate, admitted, provenance, register_run=run.run_id, changed=changed),
                 alias=params.register.candidate_alias,
             )
             decision = tracking.apply_gate(
@@ -701,31 +741,16 @@ def register_candidate(candidate: Candidate, params: Params) -> dict[str, Any]:
             )
             run.set_tags({"visionflow.registered_version": version, "visionflow.promoted": str(decision.promoted).lower()})
     return {
-        "status": "registered",
-        "registered_name": name,
-        "version": version,
-        "model_uri": model_uri,
-        "run_id": run.run_id,
-        "checkpoint_sha256": sha,
-        "promoted": decision.promoted,
-        "decision": decision.decision,
-        "reason": decision.reason,
-        "metric": gate.metric,
-        "value": value,
-        "candidate_value": decision.candidate_value,
-        "champion_version_before": measure.version,
-        "champion_value_before": decision.champion_value,
-        "champion_value": decision.champion_value,
-        "comparison": decision.comparison,
-        "champion_measure": measure.note,
-        "test_data_hash": data.data_hash,
-        "margin": gate.margin,
-        "categories_changed": changed,
+        "status": "registered", "registered_name": name, "version": version, "model_uri": model_uri, "run_id": run.run_id,
+        "checkpoint_sha256": admitted.sha, "promoted": decision.promoted, "decision": decision.decision, "reason": decision.reason,
+        "metric": gate.metric, "value": value, "candidate_value": decision.candidate_value, "champion_version_before": measure.version,
+        "champion_value_before": decision.champion_value, "champion_value": decision.champion_value, "comparison": decision.comparison,
+        "champion_measure": measure.note, "test_data_hash": data.data_hash, "margin": gate.margin, "categories_changed": changed,
         "data_hash_verified": data.verified,
     }
 
 
-def run_register(params: Params) -> dict:
+def run_register(params: Params, context: Any = None) -> dict:
     """Register every finished model that changed and gate it to ``champion`` (the ``visionflow register`` stage).
 
     Returns:
@@ -753,14 +778,14 @@ def run_register(params: Params) -> dict:
         if reason is not None:
             report["refused"][name] = reason
             continue
-        entry = register_candidate(candidate, params)
+        entry = register_candidate(candidate, params, context)
         status = entry.pop("status")
         if status == "refused":
             report["refused"][name] = entry["reason"]
         else:
             report[status][name] = entry
     report["models"] = model_summary(report)
-    write_json_atomic(REGISTER_REPORT, report)
+    write_json(report, REGISTER_REPORT)
     return report
 
 

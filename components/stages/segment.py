@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,16 @@ from components.config import (
     TrackingConfig,
     stage_metrics_path,
 )
+from components.engine import log_line, synchronize
 from components.errors import ConfigError, DataError
+from components.io import write_json
+from components.stages.runner import fit_summary, reload_best, skip_stage, training_run, worker_result
 
 SEMANTIC_ARCHS = ("fcn", "unet")
 INSTANCE_ARCHS = ("mask_rcnn",)
+
+if TYPE_CHECKING:
+    from components.tracking import RunContext
 
 
 # --------------------------------------------------------------------------- dataset
@@ -235,11 +241,6 @@ def backbone_param_groups(model: nn.Module, backbone_lr_mult: float) -> list[dic
     return groups
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not) of ``model``."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- training steps
 
 
@@ -310,11 +311,6 @@ def predict_semantic(model: nn.Module, images: Tensor, *, instance: dict[str, fl
     return torch.stack([render_semantic_map(d, tuple(images.shape[-2:]), **instance) for d in detections])
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def evaluate_semantic(
     model: nn.Module,
@@ -347,10 +343,10 @@ def evaluate_semantic(
     seconds, n_images = 0.0, 0
     for images, masks in progress(loader, desc="evaluating", leave=False):
         images = images.to(device, non_blocking=True)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         preds = predict_semantic(model, images, instance=instance)
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - start
         n_images += images.shape[0]
         evaluator.update(preds.cpu(), masks)
@@ -422,7 +418,7 @@ def draw_test_overlays(
 
 
 def run_segment(
-    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False
+    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool = False, context: RunContext | None = None
 ) -> dict:
     """Train ``arch`` on ``cfg.dataset``, evaluate it on the test split, write its outputs and MLflow run.
 
@@ -453,102 +449,37 @@ def run_segment(
     from components.engine import torch_threads
 
     with torch_threads(acfg.train.threads):
-        return _run_segment(cfg, arch, augment, tracking, resume=resume)
+        return _run_segment(cfg, arch, augment, tracking, resume=resume, context=context)
 
 
 def _run_segment(
-    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool
+    cfg: SegmentConfig, arch: str, augment: AugmentConfig, tracking: TrackingConfig, *, resume: bool, context: RunContext | None = None
 ) -> dict:
     from components.data.datasets import load_manifest
-    from components.engine import (
-        build_loader,
-        dataset_record,
-        fit,
-        load_model,
-        log_line,
-        prepare_out_dir,
-        resolve_device,
-        resumed_run_id,
-        seed_everything,
-        stage_state_path,
-        update_stage_state,
-    )
-    from components.plots import write_json
-    from components.stages.detect import skip_stage
-    from components.stages.pretrain import run_exists
-    from components.tracking import start_run
+    from components.engine import dataset_record, fit, seed_everything
 
     acfg = cfg.arch(arch)
     root = Path(cfg.dataset)
     out_dir = Path(cfg.out) / arch
     stage = f"segment@{arch}"
-    metrics_file = stage_metrics_path("segment", arch)
     reason = segmentation_skip_reason(root, load_manifest(root), arch=arch)
     if reason is not None:
-        return skip_stage(stage, arch, out_dir, metrics_file, reason)
-    manifest = read_manifest(root, arch=arch)
-    categories: list[str] = list(manifest["categories"])
+        return skip_stage(stage, arch, out_dir, stage_metrics_path("segment", arch), reason)
+    categories: list[str] = list(read_manifest(root, arch=arch)["categories"])
     class_names = ["background", *categories]
-    num_classes = len(class_names)
     seed_everything(acfg.train.seed)
-
-    is_instance = arch in INSTANCE_ARCHS
-    semantic = semantic_datasets(root, augment, acfg.image_size)
-    prior = pixel_class_frequencies(semantic["train"], num_classes) if arch == "unet" else None
-    model, model_args = build_segmenter(arch, acfg, num_classes, class_prior=prior)
-    eval_batch = max(acfg.train.batch_size, 8)
-    val_loader = build_loader(
-        semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch
-    )
-    test_loader = build_loader(
-        semantic["test"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch
-    )
-    instance_cfg: dict[str, float] | None = None
-    if is_instance:
-        from components.data.datasets import detection_collate
-
-        assert isinstance(acfg, MaskRCNNConfig)
-        instance_cfg = {
-            "score_threshold": acfg.semantic_score_threshold,
-            "mask_threshold": acfg.mask_threshold,
-        }
-        train_set = instance_dataset(root, "train", augment, acfg.image_size, train=True)
-        train_loader = build_loader(train_set, acfg.train, train=True, collate_fn=detection_collate)
-        step = instance_step
-    else:
-        train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
-        step = partial(semantic_step, ignore_index=cfg.ignore_index, aux_weight=getattr(acfg, "aux_weight", 0.0))
-    evaluate = partial(
-        evaluate_semantic,
-        num_classes=num_classes,
-        ignore_index=cfg.ignore_index,
-        class_names=class_names,
-        instance=instance_cfg,
-        timed=False,
-    )
+    setup = _setup(cfg, arch, augment, root, class_names)
     dataset = dataset_record(root)
-
-    state_file = stage_state_path(stage)
-    run_id = resumed_run_id(state_file, out=out_dir, resume=resume, exists=run_exists(tracking))
-    prepare_out_dir(out_dir, resume=resume)
-    with start_run(
-        tracking, run_name=f"segment-{arch}", tags={"stage": "segment", "arch": arch}, run_id=run_id
-    ) as logger:
-        update_stage_state(state_file, replace=run_id is None, stage=stage, out=str(out_dir), mlflow_run_id=logger.run_id, status="running")
-        if run_id is None:
-            logger.log_params(
-                {
-                    "arch": arch,
-                    "dataset": str(root),
-                    "ignore_index": cfg.ignore_index,
-                    **acfg.model_dump(mode="json"),
-                    "augment": augment.model_dump(mode="json"),
-                }
-            )
+    is_instance = arch in INSTANCE_ARCHS
+    params = {"arch": arch, "dataset": str(root), "ignore_index": cfg.ignore_index, **acfg.model_dump(mode="json"), "augment": augment.model_dump(mode="json")}
+    tags = {"stage": "segment", "arch": arch}
+    with training_run(
+        tracking, context=context, stage=stage, out_dir=out_dir, run_name=f"segment-{arch}", tags=tags, resume=resume, params=params, section=acfg, dataset=root
+    ) as run:
         meta = {
             "task": "segmentation",
             "model_name": arch,
-            "model_args": model_args,
+            "model_args": setup["model_args"],
             "categories": categories,
             "image_size": acfg.image_size,
             "dataset": dataset,
@@ -556,54 +487,19 @@ def _run_segment(
         }
         if is_instance:
             meta.update(score_threshold=acfg.semantic_score_threshold, mask_threshold=acfg.mask_threshold)
+        model = setup["model"]
         result = fit(
-            model,
-            train_loader=train_loader,
-            val_loader=val_loader,
-            step=step,
-            evaluate=evaluate,
-            cfg=acfg.train,
-            out_dir=out_dir,
-            meta=meta,
-            param_groups=backbone_param_groups(model, acfg.backbone_lr_mult),
-            resume=resume,
-            log_metrics=logger.log_metrics,
-            desc=f"segment {arch}",
-            state_file=state_file,
+            model, train_loader=setup["train"], val_loader=setup["val"], step=setup["step"], evaluate=setup["evaluate"], cfg=acfg.train,
+            out_dir=out_dir, meta=meta, param_groups=backbone_param_groups(model, acfg.backbone_lr_mult), resume=resume,
+            log_metrics=run.logger.log_metrics, desc=f"segment {arch}", state_file=run.state_file,
         )
-        from components.distributed import is_main_process, rank
-
-        if not is_main_process():  # torchrun: ranks 1.. trained their shard; rank 0 alone tests and writes files
-            return {"rank": rank(), "role": "worker"}
-
-        best_path = result.best_path or result.last_path
-        model, _ = load_model(best_path)
-        device = resolve_device(acfg.train.device)
-        model.to(device)
-        test = evaluate_semantic(
-            model,
-            test_loader,
-            device,
-            num_classes=num_classes,
-            ignore_index=cfg.ignore_index,
-            class_names=class_names,
-            instance=instance_cfg,
-        )
-        if is_instance:
-            test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
-            coco_loader = build_loader(
-                test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=eval_batch
-            )
-            test.update(
-                evaluate_instances(
-                    model, coco_loader, device, categories=categories, mask_threshold=acfg.mask_threshold
-                )
-            )
-            test["semantic_from"] = (
-                f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
-            )
+        if (worker := worker_result()) is not None:
+            return worker
+        model, best_path, device = reload_best(result, acfg.train.device)
+        test = _test_metrics(cfg, arch, augment, root, model, device, setup, categories, class_names)
+        n_test = len(setup["semantic"]["test"])
         log_line(
-            f"segment {arch}: test split, {len(semantic['test'])} images: mIoU {test['miou']:.4f}, "
+            f"segment {arch}: test split, {n_test} images: mIoU {test['miou']:.4f}, "
             f"pixel accuracy {test['pixel_accuracy']:.4f}, {test['ms_per_image']:.1f} ms/image"
         )
         metrics: dict[str, Any] = {
@@ -611,40 +507,71 @@ def _run_segment(
             "status": "finished",
             "dataset": str(root),
             "dataset_md5": dataset["md5"],
-            "test": {"num_images": len(semantic["test"]), **test},
-            "val": result.best_metrics,
-            "parameters": count_parameters(model),
-            "train_time_s": result.train_time_s,
-            "train_cpu_time_s": result.cpu_time_s,
-            "epoch_time_s": result.epoch_time_s,
-            "epochs": result.epochs_completed,
-            "best_epoch": result.best_epoch,
-            "images_per_s": result.images_per_s,
-            "device": device.type,
-            "eval_batch_size": eval_batch,
-            "threads": torch.get_num_threads(),
-            "checkpoint": str(best_path),
-            "run_id": logger.run_id,
+            "test": {"num_images": n_test, **test},
+            **fit_summary(result, model, device=device, eval_batch=setup["eval_batch"], checkpoint=best_path, run_id=run.run_id),
         }
         overlays = draw_test_overlays(
-            model,
-            semantic["test"],
-            device,
-            count=cfg.overlays,
-            class_names=class_names,
-            path=out_dir / "overlays.png",
-            ignore_index=cfg.ignore_index,
-            instance=instance_cfg,
-            title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
+            model, setup["semantic"]["test"], device, count=cfg.overlays, class_names=class_names, path=out_dir / "overlays.png",
+            ignore_index=cfg.ignore_index, instance=setup["instance"], title=f"{arch}: mIoU {test['miou']:.3f} on {root.name} test",
         )
-        metrics_path = write_json(metrics, metrics_file)
-        logger.log_metrics(
-            {"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}, sep="_"
-        )
-        logger.log_artifact(metrics_path)
-        logger.log_artifact(overlays, artifact_path="plots")
-        update_stage_state(state_file, status="finished")
+        metrics_path = write_json(metrics, stage_metrics_path("segment", arch))
+        run.logger.log_metrics({"test": test, "parameters": metrics["parameters"], "train_time_s": result.train_time_s}, sep="_")
+        run.logger.log_artifact(metrics_path)
+        run.logger.log_artifact(overlays, artifact_path="plots")
     return metrics
+
+
+def _setup(cfg: SegmentConfig, arch: str, augment: AugmentConfig, root: Path, class_names: list[str]) -> dict[str, Any]:
+    """Datasets, loaders, model, training step and validation of ``arch`` (semantic, or Mask R-CNN on the instance view)."""
+    from components.data.datasets import detection_collate
+    from components.engine import build_loader
+
+    acfg = cfg.arch(arch)
+    num_classes = len(class_names)
+    semantic = semantic_datasets(root, augment, acfg.image_size)
+    prior = pixel_class_frequencies(semantic["train"], num_classes) if arch == "unet" else None
+    model, model_args = build_segmenter(arch, acfg, num_classes, class_prior=prior)
+    eval_batch = max(acfg.train.batch_size, 8)
+    val_loader = build_loader(semantic["val"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
+    test_loader = build_loader(semantic["test"], acfg.train, train=False, collate_fn=semantic_collate, batch_size=eval_batch)
+    instance_cfg: dict[str, float] | None = None
+    if arch in INSTANCE_ARCHS:
+        assert isinstance(acfg, MaskRCNNConfig)
+        instance_cfg = {"score_threshold": acfg.semantic_score_threshold, "mask_threshold": acfg.mask_threshold}
+        train_set = instance_dataset(root, "train", augment, acfg.image_size, train=True)
+        train_loader = build_loader(train_set, acfg.train, train=True, collate_fn=detection_collate)
+        step: Any = instance_step
+    else:
+        train_loader = build_loader(semantic["train"], acfg.train, train=True, collate_fn=semantic_collate)
+        step = partial(semantic_step, ignore_index=cfg.ignore_index, aux_weight=getattr(acfg, "aux_weight", 0.0))
+    evaluate = partial(
+        evaluate_semantic, num_classes=num_classes, ignore_index=cfg.ignore_index, class_names=class_names, instance=instance_cfg, timed=False
+    )
+    return {
+        "semantic": semantic, "model": model, "model_args": model_args, "eval_batch": eval_batch, "train": train_loader,
+        "val": val_loader, "test": test_loader, "instance": instance_cfg, "step": step, "evaluate": evaluate,
+    }
+
+
+def _test_metrics(
+    cfg: SegmentConfig, arch: str, augment: AugmentConfig, root: Path, model: nn.Module, device: torch.device,
+    setup: dict[str, Any], categories: list[str], class_names: list[str],
+) -> dict[str, Any]:
+    """Semantic metrics on the test split; for Mask R-CNN also COCO ``segm``/``bbox`` on its instance view."""
+    from components.data.datasets import detection_collate
+    from components.engine import build_loader
+
+    acfg = cfg.arch(arch)
+    test = evaluate_semantic(
+        model, setup["test"], device, num_classes=len(class_names), ignore_index=cfg.ignore_index, class_names=class_names,
+        instance=setup["instance"],
+    )
+    if arch in INSTANCE_ARCHS:
+        test_set = instance_dataset(root, "test", augment, acfg.image_size, train=False)
+        coco_loader = build_loader(test_set, acfg.train, train=False, collate_fn=detection_collate, batch_size=setup["eval_batch"])
+        test.update(evaluate_instances(model, coco_loader, device, categories=categories, mask_threshold=acfg.mask_threshold))
+        test["semantic_from"] = f"instance masks >= {acfg.mask_threshold} with score >= {acfg.semantic_score_threshold}"
+    return test
 
 
 COMPARED = ("miou", "pixel_accuracy", "ms_per_image", "parameters", "train_time_s")
@@ -662,7 +589,7 @@ def compare_segmenters(cfg: SegmentConfig) -> dict:
     Raises:
         DataError: no architecture has run (or been skipped) yet, or a metrics file is not the stage's.
     """
-    from components.plots import plot_segmenter_comparison, write_json
+    from components.plots import plot_segmenter_comparison
 
     table: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
