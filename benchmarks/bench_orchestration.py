@@ -5,8 +5,7 @@
 The pipeline is shrunk with ``--set``-style overrides (:data:`SMALL`: 32/8/8 shapes images, 1 epoch
 of 2 steps per training stage, one strategy/detector/segmenter) and small source folders (20
 images per class of ``cifar10_subset`` and ``hymenoptera_data``, copied to the work folder), so
-that every tool finishes in minutes; the figures measure the *tools*, not training. ``dvc.yaml`` is
-trimmed to the selected architectures (:func:`trim_dvc_yaml`). Each tool runs
+that every tool finishes in minutes; the figures measure the *tools*, not training. Each tool runs
 in its own fresh copy of the repository (``--work``; this checkout is never written to), whose
 ``params.yaml`` has the overrides applied, so all three read identical params:
 
@@ -14,8 +13,9 @@ in its own fresh copy of the repository (``--work``; this checkout is never writ
   as its own process, in dependency order; the sum of their wall times is the work itself plus
   one Python start-up per stage;
 * **dvc**: ``dvc repro`` (full), then ``dvc repro`` again (no-op: every stage up to date);
-* **prefect**: ``visionflow run`` (the retrain flow on a temporary Prefect server, DVC-keyed task
-  cache), then again (no-op: data and params unchanged, training skipped).
+* **prefect**: ``visionflow run`` (the retrain flow on a temporary Prefect server: each stage's
+  command as a child process, two at a time, then ``dvc commit``), then again (no-op: ``dvc status``
+  finds every stage up to date).
 
 Overhead of a tool = its full-run wall time minus the direct sum. Writes
 ``benchmarks/results/orchestration.json``. The CPU is shared with other jobs while measuring, so
@@ -87,7 +87,7 @@ def fresh_repo(work: Path, name: str, sources: dict[str, Path]) -> Path:
         elif src.exists():
             shutil.copy2(src, repo / item)
     (repo / ".venv").symlink_to(ROOT / ".venv")
-    (repo / "dvc.yaml").write_text(trim_dvc_yaml((ROOT / "dvc.yaml").read_text()))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")  # the architecture lists come from params: no trimming
     overrides = SMALL + [f"orchestration.datasets.{k}.path={v}" for k, v in sources.items()]
     tree = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     validate_params(tree)
@@ -95,21 +95,6 @@ def fresh_repo(work: Path, name: str, sources: dict[str, Path]) -> Path:
     run(["git", "init", "-q"], repo)
     run([str(ROOT / ".venv/bin/dvc"), "init", "-q"], repo)
     return repo
-
-
-def trim_dvc_yaml(text: str) -> str:
-    """Drop the deps of architectures :data:`SMALL` leaves out.
-
-    ``dvc.yaml``'s ``detect_compare``, ``segment_compare`` and ``register`` list every architecture's
-    metrics file and output folder by name, so ``dvc repro`` with ``detect.architectures=[yolo]``
-    fails on ``metrics/detect_sliding_window.json``; the copy keeps the selected ones only.
-    """
-    keep = {"detect": {"yolo"}, "segment": {"fcn"}}
-    known = {"detect": ("sliding_window", "overfeat", "yolo", "ssd", "faster_rcnn", "retinanet", "rcnn", "fast_rcnn"),
-             "segment": ("fcn", "unet", "mask_rcnn")}
-    dropped = {f"metrics/{task}_{arch}.json" for task, archs in known.items() for arch in archs if arch not in keep[task]}
-    dropped |= {f"${{{task}.out}}/{arch}" for task, archs in known.items() for arch in archs if arch not in keep[task]}
-    return "\n".join(line for line in text.splitlines() if line.strip().removeprefix("- ") not in dropped) + "\n"
 
 
 def run(cmd: list[str], cwd: Path, *, log: Path | None = None) -> float:

@@ -96,7 +96,12 @@ def load_stages(root: Path) -> list[Stage]:
             graph = repo.index.graph  # edges: stage -> the stages it depends on
         except DvcException as err:
             raise ConfigError(f"cannot resolve the stage table: {err}", file=root / "dvc.yaml", fix="check dvc.yaml against params.yaml") from None
-        order = list(reversed(list(nx.topological_sort(graph))))
+        # upstream first; among stages ready together, the shallower first (every ingest before any
+        # training), so that a short stage on the critical path never waits behind long siblings
+        depth: dict[Any, int] = {}
+        for stage in reversed(list(nx.topological_sort(graph))):
+            depth[stage] = 1 + max((depth[s] for s in graph.successors(stage)), default=-1)
+        order = sorted(depth, key=lambda s: (depth[s], s.name))
         out = []
         for stage in order:
             if not getattr(stage, "cmd", None):
