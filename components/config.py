@@ -581,6 +581,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{path}: got {error.get('input')!r}, allowed values: {expected}"
+    if not path:  # a check of the whole file (Params' own validators): its input is the whole tree
+        return str(error["msg"]).removeprefix("Value error, ")
     return f"{path}: {error['msg']} (got {error.get('input')!r})"
 
 

@@ -84,3 +84,13 @@ def test_architecture_names_are_the_model_registry_s():
     assert set(DETECTOR_ARCHS) == set(list_models("detection"))
     assert set(SEGMENTER_ARCHS) == set(list_models("segmentation"))
     assert set(DETECTOR_ARCHS) <= set(DetectConfig.model_fields) and set(SEGMENTER_ARCHS) <= set(SegmentConfig.model_fields)
+
+
+def test_removed_dataset_keys_are_refused_with_the_fix(tmp_path):
+    """One dataset drives the pipeline: detect/segment.dataset are refused in one short line naming data.out."""
+    with pytest.raises(ConfigError) as err:
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["segment.dataset=data/other"])
+    message = str(err.value)
+    assert "segment.dataset is no longer a key" in message and "data.out" in message and len(message) < 400
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["data.out=data/own"])
+    assert params.detect.dataset == params.segment.dataset == "data/own"
