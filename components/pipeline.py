@@ -39,7 +39,12 @@ _DVC_LOCK = threading.Lock()
 
 
 class StageFailed(VisionflowError):
-    """A stage's command exited non-zero (its last output lines are in the message)."""
+    """A stage's command exited non-zero (its last output lines are in the message).
+
+    ``transient``: the exit code was :data:`components.errors.TRANSIENT_EXIT_CODE`, a failure a retry may cure.
+    """
+
+    transient = False
 
 
 @dataclass(frozen=True)
@@ -193,13 +198,17 @@ def run_stage_command(
 
 def check_stage_run(run: StageRun, command: str) -> None:
     """Raise :class:`StageFailed` naming the stage, its command and its last lines when it exited non-zero."""
+    from components.errors import TRANSIENT_EXIT_CODE
+
     if run.returncode != 0:
         last = " | ".join(run.tail[-5:])
-        raise StageFailed(
+        err = StageFailed(
             f"stage {run.name} failed (exit {run.returncode}): {last}",
             record=run.name,
             fix=f"run `{command}` to see the whole output; `visionflow run` retries transient failures",
         )
+        err.transient = run.returncode == TRANSIENT_EXIT_CODE
+        raise err
 
 
 def skip_reason(root: Path, stage: Stage) -> str | None:

@@ -36,7 +36,7 @@ from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.config import METRICS_DIR, load_params
-from components.errors import TRANSIENT_EXIT_CODE, TrainingError
+from components.errors import TrainingError
 from components.pipeline import (
     Stage,
     StageFailed,
@@ -63,7 +63,7 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
         exc = state.result(raise_on_failure=False)
     except Exception as err:  # noqa: BLE001 - result retrieval can itself fail; treat that exception as the cause
         exc = err
-    return isinstance(exc, StageFailed) and getattr(exc, "transient", False)
+    return isinstance(exc, StageFailed) and exc.transient
 
 
 @task(name="stage", retry_condition_fn=retry_transient)
@@ -80,11 +80,7 @@ def stage_task(stage: Stage, root: str, force: bool, context: dict[str, str]) ->
     command = stage_command(stage, resume=current_task_run.run_count > 1)
     logger.info("%s: %s", stage.name, command)
     run = run_stage_command(stage.name, command, root=project, env=stage_environment(**context), log=logger.info)
-    try:
-        check_stage_run(run, command)
-    except StageFailed as err:
-        err.transient = run.returncode == TRANSIENT_EXIT_CODE
-        raise
+    check_stage_run(run, command)  # raises StageFailed, transient for exit code 75
     commit_stage(project, stage.name)
     reason = skip_reason(project, stage)
     return {"state": "skipped" if reason else "ran", "reason": reason, "seconds": round(run.seconds, 2), "started": run.started}
