@@ -21,7 +21,6 @@ there before the run, as ``dvc exp run -S`` does (:func:`components.pipeline.wri
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.config import METRICS_DIR, load_params
+from components.config import load_params
 from components.errors import TrainingError
 from components.pipeline import (
     Stage,
@@ -52,6 +51,7 @@ from components.pipeline import (
     stale_stages,
     write_effective_params,
 )
+from components.run_report import outcome, read_registry, registry_rows, summary_markdown, timing
 
 DEFAULT_DEPLOYMENT = "visionflow-retrain"
 PARAMS_FILE = "params.yaml"
@@ -97,67 +97,6 @@ def _outcome(future: PrefectFuture) -> dict[str, Any]:
     return {"state": "failed", "reason": message[:500], "seconds": 0.0}
 
 
-def union_seconds(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by at least one of the ``(start, end)`` spans."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
-def read_register_report(root: Path) -> dict[str, Any]:
-    path = root / METRICS_DIR / "register.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def summary_markdown(report: dict[str, Any]) -> str:
-    """The run's summary: one row per stage (state, seconds, why skipped), the registry decisions, the timing."""
-    lines = [f"# visionflow retrain: {report['outcome']}", ""]
-    lines += [f"- Prefect flow run `{report['flow_run_id']}` · MLflow parent run `{report.get('mlflow_run_id') or '-'}` · git `{report.get('git_commit', '-')}`"]
-    if report.get("timing"):
-        t = report["timing"]
-        lines.append(f"- wall {t['wall_s']:.1f} s · in stages {t['stages_s']:.1f} s · orchestration overhead {t['overhead_s']:.1f} s")
-    if report.get("reason"):
-        lines += ["", f"**{report['reason']}**"]
-    if report.get("changes"):
-        lines += ["", "What DVC found changed:", *(f"- {c}" for c in report["changes"])]
-    if report.get("stages"):
-        lines += ["", "## Stages", "", "| stage | state | seconds | note |", "| --- | --- | --- | --- |"]
-        for name, e in report["stages"].items():
-            lines.append(f"| {name} | {e['state']} | {e.get('seconds') or 0:.1f} | {e.get('reason') or ''} |")
-    rows = registry_rows(report.get("register") or {})
-    if rows:
-        keys = list(rows[0])
-        lines += ["", "## Registry", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-        lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-REGISTRY_FIELDS = ("version", "decision", "metric", "candidate_value", "champion_version_before", "champion_value", "comparison", "test_data_hash")
-
-
-def registry_rows(register: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model of ``metrics/register.json``: version, decision, both gate numbers."""
-    rows = []
-    for name, entry in (register.get("registered") or {}).items():
-        gate = entry.get("gate") if isinstance(entry.get("gate"), dict) else {}
-        row = {"model": name}
-        for key in REGISTRY_FIELDS:
-            row[key] = entry.get(key, gate.get(key, ""))
-        rows.append(row)
-    for name, entry in (register.get("unchanged") or {}).items():
-        rows.append({"model": name, **dict.fromkeys(REGISTRY_FIELDS, ""), "version": entry.get("version", ""), "decision": "unchanged: no new version"})
-    for kind in ("refused", "skipped"):
-        for name, why in (register.get(kind) or {}).items():
-            rows.append({"model": name, **dict.fromkeys(REGISTRY_FIELDS, ""), "decision": f"not registered ({kind}): {why}"})
-    return rows
-
-
 def publish(report: dict[str, Any]) -> None:
     """The summary and the registry decisions as Prefect artifacts."""
     create_markdown_artifact(summary_markdown(report), key="visionflow-retrain-summary", description="stages, registry decisions, timing")
@@ -194,7 +133,7 @@ def retrain_flow(params_path: str = PARAMS_FILE, overrides: list[str] | None = N
     report: dict[str, Any] = {"flow_run_id": flow_run.get_id() or "local", "stages": {}, "changes": describe_changes(stale)}
     if not force and not stale:
         report.update(outcome="up to date", reason="dvc status: every stage is up to date; nothing to run (use --force to retrain)")
-        report["timing"] = {"wall_s": time.perf_counter() - wall_start, "stages_s": 0.0, "overhead_s": time.perf_counter() - wall_start}
+        report["timing"] = timing({}, time.perf_counter() - wall_start)
         print(report["reason"])
         publish(report)
         return report
@@ -220,19 +159,15 @@ def _run_with_parent(report: dict[str, Any], params: Any, stages: list[Stage], r
         report["mlflow_run_id"] = parent.run_id
         context = {"flow_run_id": report["flow_run_id"], "parent_run_id": parent.run_id}
         report["stages"] = run_stages(stages, root, force=force, context=context, retries=orch.retries, retry_delay=orch.retry_delay_seconds)
-        states = [e["state"] for e in report["stages"].values()]
-        report["outcome"] = "failed" if "failed" in states else ("trained" if "ran" in states or "skipped" in states else "up to date")
-        report["register"] = read_register_report(root) if report["stages"].get("register", {}).get("state") == "ran" else {}
+        report["outcome"] = outcome(report["stages"])
+        report["register"] = read_registry(root) if report["stages"].get("register", {}).get("state") == "ran" else {}
         data = Path(params.data.out)
         if data.is_dir():
             parent.log_dataset(name=data.name, digest=dvc_directory_md5(data), source=str(data))
-        spans = [(e["started"], e["started"] + e["seconds"]) for e in report["stages"].values() if e.get("started") is not None]
-        wall = time.perf_counter() - wall_start
-        inside = union_seconds(spans)
-        report["timing"] = {"wall_s": round(wall, 2), "stages_s": round(inside, 2), "overhead_s": round(wall - inside, 2)}
+        report["timing"] = timing(report["stages"], time.perf_counter() - wall_start)
         parent.set_tags({"visionflow.outcome": report["outcome"]})
-        parent.log_metrics({"wall_s": wall, "stages_s": inside, "overhead_s": wall - inside})
-        parent.log_dict({k: v for k, v in report.items()}, "pipeline_report.json")
+        parent.log_metrics(report["timing"])
+        parent.log_dict(report, "pipeline_report.json")
         publish(report)
 
 
