@@ -115,14 +115,10 @@ def run(cmd: list[str], cwd: Path, *, log: Path | None = None) -> float:
 
 
 def stage_commands(repo: Path) -> list[tuple[str, list[str]]]:
-    """``dvc.yaml``'s commands in dependency order, as DVC resolves them (foreach items included)."""
-    import networkx as nx
-    from dvc.repo import Repo
+    """``dvc.yaml``'s commands in dependency order, as the flow reads them (:func:`components.pipeline.load_stages`)."""
+    from components.pipeline import load_stages
 
-    with Repo(str(repo)) as dvc_repo:
-        graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
-        order = list(reversed(list(nx.topological_sort(graph))))
-        return [(stage.name, ["bash", "-c", stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)]) for stage in order]
+    return [(stage.name, ["bash", "-c", stage.cmd]) for stage in load_stages(repo)]
 
 
 def main(argv: list[str] | None = None) -> dict:
