@@ -62,9 +62,23 @@ class TrainConfig(Section):
     workers: NonNegativeInt = 0
     seed: int = 0
     max_steps_per_epoch: PositiveInt | None = None
-    nprocs: PositiveInt = 1  # >1 launches torchrun (DDP: gloo on CPU, nccl on CUDA)
+    nprocs: PositiveInt = 1  # >1 launches torchrun (DDP: gloo on CPU, nccl on CUDA); processes per node
+    # machines of one torchrun job (c10d rendezvous at rdzv_endpoint); each node runs the same stage command,
+    # its node rank from $NODE_RANK (0 hosts the rendezvous store; README "Scale-out")
+    nnodes: PositiveInt = 1
+    rdzv_endpoint: str | None = None  # HOST:PORT of node 0, required when nnodes > 1
     threads: PositiveInt | None = None  # CPU intra-op threads during fit (None: torch's default); 1 is fastest on a shared CPU
     early_stopping: EarlyStopping = EarlyStopping()  # monitor also picks best.pt (None: best = last epoch)
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: HOST:PORT of node 0 (the c10d rendezvous every node joins)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint must be HOST:PORT (e.g. 10.0.0.5:29400), got {self.rdzv_endpoint!r}")
+        return self
 
 
 class BackboneRef(Section):
@@ -452,6 +466,9 @@ class RegisterConfig(Section):
     detector: Gate = Gate(metric="map_50", margin=0.0)
     segmenter: Gate = Gate(metric="miou", margin=0.0)
     backbone: Gate = Gate(metric="accuracy", margin=0.0)
+    # export each new version to ONNX in its register run (artifact onnx/, version tag visionflow.onnx_artifact);
+    # about 50 s for all default models on 2 CPU cores (README "Export (ONNX)")
+    onnx: bool = True
 
 
 class TrackingConfig(Section):
@@ -475,8 +492,10 @@ class SourceDataset(Section):
 class OrchestrationConfig(Section):
     """How ``visionflow run`` drives the stages of ``dvc.yaml`` (what DVC itself does not: concurrency, retries)."""
 
-    task_runner: Literal["sequential", "threads"] = "threads"  # threads: up to max_workers stage processes at once
-    max_workers: PositiveInt = 2
+    # threads: up to max_workers stage processes at once; dask: the stage tasks on a Dask cluster (prefect-dask)
+    task_runner: Literal["sequential", "threads", "dask"] = "threads"
+    max_workers: PositiveInt = 2  # threads: stage processes at once; dask without address: worker processes of a local cluster
+    address: str | None = None  # dask: the scheduler, e.g. tcp://10.0.0.5:8786; null = a local cluster of max_workers processes
     retries: NonNegativeInt = 2  # for transient failures only (exit code 75: tracking server, I/O), resumed from last.pt
     retry_delay_seconds: NonNegativeFloat = 5.0
     force: bool = False  # run every stage even when dvc status finds it up to date (as dvc repro -f)

@@ -8,7 +8,9 @@ This module supplies what happens around it:
 
 * :func:`launch_torchrun` starts ``nprocs`` copies of a command under ``torchrun``
   (``python -m torch.distributed.run``) on this machine: what a Prefect task does for a stage
-  whose ``train.nprocs > 1``;
+  whose ``train.nprocs > 1``; with ``train.nnodes > 1`` it starts this machine's share of a job
+  across machines (:class:`NodeTopology`: every node runs the same command, they meet at the c10d
+  rendezvous ``train.rdzv_endpoint``, the node rank comes from ``$NODE_RANK``);
 * :func:`init_distributed` joins the process group torchrun describes in the environment
   (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), with gloo on CPU
   and nccl on CUDA (one GPU per local rank);
@@ -25,6 +27,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -45,6 +48,8 @@ from components.engine import barrier, is_distributed, is_main_process, rank, re
 from components.errors import ConfigError, TrainingError
 
 __all__ = [
+    "NODE_RANK_ENV",
+    "NodeTopology",
     "TorchrunEnv",
     "barrier",
     "build_sampler",
@@ -70,6 +75,11 @@ _current_rank = rank  # build_sampler's ``rank`` argument shadows the function
 
 #: a rank that waits longer than this at a collective (another rank crashed or hangs) fails instead of hanging
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+#: the node rank a scheduler gives each machine of a multi-node job (a Kubernetes indexed Job's index otherwise)
+NODE_RANK_ENV = "NODE_RANK"
+K8S_INDEX_ENV = "JOB_COMPLETION_INDEX"
+#: the rendezvous id of a multi-node job, when the scheduler names the job (else derived from the stage command)
+RDZV_ID_ENV = "VISIONFLOW_RDZV_ID"
 
 
 @dataclass(frozen=True)
@@ -264,23 +274,90 @@ def in_torchrun_worker(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def should_launch(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> bool:
-    """True when a stage asks for ``train.nprocs > 1`` and we are not already a torchrun worker."""
-    return cfg.nprocs > 1 and not in_torchrun_worker(environ)
+    """True when a stage asks for ``train.nprocs > 1`` or ``train.nnodes > 1`` and we are not already a torchrun worker."""
+    return (cfg.nprocs > 1 or cfg.nnodes > 1) and not in_torchrun_worker(environ)
 
 
-def torchrun_command(nprocs: int, argv: Sequence[str], *, master_port: int | None = None, master_addr: str = "127.0.0.1") -> list[str]:
-    """``python -m torch.distributed.run --nproc_per_node N --master_addr A --master_port P ARGV...``.
+@dataclass(frozen=True)
+class NodeTopology:
+    """Where this machine stands in a torchrun job across ``nnodes`` machines (c10d rendezvous).
+
+    Every node runs the same stage command with the same ``train.nnodes`` and
+    ``train.rdzv_endpoint``; torchrun's agents meet at the endpoint, a TCP store that node 0
+    hosts (``--rdzv-conf is_host=true`` there, ``false`` elsewhere, so a node never mistakes
+    itself for the host), and the job starts once all ``nnodes`` have joined. Under c10d the
+    rendezvous, not ``--node-rank``, orders the nodes' global ranks: which machine's process is
+    global rank 0 (it writes the stage's files and its MLflow run) is not fixed, so a multi-node
+    stage's working folder is shared storage, the same path on every node (README, "Scale-out").
+
+    Attributes:
+        nnodes: machines in the job.
+        node_rank: this machine's index, 0..nnodes-1 (0 hosts the rendezvous store).
+        rdzv_endpoint: ``HOST:PORT`` of node 0's store.
+        rdzv_id: the job's id, the same on every node (two jobs at one endpoint never mix).
+    """
+
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str
+    rdzv_id: str
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> NodeTopology | None:
+        """The topology of a stage with ``train.nnodes > 1`` (None for one machine).
+
+        The node rank is ``$NODE_RANK`` (what a launcher script or the PyTorchJob operator sets),
+        else ``$JOB_COMPLETION_INDEX`` (a Kubernetes indexed Job's pod index), else 0: the node
+        whose Prefect task launched the stage. The rendezvous id is ``$VISIONFLOW_RDZV_ID``, else
+        derived from the stage command (``--resume`` ignored), identical on every node.
+
+        Raises:
+            ConfigError: the node rank is not an integer in ``[0, nnodes)``.
+        """
+        if cfg.nnodes < 2:
+            return None
+        env = os.environ if environ is None else environ
+        source = NODE_RANK_ENV if NODE_RANK_ENV in env else K8S_INDEX_ENV
+        raw = env.get(source, "0")
+        if not raw.strip().isdigit() or int(raw) >= cfg.nnodes:
+            raise ConfigError(
+                f"node rank {raw!r} (${source}) is not an integer in [0, {cfg.nnodes})", record=f"${source}",
+                fix=f"set {NODE_RANK_ENV}=0 on the machine at train.rdzv_endpoint and 1..{cfg.nnodes - 1} on the others",
+            )
+        command = " ".join(a for a in argv if a != "--resume")
+        rdzv_id = env.get(RDZV_ID_ENV) or "visionflow-" + hashlib.sha1(command.encode()).hexdigest()[:12]
+        return cls(cfg.nnodes, int(raw), str(cfg.rdzv_endpoint), rdzv_id)
+
+    def torchrun_options(self) -> list[str]:
+        """``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID --rdzv-conf is_host=...``."""
+        return [
+            "--nnodes", str(self.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", self.rdzv_endpoint,
+            "--rdzv-id", self.rdzv_id, "--rdzv-conf", f"is_host={'true' if self.node_rank == 0 else 'false'}",
+        ]
+
+
+def torchrun_command(
+    nprocs: int, argv: Sequence[str], *, master_port: int | None = None, master_addr: str = "127.0.0.1", nodes: NodeTopology | None = None
+) -> list[str]:
+    """``python -m torch.distributed.run --nproc-per-node N ... ARGV...`` for one machine or one node of several.
+
+    One machine (``nodes`` None): ``--nnodes 1 --master-addr A --master-port P``. Several:
+    :meth:`NodeTopology.torchrun_options` (c10d rendezvous; ``master_*`` unused).
 
     Args:
         nprocs: processes on this machine (one per GPU under nccl; CPU cores / threads under gloo).
         argv: the worker command after torchrun's options: a script and its arguments
             (``["train.py", "--epochs", "3"]``) or a module (``["-m", "flows.cli", "detect", "--arch", "yolo"]``).
-        master_port: rendezvous port (default: a free one, so concurrent jobs do not collide).
+        master_port: rendezvous port of a one-machine job (default: a free one, so concurrent jobs do not collide).
+        master_addr: its address.
+        nodes: this machine's place in a multi-node job.
     """
     if nprocs < 1:
         raise ConfigError(f"nprocs must be >= 1, got {nprocs}", record="train.nprocs", fix="set train.nprocs to 1 or more")
     if not argv:
         raise ConfigError("no worker command to launch", record="argv", fix="pass a script or -m module and its arguments")
+    if nodes is not None:
+        return [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_options(), "--nproc-per-node", str(nprocs), *argv]
     port = master_port if master_port is not None else find_free_port(master_addr)
     return [
         sys.executable, "-m", "torch.distributed.run",
@@ -300,6 +377,7 @@ def launch_torchrun(
     threads_per_process: int | None = 1,
     timeout: float | None = None,
     capture: bool = False,
+    nodes: NodeTopology | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in ``nprocs`` processes under torchrun on this machine and wait for all of them.
 
@@ -318,6 +396,8 @@ def launch_torchrun(
         timeout: seconds before the whole job is killed (None: no limit).
         capture: keep stdout/stderr in the result (the tail goes into the error); otherwise they
             stream to this process's output, as a Prefect task's log shows them.
+        nodes: this machine's place in a job across machines (None: this machine alone); the
+            call returns when the whole job ends, so it waits for the other nodes to join.
 
     Returns:
         The completed torchrun process (``returncode`` 0).
@@ -325,7 +405,7 @@ def launch_torchrun(
     Raises:
         TrainingError: a worker failed (torchrun exits non-zero) or the job timed out.
     """
-    cmd = torchrun_command(nprocs, argv, master_port=master_port)
+    cmd = torchrun_command(nprocs, argv, master_port=master_port, nodes=nodes)
     child_env = {**os.environ, **(env or {})}
     if threads_per_process is not None:
         child_env["OMP_NUM_THREADS"] = str(threads_per_process)
@@ -336,8 +416,9 @@ def launch_torchrun(
                             fix="raise the timeout or check for a hanging rank") from None
     if done.returncode != 0:
         tail = ((done.stdout or "") + (done.stderr or ""))[-2000:] if capture else "see the workers' output above"
+        where = f" on node {nodes.node_rank} of {nodes.nnodes} (rendezvous {nodes.rdzv_endpoint})" if nodes else ""
         raise TrainingError(
-            f"torchrun with {nprocs} processes failed (exit code {done.returncode}): {tail}",
+            f"torchrun with {nprocs} processes{where} failed (exit code {done.returncode}): {tail}",
             record=" ".join(argv),
             fix="the first failing rank's traceback names the cause; re-run with train.nprocs: 1 to debug",
         )

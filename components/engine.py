@@ -4,8 +4,9 @@ What the engine owns, so that no stage re-implements it:
 
 * optimiser (SGD with momentum or AdamW, no weight decay on biases and norm weights) and a
   per-step learning-rate schedule: linear warm-up, then cosine or step decay;
-* gradient clipping, CUDA mixed precision (``torch.autocast`` + ``GradScaler``), a NaN/inf guard
-  that stops the stage with :class:`~components.errors.TrainingError`;
+* gradient clipping, CUDA mixed precision (``torch.autocast`` in bfloat16 where the GPU has it,
+  else float16 with a ``GradScaler``; convnets channels-last), a NaN/inf guard that stops the
+  stage with :class:`~components.errors.TrainingError`;
 * seeding and a deterministic data order: the train loader's sampler generator is re-seeded from
   ``(cfg.seed, epoch)`` at the start of every epoch (as ``DistributedSampler.set_epoch`` does);
 * per-epoch validation through a task's ``evaluate`` callback, early stopping on a named metric;
@@ -67,6 +68,7 @@ from components.training.checkpoint import (
 )
 from components.training.optim import build_optimizer, build_scheduler, lr_factor
 from components.training.runtime import (
+    amp_dtype,
     barrier,
     count_parameters,
     epoch_seed,
@@ -74,6 +76,8 @@ from components.training.runtime import (
     is_distributed,
     is_main_process,
     log_line,
+    needs_grad_scaler,
+    prefers_channels_last,
     progress,
     rank,
     resolve_device,
@@ -315,12 +319,14 @@ def train_one_epoch(
     use_amp: bool,
     out_dir: Path,
     stage: str,
+    dtype: torch.dtype = torch.float16,
 ) -> EpochStats:
     """One epoch (at most ``state.steps_per_epoch`` batches) of ``step`` under autocast, as torchvision's reference loop.
 
     Args:
         model: the model to run (the DDP wrapper under torchrun; ``state.model`` is the unwrapped one).
         epoch: 0-based; re-seeds the loader's sampler (:func:`_set_epoch`).
+        use_amp, dtype: autocast on and its dtype (:func:`components.training.runtime.amp_dtype`).
         out_dir, stage: where ``diverged.json`` goes and the name in the error, should the loss be NaN/inf.
 
     Raises:
@@ -334,7 +340,7 @@ def train_one_epoch(
         if batch_idx >= state.steps_per_epoch:
             break
         t0 = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             out = step(model, batch, device)
         loss = out["loss"]
         loss_value = float(loss.detach())
@@ -352,13 +358,14 @@ def train_one_epoch(
 
 
 def validate(
-    model: nn.Module, raw_model: nn.Module, evaluate: EvaluateFn | None, loader: Iterable[Any] | None, device: torch.device, *, use_amp: bool
+    model: nn.Module, raw_model: nn.Module, evaluate: EvaluateFn | None, loader: Iterable[Any] | None, device: torch.device, *, use_amp: bool,
+    dtype: torch.dtype = torch.float16,
 ) -> dict[str, Any]:
     """The epoch's validation metrics: ``evaluate`` on rank 0 in eval mode, broadcast to the other ranks."""
     metrics: dict[str, Any] = {}
     if evaluate is not None and loader is not None and is_main_process():
         model.eval()
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             metrics = _plain(dict(evaluate(raw_model, loader, device)))
     if is_distributed():
         box = [metrics]
@@ -466,6 +473,7 @@ class _Loop:
     evaluate: EvaluateFn | None
     device: torch.device
     use_amp: bool
+    dtype: torch.dtype
     out_dir: Path
     stage: str
     log_metrics: LogFn | None
@@ -478,11 +486,12 @@ def _run_epoch(loop: _Loop, epoch: int) -> EpochStats:
     state, cfg = loop.state, loop.state.cfg
     epoch_start, epoch_cpu_start = time.perf_counter(), time.process_time()
     stats = train_one_epoch(
-        loop.model, loop.step, state, loop.train_loader, loop.device, epoch, use_amp=loop.use_amp, out_dir=loop.out_dir, stage=loop.stage
+        loop.model, loop.step, state, loop.train_loader, loop.device, epoch, use_amp=loop.use_amp, out_dir=loop.out_dir, stage=loop.stage,
+        dtype=loop.dtype,
     )
     record: dict[str, Any] = {"epoch": epoch + 1, "global_step": state.global_step, "lr": state.optimizer.param_groups[0]["lr"]}
     record.update(stats.means())
-    metrics = validate(loop.model, state.model, loop.evaluate, loop.val_loader, loop.device, use_amp=loop.use_amp)
+    metrics = validate(loop.model, state.model, loop.evaluate, loop.val_loader, loop.device, use_amp=loop.use_amp, dtype=loop.dtype)
     record["val"] = metrics
     times = loop.checkpointer.times
     times.add(time.perf_counter() - epoch_start, time.process_time() - epoch_cpu_start)
@@ -520,11 +529,14 @@ def _fit(
 ) -> FitResult:
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
+    dtype = amp_dtype(device)  # bfloat16 where the GPU has it; float16 (with the scaler below) otherwise
     stage = desc or out_dir.name
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out_dir)  # a previous run killed mid-save left its .last.pt.<pid>.tmp
     model.to(device)
+    if prefers_channels_last(model, device, amp=use_amp):
+        model.to(memory_format=torch.channels_last)  # NHWC weights: cuDNN's tensor-core convolutions
     raw_model = model
     if is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -534,7 +546,7 @@ def _fit(
         model=raw_model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch),
-        scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp and needs_grad_scaler(dtype)),
         cfg=cfg,
         steps_per_epoch=steps_per_epoch,
         meta=meta,
@@ -542,7 +554,7 @@ def _fit(
     )
     times = _start(state, out_dir, resume=resume, state_file=state_file)
     loop = _Loop(
-        model, state, train_loader, val_loader, step, evaluate, device, use_amp, out_dir, stage, log_metrics,
+        model, state, train_loader, val_loader, step, evaluate, device, use_amp, dtype, out_dir, stage, log_metrics,
         EarlyStopping.from_config(cfg, stage), Checkpointer(out_dir, state_file, times),
     )
     seen_images, train_seconds = 0, 0.0

@@ -8,8 +8,10 @@ in ``dvc.lock`` (``dvc commit``) so that ``dvc status`` agrees with what ran. Th
 (``flows/retrain.py``) only wires these together: which stages, in which order, two at a time, with
 retries, artifacts and the MLflow parent run. Nothing here imports Prefect or MLflow.
 
-DVC's repository lock is held by every status and commit call; a process-wide lock serialises them
-between the flow's threads, and a ``dvc repro`` in another process makes them wait or fail cleanly.
+DVC's repository lock is held by every status and commit call; a process-wide lock and a file lock
+(``.dvc/tmp/visionflow-repo.lock``) serialise them between the flow's threads and between the
+processes of a Dask cluster that share the workspace, and a ``dvc repro`` in another process makes
+them wait or fail cleanly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,13 +74,24 @@ class StageRun:
     tail: list[str] = field(default_factory=list)  # the last output lines
 
 
+def _workspace_lock(root: Path) -> AbstractContextManager[Any]:
+    """A file lock in ``.dvc/tmp`` on which the stage tasks of other processes sharing the workspace (Dask workers) wait."""
+    from filelock import FileLock
+
+    tmp = root / ".dvc" / "tmp"
+    if not tmp.parent.is_dir():
+        return nullcontext()  # not a DVC project: Repo() says so
+    tmp.mkdir(exist_ok=True)
+    return FileLock(tmp / "visionflow-repo.lock")
+
+
 @contextmanager
 def open_repo(root: Path) -> Iterator[Any]:
     """The DVC repository at ``root``, under the process-wide lock."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with _DVC_LOCK:
+    with _DVC_LOCK, _workspace_lock(root):
         try:
             repo = Repo(str(root))
         except DvcException as err:

@@ -123,10 +123,31 @@ def cmd_register(args: argparse.Namespace) -> Any:
     return run_register(_params(args), context=_run_context())
 
 
-def cmd_predict(args: argparse.Namespace) -> Any:
-    from components.stages.predict import predict_files
+def cmd_export(args: argparse.Namespace) -> Any:
+    from components.export.onnx_export import export_reference
 
-    return predict_files(args.model, [Path(p) for p in args.images], out=Path(args.out) if args.out else None, draw=Path(args.draw) if args.draw else None)
+    tracking = _params(args).tracking if args.model.startswith("models:/") else None
+    return export_reference(args.model, Path(args.out), tracking=tracking, fmt=args.format)
+
+
+def cmd_predict(args: argparse.Namespace) -> Any:
+    """Predict every image; each bad one is reported (stderr) and skipped; exit 1 when any failed."""
+    from components.stages.predict import PartialPredictionError, predict_files
+
+    result = predict_files(
+        args.model, args.images, out=Path(args.out) if args.out else None, coco=Path(args.coco) if args.coco else None,
+        draw=Path(args.draw) if args.draw else None, batch_size=args.batch_size, device=args.device,
+    )
+    if args.out:  # the predictions are in the file; stdout gets the summary
+        result.pop("predictions")
+    if result["failed"]:
+        _print(result)
+        raise PartialPredictionError(
+            f"{len(result['failed'])} of {result['images']} images failed (listed above); the other {result['predicted']} were predicted"
+            + (f" and written to {args.out}" if args.out else ""),
+            fix="fix or remove the listed files",
+        )
+    return result
 
 
 def cmd_run(args: argparse.Namespace) -> Any:
@@ -193,11 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("register", cmd_register, "register trained models in MLflow and move `champion` through the gate")
 
-    p = add("predict", cmd_predict, "run a registered model (models:/...) or a checkpoint on image files")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/..., or a checkpoint path")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", help="write predictions JSON here")
+    p = add("export", cmd_export, "export a registered version or a checkpoint to ONNX (onnxruntime + numpy + Pillow consumers)")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint path")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (onnx)")
+    p.add_argument("--out", default="exports", help="output folder (default: exports/)")
+
+    p = add("predict", cmd_predict, "run a registered model, an ONNX file or a checkpoint on image files, folders and globs")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/ID/model, MODEL.onnx, or a checkpoint path")
+    p.add_argument("images", nargs="+", help="image files, folders (walked recursively) and glob patterns")
+    p.add_argument("--out", help="detectors: COCO results JSON (+ OUT.images.json); segmenters: index JSON + OUT_masks/ PNGs; "
+                                 "classifiers: predictions JSON")
+    p.add_argument("--coco", help="COCO instances JSON whose image ids (by file name) and category ids (by name) the results use")
     p.add_argument("--draw", help="write images with predictions drawn into this folder")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: the stages' evaluation batch)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (checkpoints)")
 
     p = add("run", cmd_run, "bring every stage of dvc.yaml up to date (Prefect flow; --params/--set are written to params.yaml)")
     p.add_argument("--force", action="store_true", help="run every stage even when dvc status finds it up to date")
@@ -228,7 +258,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> Any:
     if in_torchrun_worker():
         return run_as_worker(lambda: args.func(args), cfg)
     if should_launch(cfg):
-        return launch_stage(argv, cfg.nprocs)
+        return launch_stage(argv, cfg.nprocs, cfg=cfg)
     return args.func(args)
 
 

@@ -7,7 +7,11 @@ order, each waiting for the stages it depends on; a task asks DVC whether its st
 would run, in the project root) and then records it in ``dvc.lock`` (``dvc commit``) under a lock.
 Concurrency between stages is between processes (``orchestration.max_workers`` at a time), so no
 two trainings share a random-number generator; the same inputs give the same model whichever way
-the pipeline ran. After ``visionflow run``, ``dvc status`` is clean and ``dvc repro`` does nothing;
+the pipeline ran. ``orchestration.task_runner: dask`` hands the same tasks to a Dask cluster
+(``prefect-dask``): ``orchestration.address`` names a running scheduler, or a local cluster of
+``max_workers`` worker processes is started for the run. A Dask worker only supervises: the stage
+is still its own process, started by the task in the worker's environment, in the workspace
+``root`` (the same path on every worker: shared storage; README, "Scale-out"). After ``visionflow run``, ``dvc status`` is clean and ``dvc repro`` does nothing;
 after ``dvc repro``, ``visionflow run`` trains nothing.
 
 What Prefect adds: schedules (``visionflow serve --cron``), a run on new data (``--watch``),
@@ -32,7 +36,7 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from components.config import load_params
 from components.errors import TrainingError
@@ -171,13 +175,29 @@ def _run_with_parent(report: dict[str, Any], params: Any, stages: list[Stage], r
         publish(report)
 
 
-def _task_runner(params: Any) -> ThreadPoolTaskRunner:
-    workers = params.orchestration.max_workers if params.orchestration.task_runner == "threads" else 1
-    return ThreadPoolTaskRunner(max_workers=workers)
+def _task_runner(params: Any) -> TaskRunner:
+    """The flow's task runner from ``params.orchestration``: threads (the default), sequential, or a Dask cluster.
+
+    ``dask`` with ``address``: the tasks go to that scheduler's workers (started with ``dask worker
+    tcp://HOST:8786`` on each machine, from the same checkout and environment). Without ``address``:
+    a local cluster of ``max_workers`` worker *processes* (one thread each, no dashboard) lives for
+    the flow run. What crosses to a worker is pickled: :func:`stage_task` (by reference: the worker
+    imports ``flows.retrain``), a :class:`~components.pipeline.Stage`, the workspace path, ``force``
+    and the run-context dict; Prefect's settings (the API URL) travel with each task's context, and
+    the MLflow tracking URI is in ``params.yaml`` (or ``$MLFLOW_TRACKING_URI`` of the workers).
+    """
+    orch = params.orchestration
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.address:
+            return DaskTaskRunner(address=orch.address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": orch.max_workers, "processes": True, "threads_per_worker": 1, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=orch.max_workers if orch.task_runner == "threads" else 1)
 
 
 def run_pipeline(params_path: str | Path, overrides: list[str] | None, *, force: bool = False) -> dict:
-    """``visionflow run``: the retrain flow once, ``orchestration.max_workers`` stage processes at a time.
+    """``visionflow run``: the retrain flow once, ``orchestration.max_workers`` stage processes at a time (or on a Dask cluster).
 
     Returns:
         The run's report: outcome, each stage's state and seconds, the registry decisions, the timing.

@@ -49,26 +49,36 @@ def stage_train_config(stage: str, params: Params, arch: str | None = None) -> T
     return None
 
 
-def launch_stage(cli_args: Sequence[str], nprocs: int, *, env: Mapping[str, str] | None = None, timeout: float | None = None) -> Any:
+def launch_stage(
+    cli_args: Sequence[str], nprocs: int, *, env: Mapping[str, str] | None = None, timeout: float | None = None, cfg: TrainConfig | None = None
+) -> Any:
     """Run ``visionflow <cli_args>`` under torchrun with ``nprocs`` workers; return rank 0's result.
+
+    With ``cfg.nnodes > 1`` this is one node of a job across machines: the other nodes run the
+    same command (the scheduler starts it there with their ``$NODE_RANK``), all meet at
+    ``cfg.rdzv_endpoint`` (:class:`components.distributed.NodeTopology`), and the call returns
+    when the whole job has finished.
 
     Args:
         cli_args: the stage command after ``visionflow`` (``["pretrain", "--set", "pretrain.train.nprocs=2"]``).
-        nprocs: worker processes (``train.nprocs``).
+        nprocs: worker processes on this machine (``train.nprocs``).
         env: extra environment variables of the workers.
         timeout: seconds before the job is killed (None: no limit).
+        cfg: the stage's ``train`` section, for ``nnodes`` and ``rdzv_endpoint`` (None: this machine alone).
 
     Returns:
-        What the stage function returned on rank 0 (JSON data), or None if it returned nothing.
+        What the stage function returned on rank 0 (JSON data), or None if it returned nothing
+        or global rank 0 ran on another node (its result is in the shared working folder's files).
 
     Raises:
         TrainingError: a worker failed; the first failing rank's output says why.
     """
-    from components.distributed import launch_torchrun
+    from components.distributed import NodeTopology, launch_torchrun
 
+    nodes = NodeTopology.from_config(cfg, cli_args) if cfg is not None else None
     with tempfile.TemporaryDirectory(prefix="visionflow-torchrun-") as tmp:
         result = Path(tmp) / "result.json"
-        launch_torchrun(nprocs, ["-m", "flows.cli", *cli_args], env={**(env or {}), RESULT_ENV: str(result)}, timeout=timeout)
+        launch_torchrun(nprocs, ["-m", "flows.cli", *cli_args], env={**(env or {}), RESULT_ENV: str(result)}, timeout=timeout, nodes=nodes)
         return json.loads(result.read_text()) if result.is_file() else None
 
 

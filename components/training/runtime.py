@@ -59,6 +59,42 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def amp_dtype(device: torch.device, *, bf16_supported: bool | None = None) -> torch.dtype:
+    """The autocast dtype of mixed precision on ``device``: bfloat16 where the GPU has it, else float16.
+
+    bfloat16 (Ampere and newer: compute capability >= 8.0) keeps float32's exponent range, so its
+    gradients need no loss scaling; float16 (older GPUs) underflows small gradients and is paired
+    with a :class:`torch.amp.GradScaler` (:func:`needs_grad_scaler`). On a CPU autocast is not used
+    by the engine; bfloat16 is returned for completeness.
+
+    Args:
+        device: the training device.
+        bf16_supported: whether the CUDA device runs bfloat16 natively (None: ask torch; tests pass a
+            fake capability so the CUDA branch is checked on a CPU-only machine).
+    """
+    if device.type != "cuda":
+        return torch.bfloat16
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def needs_grad_scaler(dtype: torch.dtype) -> bool:
+    """True for float16 autocast: its narrow exponent needs the loss scaled so small gradients do not flush to zero."""
+    return dtype == torch.float16
+
+
+def prefers_channels_last(model: nn.Module, device: torch.device, *, amp: bool) -> bool:
+    """Whether to store ``model``'s weights channels-last (NHWC) for training on ``device``.
+
+    Channels-last lets cuDNN pick tensor-core convolution kernels without layout transposes: it
+    helps convnets under mixed precision on CUDA (PyTorch's channels-last tutorial), and does
+    nothing useful on a CPU or for a model without 2-D convolutions. cuDNN follows the weight's
+    layout, so the input batches (lists of images for detection) need no conversion.
+    """
+    return device.type == "cuda" and amp and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels (CUDA), so that a wall-clock timing covers them."""
     if device.type == "cuda":
