@@ -46,6 +46,8 @@ DEFAULT_DB = "mlflow.db"
 COMPONENTS_DIR = Path(__file__).resolve().parent
 TAG_PREFIX = "visionflow."
 CHECKPOINT_SHA_TAG = "visionflow.checkpoint_sha256"  # a version's identity: sha256 of the stage's checkpoint bytes
+ONNX_TAG = "visionflow.onnx_artifact"  # a version's ONNX file: runs:/<register run>/onnx/<model>.onnx
+ONNX_ARTIFACT_PATH = "onnx"
 
 
 @dataclass(frozen=True)
@@ -928,6 +930,73 @@ def download_version_checkpoint(registered_name: str, version: str, dst: str | P
             f"cannot fetch the checkpoint of {registered_name} v{version}: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
             file=uri, record=registered_name, fix="the version was not logged by visionflow's register stage",
         ) from None
+
+
+def resolve_version(registered_name: str, ref: str) -> VersionInfo:
+    """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` reference names (``ref``: the alias or the number).
+
+    Raises:
+        TrackingError: no such model, alias or version.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient()
+        mv = client.get_model_version(registered_name, ref) if ref.isdigit() else client.get_model_version_by_alias(registered_name, ref)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"no version {ref!r} of {registered_name}: {str(err).splitlines()[0][:200]}", file=mlflow.get_tracking_uri(),
+                            record=registered_name, fix="list the versions and aliases in the MLflow UI; run `visionflow register` first") from None
+    return _version_info(mv)
+
+
+def attach_onnx(registered_name: str, version: str, onnx_path: str | Path, *, run_id: str | None = None) -> str:
+    """Log an exported ONNX file to the run of a registered version (``onnx/``) and tag the version with its URI.
+
+    Args:
+        registered_name, version: the registered version the file was exported from.
+        onnx_path: the ``.onnx`` file.
+        run_id: the run to log into (default: the version's register run, else the version's run).
+
+    Returns:
+        The artifact URI ``runs:/<run>/onnx/<file>``, also the version's :data:`ONNX_TAG`.
+
+    Raises:
+        TrackingError: the run or the registry refused the artifact or the tag.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if run_id is None:
+            mv = client.get_model_version(registered_name, version)
+            run_id = (mv.tags or {}).get(f"{TAG_PREFIX}register_run_id") or mv.run_id
+        client.log_artifact(run_id, str(onnx_path), ONNX_ARTIFACT_PATH)
+        uri = f"runs:/{run_id}/{ONNX_ARTIFACT_PATH}/{Path(onnx_path).name}"
+        client.set_model_version_tag(registered_name, version, ONNX_TAG, uri)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise TrackingError(f"cannot attach {Path(onnx_path).name} to {registered_name} v{version}: {str(err).splitlines()[0][:200]}",
+                            file=onnx_path, record=registered_name, fix="check the tracking store is reachable and the version exists") from None
+    return uri
+
+
+def download_version_onnx(registered_name: str, version: str, dst: str | Path) -> Path | None:
+    """The ONNX file of a registered version (its :data:`ONNX_TAG` artifact) downloaded to ``dst``; None when it has none.
+
+    Raises:
+        TrackingError: the tag names an artifact that cannot be downloaded.
+    """
+    import mlflow
+
+    uri = resolve_version(registered_name, version).tags.get(ONNX_TAG)
+    if not uri:
+        return None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise TrackingError(f"cannot download {uri}: {str(err).splitlines()[0][:200]}", file=uri, record=registered_name,
+                            fix="re-export it with `visionflow export --model models:/NAME/VERSION --format onnx`") from None
 
 
 def run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str] | None:

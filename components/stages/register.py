@@ -726,13 +726,17 @@ def register_candidate(candidate: Candidate, params: Params, context: Any = None
                 example_images=example_images(candidate.dataset),
                 metadata={"categories": list(ckpt.get("categories") or []), "stage": candidate.stage, "gate_metric": gate.metric, "gate_value": value},
             )
+            onnx = log_onnx(portable_path, Path(tmp) / "onnx", run) if params.register.onnx else {"onnx": None, "onnx_note": "register.onnx is false"}
             card = gate_card(model_card(candidate, ckpt=ckpt, lineage=provenance, gate=gate, run_ids=run_ids), measure, admitted, changed)
+            tags = version_tags(candidate, admitted, provenance, register_run=run.run_id, changed=changed)
+            if onnx["onnx"]:
+                tags[tracking.ONNX_TAG] = onnx["onnx"]
             version = tracking.register_version(
                 model_uri,
                 name,
                 version_description=card,
                 model_description=KIND_DESCRIPTIONS[candidate.kind] + f"\n\nGate: `{gate.metric}`, margin {gate.margin}; see each version's card.",
-                tags=version_tags(candidate, admitted, provenance, register_run=run.run_id, changed=changed),
+                tags=tags,
                 alias=params.register.candidate_alias,
             )
             decision = tracking.apply_gate(
@@ -746,8 +750,26 @@ def register_candidate(candidate: Candidate, params: Params, context: Any = None
         "metric": gate.metric, "value": value, "candidate_value": decision.candidate_value, "champion_version_before": measure.version,
         "champion_value_before": decision.champion_value, "champion_value": decision.champion_value, "comparison": decision.comparison,
         "champion_measure": measure.note, "test_data_hash": data.data_hash, "margin": gate.margin, "categories_changed": changed,
-        "data_hash_verified": data.verified,
+        "data_hash_verified": data.verified, **onnx,
     }
+
+
+def log_onnx(portable_path: Path, folder: Path, run: Any) -> dict[str, Any]:
+    """Export the portable checkpoint to ONNX and log it in the register run under ``onnx/``.
+
+    Returns:
+        ``{"onnx": "runs:/<run>/onnx/<model>.onnx", "onnx_seconds": s}``, or ``{"onnx": None,
+        "onnx_note": why}`` for a family without an ONNX form (R-CNN, Fast R-CNN: selective search).
+    """
+    from components import tracking
+    from components.export.onnx_export import ExportError, export_onnx
+
+    try:
+        result = export_onnx(portable_path, folder)
+    except ExportError as err:
+        return {"onnx": None, "onnx_note": err.message}
+    run.log_artifact(result.path, tracking.ONNX_ARTIFACT_PATH)
+    return {"onnx": f"runs:/{run.run_id}/{tracking.ONNX_ARTIFACT_PATH}/{result.path.name}", "onnx_seconds": round(result.seconds, 2)}
 
 
 def run_register(params: Params, context: Any = None) -> dict:
@@ -785,12 +807,13 @@ def run_register(params: Params, context: Any = None) -> dict:
         else:
             report[status][name] = entry
     report["models"] = model_summary(report)
+    report["onnx_seconds"] = round(sum(e.get("onnx_seconds") or 0.0 for e in report["registered"].values()), 2)
     write_json(report, REGISTER_REPORT)
     return report
 
 
 SUMMARY_KEYS = ("version", "decision", "promoted", "metric", "champion_version_before", "champion_value", "candidate_value",
-                "test_data_hash", "comparison", "categories_changed", "reason")
+                "test_data_hash", "comparison", "categories_changed", "reason", "onnx", "onnx_seconds", "onnx_note")
 
 
 def model_summary(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

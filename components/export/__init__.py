@@ -1,0 +1,1 @@
+"""ONNX export of registered models (``onnx_export``, torch side) and their torch-free consumer (``onnx_runtime``)."""
