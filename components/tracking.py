@@ -497,27 +497,30 @@ PYFUNC_CODE = '''"""visionflow pyfunc model, logged as code (MLflow models-from-
 Input: a DataFrame with a column ``image``: per row encoded PNG/JPEG bytes, their base64 text (what
 JSON carries), or a pixel array [H, W] / [H, W, 3]. Output: one row per image (see
 components/stages/predict.py for the columns of each task).
+
+``predict`` is type-hinted ``pd.DataFrame -> pd.DataFrame``: MLflow 3 infers no signature from a
+DataFrame hint and wraps no validation around it, so the explicit signature logged with the model
+(``image`` column of any type, the task's output columns) stays the one ``mlflow models serve``
+enforces; the scoring server turns a JSON request (``dataframe_split``, ``dataframe_records``,
+``inputs``) into that DataFrame before calling ``predict``.
 """
+
+from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
 class VisionflowModel(PythonModel):
-    def load_context(self, context):
+    def load_context(self, context: PythonModelContext) -> None:
         from components.stages.predict import ImagePredictor
 
         config = context.model_config or {}
         self.predictor = ImagePredictor.from_checkpoint(context.artifacts["checkpoint"], device=config.get("device", "auto"))
 
-    def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
-        elif isinstance(model_input, dict):
-            images = list(model_input["image"])
-        else:
-            images = list(model_input)
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
         return pd.DataFrame(self.predictor.predict(images))
 
 
