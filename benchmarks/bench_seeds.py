@@ -51,7 +51,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# imported once, at the start: the working tree may change while the seeds run (the runs use the clone's code)
+from components.config import load_params  # noqa: E402
 from components.io import content_hash, read_json, write_json  # noqa: E402
+from components.training.checkpoint import LAST, load_checkpoint  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # issue 16, item 2: (family, model, metric) -> the mean it asks for; std <= STD_TARGET for every learnt model
@@ -303,9 +306,6 @@ def run_pipeline(clone: Path, env: Mapping[str, str], overrides: Sequence[str], 
 
 def save_seed(clone: Path, dest: Path) -> None:
     """Copy one seed's metrics files and each model's per-epoch validation history (from its ``last.pt``) to ``dest``."""
-    from components.config import load_params
-    from components.training.checkpoint import LAST, load_checkpoint
-
     params = load_params(clone / "params.yaml")
     for sub in ("detect", "segment"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
@@ -431,8 +431,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     import tempfile
-
-    from components.config import load_params
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-seeds-"))).resolve()
     if args.workdir and workdir.exists() and any(workdir.iterdir()) and not args.reuse and (workdir / "seeds").exists():
