@@ -11,13 +11,13 @@ import pytest
 from conftest import write_tiny_checkpoint
 from PIL import Image
 
-from components.errors import DataError
+from components.errors import CheckpointError, DataError
 from components.stages.predict import (
     MAX_SIDE,
     ImageFile,
     ImagePredictor,
-    collect_images,
     coco_ids,
+    collect_images,
     image_to_rgb,
     predict_files,
     read_image_file,
@@ -192,3 +192,26 @@ def test_semantic_segmenter_writes_one_png_mask_per_image(tmp_path):
         mask = np.asarray(Image.open(index["masks"][name]))
         assert Path(index["masks"][name]) == tmp_path / "seg_masks" / f"{name}.png"
         assert mask.shape == size and mask.dtype == np.uint8 and mask.max() <= len(CATS)
+
+
+# --------------------------------------------------------------------------- ONNX files
+
+
+def test_onnx_file_predicts_like_its_checkpoint(tmp_path, yolo_ckpt, one_torch_thread):
+    from components.export.onnx_export import export_onnx
+
+    onnx_path = export_onnx(yolo_ckpt, tmp_path / "export").path
+    images = [save(tmp_path / "in" / f"{i}.png", rgb(48, 64, seed=i)) for i in range(3)]
+    via_onnx = predict_files(str(onnx_path), [tmp_path / "in"], out=tmp_path / "onnx.json")
+    via_torch = predict_files(str(yolo_ckpt), [tmp_path / "in"], out=tmp_path / "torch.json")
+    assert via_onnx["task"] == "detection" and via_onnx["predicted"] == len(images)
+    for name, ref in via_torch["predictions"].items():
+        got = via_onnx["predictions"][name]
+        assert got["labels"] == ref["labels"] and len(ref["labels"]) > 0
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1.0)
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4)
+    coco_onnx, coco_torch = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("onnx", "torch"))
+    assert [(r["image_id"], r["category_id"]) for r in coco_onnx] == [(r["image_id"], r["category_id"]) for r in coco_torch]
+
+    with pytest.raises(CheckpointError, match="ONNX file not found"):
+        predict_files(str(tmp_path / "missing.onnx"), [tmp_path / "in"])
