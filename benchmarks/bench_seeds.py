@@ -221,6 +221,47 @@ def curve_band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[flo
     return means, stds
 
 
+def curve_verdict(means: Sequence[float], target: float | None) -> dict[str, Any]:
+    """What a mean validation curve says about a target: still rising at the end, and an *extrapolated* budget.
+
+    The budget is an extrapolation, not a measurement: a least-squares line of the metric against
+    ``log(epoch)`` (diminishing returns: each doubling of the epochs adds the same) through the whole curve,
+    solved for the target. Under a cosine schedule the last epochs flatten by construction, so this reads the
+    trend of the whole run, not its tail.
+
+    Args:
+        means: mean validation metric per epoch (epoch 1 first).
+        target: the value asked for (None: no budget).
+
+    Returns:
+        ``{"epochs", "last", "gain_last_epoch", "gain_last_third", "rising", "gain_per_doubling",
+        "extrapolated_epochs"}``; ``extrapolated_epochs`` is None without a target or when the trend is flat or
+        falling, and the current epochs when the curve's last value already meets the target.
+    """
+    n = len(means)
+    third = max(1, n // 3)
+    out: dict[str, Any] = {
+        "epochs": n,
+        "last": _round(means[-1]) if n else None,
+        "gain_last_epoch": _round(means[-1] - means[-2]) if n >= 2 else None,
+        "gain_last_third": _round(means[-1] - means[-1 - third]) if n > third else None,
+    }
+    out["rising"] = bool(out["gain_last_third"] is not None and out["gain_last_third"] > 0.005)
+    slope = None
+    if n >= 3:
+        xs = [math.log(e) for e in range(1, n + 1)]
+        mx, my = statistics.fmean(xs), statistics.fmean(means)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, means, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        out["gain_per_doubling"] = _round(slope * math.log(2))
+        if target is not None and means[-1] >= target:
+            out["extrapolated_epochs"] = n
+        elif target is not None and slope > 1e-6:
+            out["extrapolated_epochs"] = math.ceil(math.exp((target - (my - slope * mx)) / slope))
+        else:
+            out["extrapolated_epochs"] = None
+    return out
+
+
 # --------------------------------------------------------------------------- the clean project and the runs
 
 
@@ -241,14 +282,15 @@ def tool_env(clone: Path, workdir: Path) -> dict[str, str]:
     return env
 
 
-def make_clone(workdir: Path, *, reuse: bool) -> Path:
-    """``<workdir>/visionflow``: a clone of this repository's HEAD (kept when ``reuse`` and present), ``shared`` linked."""
+def make_clone(workdir: Path, *, reuse: bool, commit: str = "HEAD") -> Path:
+    """``<workdir>/visionflow``: a clone of this repository at ``commit`` (kept when ``reuse`` and present), ``shared`` linked."""
     clone = workdir / "visionflow"
     if clone.exists() and not reuse:
         shutil.rmtree(clone)
     if not clone.exists():
         workdir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+        subprocess.run(["git", "checkout", "--quiet", commit], cwd=clone, check=True)
     shared = workdir / "shared"
     if not shared.exists() and (ROOT.parent / "shared").is_dir():
         shared.symlink_to(ROOT.parent / "shared", target_is_directory=True)
@@ -425,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2; the first one should be 0, the defaults)")
     parser.add_argument("--workdir", type=Path, default=None, help="the clone, its outputs and each seed's saved metrics (default: a new temp dir)")
     parser.add_argument("--reuse", action="store_true", help="continue in --workdir: keep its clone, skip seeds whose results are saved")
+    parser.add_argument("--commit", default="HEAD", help="the commit to clone (e.g. another machine's or process's seeds of the same commit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="extra params override for every seed (e.g. a tiny smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS / "seeds.json")
     parser.add_argument("--plots", type=Path, default=None, help="folder of the figures (default: the folder of --out)")
@@ -436,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.workdir and workdir.exists() and any(workdir.iterdir()) and not args.reuse and (workdir / "seeds").exists():
         raise SystemExit(f"bench_seeds: {workdir} holds an earlier run: pass --reuse to continue it, or another --workdir")
     total_start = time.perf_counter()
-    clone = make_clone(workdir, reuse=args.reuse)
+    clone = make_clone(workdir, reuse=args.reuse, commit=args.commit)
     env = tool_env(clone, workdir)
     code_at = check_code_path(clone, env)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
@@ -471,9 +514,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[seed] = read_json(dest / "run.json")
 
     table = aggregate(per_seed)
+    targets = check_targets(table)
+    for row in targets:  # the validation curve behind each target: still rising? what budget, extrapolated?
+        curves = [h[row["family"]][row["model"]] for h in histories.values() if row["model"] in h.get(row["family"], {})]
+        metric = CURVE_METRIC[row["family"]]
+        curves = [[e["val"][metric] for e in c if metric in e.get("val", {})] for c in curves]
+        curves = [c for c in curves if c]
+        if curves:
+            row["val_curve"] = curve_verdict(curve_band(curves)[0], row["target"] if row["metric"] == metric else None)
     result = {
         **table,
-        "targets": check_targets(table),
+        "targets": targets,
+        "curves": "val_curve: mean validation metric over seeds per epoch; extrapolated_epochs = EXTRAPOLATION (a line in log(epoch)), not measured",
         "std": "sample standard deviation over seeds (ddof=1)",
         "commit": commit,
         "params_hash": params_hash(defaults),

@@ -93,3 +93,22 @@ def test_curve_band_and_history_scalars():
     assert rows[0] == {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "val": {"map_50": 0.2}}
     means, stds = bench_seeds.curve_band([[0.2, 0.4, 0.5], [0.4, 0.6]])  # cut to the shorter curve
     assert means == pytest.approx([0.3, 0.5]) and stds == pytest.approx([statistics.stdev([0.2, 0.4])] * 2)
+
+
+def test_target_of_a_bar_marks_only_the_best_strategy(tmp_path):
+    per_seed = {s: bench_seeds.seed_metrics(write_seed(tmp_path / str(s), yolo=0.7, unet=0.6, mask_segm=0.5, fe=0.9)) for s in (0, 1)}
+    table = bench_seeds.aggregate(per_seed)
+    assert bench_seeds.target_of(table, "detectors", "yolo", "map_50") == 0.6
+    assert bench_seeds.target_of(table, "detectors", "yolo", "map") is None
+    assert bench_seeds.target_of(table, "finetune", "feature_extraction", "accuracy") == 0.95
+    assert bench_seeds.target_of(table, "finetune", "scratch", "accuracy") is None  # "scratch clearly below": no target
+
+
+def test_curve_verdict_extrapolates_in_log_epochs():
+    rising = [0.2 + 0.1 * __import__("math").log(e) for e in range(1, 9)]  # +0.069 per doubling, 0.408 at epoch 8
+    verdict = bench_seeds.curve_verdict(rising, 0.5)
+    assert verdict["rising"] and verdict["gain_per_doubling"] == pytest.approx(0.0693, abs=1e-3)
+    assert verdict["extrapolated_epochs"] == 21  # exp(3) = 20.09: the line reaches 0.5 during epoch 21
+    assert bench_seeds.curve_verdict(rising, 0.3)["extrapolated_epochs"] == 8  # already met at the last epoch
+    flat = bench_seeds.curve_verdict([0.5, 0.5, 0.5, 0.5], 0.6)
+    assert not flat["rising"] and flat["extrapolated_epochs"] is None  # a flat trend gives no budget
