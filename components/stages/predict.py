@@ -342,6 +342,15 @@ def _walk_folder(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _expand_path(path: Path) -> tuple[list[Path], str] | None:
+    """The images of an existing folder (walked) or file, and the folder their names start from; None when neither."""
+    if path.is_dir():
+        return _walk_folder(path), os.path.abspath(path)
+    if path.is_file():
+        return [path], os.path.dirname(os.path.abspath(path))
+    return None
+
+
 def collect_images(inputs: Sequence[str | Path]) -> list[ImageFile]:
     """The image files named by ``inputs``: files, folders (walked recursively) and glob patterns.
 
@@ -359,26 +368,18 @@ def collect_images(inputs: Sequence[str | Path]) -> list[ImageFile]:
     anchors: list[str] = []
     for item in inputs:
         text = str(item)
-        path = Path(text)
-        if path.is_dir():
-            paths.extend(_walk_folder(path))
-            anchors.append(os.path.abspath(path))
-        elif path.is_file():
-            paths.append(path)
-            anchors.append(os.path.dirname(os.path.abspath(path)))
+        found = _expand_path(Path(text))
+        if found is not None:
+            expanded = [found]
         elif _has_glob_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
+            expanded = [f for match in sorted(glob.glob(text, recursive=True)) if (f := _expand_path(Path(match))) is not None]
+            if not expanded:
                 raise DataError("the glob matches no file", file=text, fix="check the pattern (quote it so that the shell leaves it alone)")
-            for match in map(Path, matches):
-                if match.is_dir():
-                    paths.extend(_walk_folder(match))
-                    anchors.append(os.path.abspath(match))
-                elif match.is_file():
-                    paths.append(match)
-                    anchors.append(os.path.dirname(os.path.abspath(match)))
         else:
             raise DataError("no such file or folder", file=text, fix="give image files, folders or glob patterns")
+        for files, anchor in expanded:
+            paths.extend(files)
+            anchors.append(anchor)
     seen: set[str] = set()
     unique: list[Path] = []
     for path in paths:
