@@ -215,3 +215,30 @@ def test_onnx_file_predicts_like_its_checkpoint(tmp_path, yolo_ckpt, one_torch_t
 
     with pytest.raises(CheckpointError, match="ONNX file not found"):
         predict_files(str(tmp_path / "missing.onnx"), [tmp_path / "in"])
+
+
+# --------------------------------------------------------------------------- instance segmentation: COCO results with RLE
+
+
+def test_instance_segmenter_writes_coco_results_with_rle_that_evaluate_takes(tmp_path, capsys):
+    ckpt = write_tiny_checkpoint(tmp_path / "mask_rcnn.pt", task="segmentation", model_name="mask_rcnn", categories=CATS, image_size=64,
+                                 model_args={"num_classes": 2, "image_size": 64, "score_threshold": 0.0})
+    sizes = {"a.png": (48, 64), "wide.png": (20, MAX_SIDE + 904)}  # the wide one is shrunk, its masks mapped back
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        save(tmp_path / "in" / name, rgb(h, w, seed=i))
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({
+        "images": [{"id": 10 + i, "file_name": name, "height": h, "width": w} for i, (name, (h, w)) in enumerate(sizes.items())],
+        "annotations": [{"id": 1 + i, "image_id": 10 + i, "category_id": 2, "bbox": [2, 2, 12, 10], "area": 120, "iscrowd": 0,
+                         "segmentation": [[2, 2, 14, 2, 14, 12, 2, 12]]} for i in range(len(sizes))],
+        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+    }))
+    out = tmp_path / "inst.json"
+    assert main(["predict", "--model", str(ckpt), str(tmp_path / "in"), "--coco", str(gt), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results and {r["image_id"] for r in results} <= {10, 11}
+    for r in results:
+        h, w = sizes["a.png" if r["image_id"] == 10 else "wide.png"]
+        assert r["segmentation"]["size"] == [h, w] and len(r["bbox"]) == 4
+    assert main(["evaluate", "--gt", str(gt), "--pred", str(out), "--iou-type", "segm", "--out", str(tmp_path / "m.json")]) == 0
+    assert "map" in json.loads((tmp_path / "m.json").read_text())["segm"]
