@@ -17,13 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
-from components.export.onnx_export import NOT_EXPORTED, ExportError, export_model
+from components.export.onnx_export import (
+    ExportError,
+    export_model,
+    export_reference,
+    selective_search_proposals,
+)
 from components.export.onnx_runtime import OnnxPredictor, encode_rle, resize_bilinear
 from components.models import get_model, list_models
 from components.stages.predict import ImagePredictor
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = ["circle", "square"]
+SEARCH = {"proposals_per_image": 40, "ss_scales": [100.0], "ss_color_spaces": ["hsv"], "ss_similarities": ["ctsf"]}
 # (task, builder, tiny arguments); detectors at 64 px with a low threshold so that random weights give detections
 CASES: dict[str, tuple[str, str, dict]] = {
     "classifier": ("classification", "classifier", {"num_classes": 2, "backbone": "convnet_small", "weights": None}),
@@ -35,6 +41,8 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "ssd": ("detection", "ssd", {}),
     "faster_rcnn": ("detection", "faster_rcnn", {"fpn_channels": 16, "representation_size": 64, "rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 50}),
     "retinanet": ("detection", "retinanet", {"fpn_channels": 16, "score_threshold": 0.0}),
+    "rcnn": ("detection", "rcnn", {**SEARCH, "crop_size": 16, "score_threshold": 0.0}),
+    "fast_rcnn": ("detection", "fast_rcnn", {**SEARCH, "score_threshold": 0.0}),
     "fcn": ("segmentation", "fcn", {}),
     "unet": ("segmentation", "unet", {"base_channels": 8, "depth": 2}),
     "mask_rcnn": ("segmentation", "mask_rcnn", {"score_threshold": 0.0}),
@@ -102,7 +110,7 @@ def _decode(rle: dict) -> np.ndarray:
 
 def test_every_registered_model_is_exported_or_refused_with_a_reason():
     names = {name for task in ("classification", "detection", "segmentation") for name in list_models(task)}
-    covered = {CASES[k][1] for k in CASES} | set(NOT_EXPORTED)
+    covered = {CASES[k][1] for k in CASES}
     assert names <= covered, f"add a CASES entry for {sorted(names - covered)}"
 
 
@@ -114,9 +122,10 @@ def test_onnx_agrees_with_image_predictor(key, tmp_path, one_torch_thread):
     ref = ImagePredictor(model, ckpt, device="cpu").predict(images)
     predictor = OnnxPredictor(tmp_path / f"{key}.onnx")
     assert predictor.task == ckpt["task"] and predictor.categories == ckpt["categories"]
-    got = predictor.predict(images)
+    proposals = selective_search_proposals(predictor.meta, images) if predictor.needs_proposals else None
+    got = predictor.predict(images, proposals=proposals)
     assert_records_agree(ref, got)
-    assert_records_agree(ref[:1], predictor.predict(images[:1]))
+    assert_records_agree(ref[:1], predictor.predict(images[:1], proposals=proposals and proposals[:1]))
     if "boxes" in ref[0]:
         assert sum(len(r["boxes"]) for r in ref) > 0, "the comparison needs detections"
     if meta["batch"] == "dynamic":  # the graph itself takes batches of 1 and 3
@@ -127,11 +136,26 @@ def test_onnx_agrees_with_image_predictor(key, tmp_path, one_torch_thread):
             np.testing.assert_allclose(a[2:3], b, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(NOT_EXPORTED))
-def test_selective_search_detectors_are_refused_with_the_reason(name, tmp_path):
-    model = get_model("detection", name, num_classes=2, image_size=64, proposals_per_image=10)
-    with pytest.raises(ExportError, match="selective search"):
-        export_model(model, {"task": "detection", "model_name": name, "categories": CATS, "image_size": 64}, tmp_path / "x.onnx")
+def test_proposal_graphs_refuse_a_call_without_proposals_and_take_any_count(tmp_path):
+    model, ckpt = _build("fast_rcnn")
+    export_model(model, ckpt, tmp_path / "f.onnx")
+    predictor = OnnxPredictor(tmp_path / "f.onnx")
+    with pytest.raises(ValueError, match="proposals"):
+        predictor.predict(_images()[:1])
+    for boxes in ([[2, 3, 30, 40]], np.zeros((0, 4)), [[0, 0, 10, 10]] * 50):  # one box, none (the whole image), many
+        (record,) = predictor.predict(_images()[:1], proposals=[np.asarray(boxes, np.float32)])
+        assert set(record) == {"boxes", "labels", "scores"}
+
+
+def test_export_errors_name_the_fix(tmp_path):
+    with pytest.raises(ExportError, match="no ONNX export"):
+        export_model(torch.nn.Linear(2, 2), {"task": "detection", "model_name": "linear", "image_size": 8}, tmp_path / "x.onnx")
+    from components.errors import CheckpointError, ConfigError
+
+    with pytest.raises(ConfigError, match="--format onnx"):
+        export_reference("x.pt", tmp_path, fmt="tflite")
+    with pytest.raises(CheckpointError, match="not found"):
+        export_reference(str(tmp_path / "missing.pt"), tmp_path)
 
 
 @pytest.mark.parametrize(("size", "out"), [((37, 53), (64, 64)), ((64, 64), (20, 31)), ((200, 9), (64, 64))])

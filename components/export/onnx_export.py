@@ -25,10 +25,12 @@ overfeat                             ``scores [N, M, K]``; threshold (+ OverFeat
 faster_rcnn, retinanet, 1 image      torchvision's whole post-processing in the graph: ``boxes``,
 ssd, mask_rcnn          per run      ``labels``, ``scores`` (+ ``masks [M, 1, S, S]``); the
                                      consumer runs the graph once per image
+rcnn, fast_rcnn         1 image      a second input ``proposals [R, 4]``: selective search
+                        per run      (``components/ops/selective_search.py``: scikit-image + numpy
+                                     region grouping, not a graph) runs beside the graph
+                                     (:func:`selective_search_proposals`); warping / RoI pooling,
+                                     heads, decoding and NMS are in the graph
 ======================  ===========  ==========================================================
-
-R-CNN and Fast R-CNN are refused (:class:`ExportError`): their first part is selective search
-(``components/ops/selective_search.py``, torch + scipy on the CPU, not a graph); see the README.
 """
 
 from __future__ import annotations
@@ -67,10 +69,14 @@ POSTPROCESS: dict[str, str] = {
     "ssd": "everything in the graph (torchvision: decoding, top-k, NMS)",
     "mask_rcnn": "everything in the graph (torchvision: decoding, NMS, mask pasting); mask threshold + RLE in numpy",
 }
-NOT_EXPORTED = {
-    "rcnn": "its proposals come from selective search (scipy/numpy graph merging on the CPU), which is not an ONNX graph",
-    "fast_rcnn": "its proposals come from selective search (scipy/numpy graph merging on the CPU), which is not an ONNX graph",
-}
+#: detectors whose region proposals are a second graph input: selective search (scikit-image's
+#: Felzenszwalb segmentation + hierarchical grouping in numpy/scipy) is not a graph; the proposals
+#: come from :func:`selective_search_proposals` (torch side) or any proposer of the consumer's
+PROPOSAL_GRAPHS = {"rcnn", "fast_rcnn"}
+POSTPROCESS.update({
+    "rcnn": "proposals as a second input (selective search beside the graph); warping, SVM scores, box regression, NMS in the graph",
+    "fast_rcnn": "proposals as a second input (selective search beside the graph); RoI pooling, heads, decoding, NMS in the graph",
+})
 
 
 class ExportError(CheckpointError):
@@ -217,6 +223,58 @@ class TorchvisionGraph(nn.Module):
         return (*out, det["masks"]) if self.masks else out
 
 
+class RCNNGraph(nn.Module):
+    """R-CNN on given proposals: ``images [1, 3, S, S]``, ``proposals [R, 4]`` -> ``boxes, labels, scores``.
+
+    The same steps as ``RCNN.forward`` after its selective search: warp every region (RoIAlign),
+    CNN features, SVM scores (sigmoid), class-specific box regression, per-class NMS.
+    """
+
+    def __init__(self, model: nn.Module, normalize: _Normalize):
+        super().__init__()
+        self.model, self.normalize = model, normalize
+
+    def forward(self, images: Tensor, proposals: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+        from components.ops.boxes import postprocess_detections
+
+        m = self.model
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        image_list, _ = m.transform([self.normalize(images)[0]])
+        props = _scale_proposals_traced(proposals, size, image_list.image_sizes[0])
+        rois = torch.cat([torch.zeros_like(props[:, :1]), props], dim=1)
+        features = m.extract_features(m.warp_regions(image_list.tensors, rois))
+        scores = torch.sigmoid(m.classify(features))[:, 1:]  # [R, K]
+        deltas = m.regress_boxes(features)  # [R, K, 4]
+        k = m.num_classes
+        anchors = props[:, None, :].expand(-1, k, 4).reshape(-1, 4)
+        boxes = m.box_coder.decode_single(deltas.reshape(-1, 4), anchors)
+        labels = (torch.zeros_like(scores, dtype=torch.int64) + torch.arange(1, k + 1, dtype=torch.int64)).reshape(-1)
+        boxes, kept, labels = postprocess_detections(boxes, scores.reshape(-1), labels, score_threshold=m.score_threshold,
+                                                     nms_iou=m.nms_iou, max_detections=m.max_detections, image_size=image_list.image_sizes[0])
+        det = m.transform.postprocess([{"boxes": boxes, "scores": kept, "labels": labels}], image_list.image_sizes, [size])[0]
+        return det["boxes"], det["labels"], det["scores"]
+
+
+class FastRCNNGraph(RCNNGraph):
+    """Fast R-CNN on given proposals: one backbone pass, RoI pooling, torchvision's ``RoIHeads`` with its post-processing."""
+
+    def forward(self, images: Tensor, proposals: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+        m = self.model
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        image_list, _ = m.transform([self.normalize(images)[0]])
+        props = _scale_proposals_traced(proposals, size, image_list.image_sizes[0])
+        detections, _ = m.roi_heads(m.extract_features(image_list.tensors), [props], image_list.image_sizes)
+        det = m.transform.postprocess(detections, image_list.image_sizes, [size])[0]
+        return det["boxes"], det["labels"], det["scores"]
+
+
+def _scale_proposals_traced(proposals: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """Proposals in the input's pixels -> the transformed image's (``_scale_proposals`` of one image)."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    return resize_boxes(proposals, list(old), list(new))
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -224,9 +282,15 @@ def _graph_for(model: nn.Module, ckpt: dict[str, Any]) -> tuple[nn.Module, dict[
     """The graph module, the family part of the metadata and the output names for one checkpoint."""
     task, name = str(ckpt["task"]), str(ckpt["model_name"])
     normalize = _Normalize(ckpt.get("mean"), ckpt.get("std"))
-    if name in NOT_EXPORTED:
-        raise ExportError(f"{name} cannot be exported to ONNX: {NOT_EXPORTED[name]}", record=name,
-                          fix="serve it with the pyfunc (`visionflow predict --model models:/...`), or export faster_rcnn, whose proposals are in the graph")
+    if name in PROPOSAL_GRAPHS:
+        from dataclasses import asdict
+
+        proposer = model.proposer
+        family = {"postprocess": "in_graph", "batch": "per_image",
+                  "proposals": {"method": "selective_search", "params": asdict(proposer.params),
+                                "input": "proposals: float32 [R, 4] xyxy, in the pixels of the image given to predict"}}
+        graph = (RCNNGraph if name == "rcnn" else FastRCNNGraph)(model, normalize)
+        return graph, family, ["boxes", "labels", "scores"]
     if task == "backbone":
         return BackboneGraph(model, normalize), {"postprocess": "embedding", "batch": "dynamic"}, ["embedding"]
     if task == "classification":
@@ -271,13 +335,21 @@ def export_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, op
     import onnx
 
     graph, family, outputs = _graph_for(model.eval(), ckpt)
+    graph.eval()  # the exporter restores the wrapper's mode afterwards, recursively: a new module is in training mode
     size = ckpt.get("image_size") or (ckpt.get("model_args") or {}).get("image_size")
     if size is None and family["postprocess"] not in ("argmax", "softmax", "embedding"):
         raise ExportError("the checkpoint has no image_size: a detector's graph needs its input size", record=str(ckpt["model_name"]),
                           fix="export a checkpoint written by `visionflow detect` / `visionflow segment`")
     side = int(size) if size else 64
-    example = torch.rand(1 if family["batch"] == "per_image" else 2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    example: tuple[Tensor, ...] = (torch.rand(1 if family["batch"] == "per_image" else 2, 3, side, side, generator=gen),)
+    inputs = ["images"]
     dynamic = {"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}} if family["batch"] == "dynamic" else None
+    if "proposals" in family:  # R proposals per image: a dynamic first axis
+        corners = torch.rand(24, 2, 2, generator=gen) * (side - 8)
+        example = (*example, torch.cat([corners.min(1).values, corners.max(1).values + 6], dim=1))
+        inputs.append("proposals")
+        dynamic = {"proposals": {0: "proposals"}}
     if dynamic is not None and size is None:
         dynamic["images"].update({2: "height", 3: "width"})
     meta = {
@@ -301,7 +373,7 @@ def export_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, op
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of torchvision's size arithmetic: the graph is checked by the tests
-            torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+            torch.onnx.export(graph, example, str(tmp), dynamo=False, opset_version=opset, input_names=inputs,
                               output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
@@ -397,6 +469,33 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in ("task", "model_name", "postprocess", "batch", "image_size")}
 
 
-def exportable(model_name: str) -> bool:
-    """Whether ``visionflow export`` supports the model family ``model_name``."""
-    return model_name not in NOT_EXPORTED
+def selective_search_proposals(meta: dict[str, Any], images: Sequence[Any]) -> list[Any]:
+    """The proposals an R-CNN / Fast R-CNN graph needs, as the pyfunc computes them (torch side).
+
+    The pyfunc's model runs selective search on the image resized to ``S x S``; this does the same
+    with the parameters stored in the graph (``meta["proposals"]["params"]``) and returns the boxes
+    in each input image's pixels, which ``OnnxPredictor.predict(images, proposals=...)`` maps back.
+
+    Args:
+        meta: ``OnnxPredictor.meta`` of an R-CNN or Fast R-CNN graph.
+        images: ``H x W x 3`` uint8 RGB arrays.
+
+    Returns:
+        per image, float32 ``[R, 4]`` xyxy boxes.
+    """
+    import numpy as np
+
+    from components.models.rcnn_lineage import SelectiveSearchProposer
+    from components.ops.selective_search import SelectiveSearchParams
+
+    raw = meta["proposals"]["params"]
+    params = SelectiveSearchParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    proposer, side = SelectiveSearchProposer(params, None), int(meta["image_size"])
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        x = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).float() / 255.0
+        x = torch.nn.functional.interpolate(x[None], size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
+        boxes = proposer([x])[0].numpy()
+        out.append((boxes * np.asarray([w / side, h / side] * 2, dtype=np.float32)).astype(np.float32))
+    return out

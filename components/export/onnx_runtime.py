@@ -22,7 +22,8 @@ only those. :class:`OnnxPredictor` reproduces :class:`components.stages.predict.
     (:func:`select_detections`, :func:`batched_nms`);
   - ``in_graph`` (Faster R-CNN, RetinaNet, SSD, Mask R-CNN): the graph holds torchvision's whole
     post-processing and takes one image ``[1, 3, S, S]``; :meth:`OnnxPredictor.predict` runs it
-    once per image.
+    once per image. R-CNN and Fast R-CNN too, with a second input ``proposals [R, 4]``: their
+    selective search is not a graph, so ``predict(images, proposals=...)`` takes each image's boxes.
 
 Records have the keys and meaning of ``ImagePredictor.predict``: classification
 ``{label, score, probabilities}``; backbone ``{embedding}``; detection ``{boxes (xyxy, input
@@ -33,6 +34,7 @@ size; instance segmentation adds ``masks``: COCO compressed RLE ``{size, counts}
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ TASKS = ("classification", "backbone", "detection", "segmentation")
 # --------------------------------------------------------------------------- resizing (torch's weights)
 
 
+@functools.lru_cache(maxsize=64)
 def _aa_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
     """Weights ``[out, in]`` of torch's antialiased bilinear resize (``align_corners=False``).
 
@@ -69,6 +72,7 @@ def _aa_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
 def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
     """Weights ``[out, in]`` of torch's plain bilinear resize (``align_corners=False``, no antialias)."""
     scale = in_size / out_size
@@ -97,7 +101,11 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int], *, antialias: bool
         return image.astype(np.float32, copy=False)
     make = _aa_bilinear_weights if antialias else _bilinear_weights
     wy, wx = make(image.shape[-2], h), make(image.shape[-1], w)
-    return np.einsum("yh,chw,xw->cyx", wy, image.astype(np.float32, copy=False), wx, optimize=True)
+    c, in_h, in_w = image.shape
+    # two single GEMMs (numpy's stacked matmul falls back to a slow loop): [C*H, W] @ [W, w], then [h, H] @ [H, C*w]
+    rows = np.ascontiguousarray(image, dtype=np.float32).reshape(c * in_h, in_w) @ np.ascontiguousarray(wx.T)
+    cols = np.ascontiguousarray(rows.reshape(c, in_h, w).transpose(1, 0, 2)).reshape(in_h, c * w)
+    return np.ascontiguousarray((wy @ cols).reshape(h, c, w).transpose(1, 0, 2))
 
 
 # --------------------------------------------------------------------------- boxes
@@ -289,12 +297,29 @@ class OnnxPredictor:
 
     # ---------------------------------------------------------------- prediction
 
-    def predict(self, images: list[np.ndarray]) -> list[dict]:
-        """Predict on ``H x W x 3`` uint8 RGB arrays of any sizes; one record per image (see the module docstring)."""
+    @property
+    def needs_proposals(self) -> bool:
+        """R-CNN and Fast R-CNN graphs take region proposals as a second input (``meta["proposals"]``)."""
+        return "proposals" in self.meta
+
+    def predict(self, images: list[np.ndarray], *, proposals: list[np.ndarray] | None = None) -> list[dict]:
+        """Predict on ``H x W x 3`` uint8 RGB arrays of any sizes; one record per image (see the module docstring).
+
+        Args:
+            images: the images.
+            proposals: R-CNN / Fast R-CNN graphs only (:attr:`needs_proposals`): per image ``[R, 4]``
+                xyxy boxes in that image's pixels (selective search with ``meta["proposals"]["params"]``,
+                e.g. ``components.export.onnx_export.selective_search_proposals``, or any proposer).
+
+        Raises:
+            ValueError: a bad image, or proposals missing / of the wrong shape for a proposal graph.
+        """
         sizes = [tuple(np.asarray(img).shape[:2]) for img in images]
         inputs = [self.preprocess(img, record=f"image {i}") for i, img in enumerate(images)]
         if not inputs:
             return []
+        if self.needs_proposals:
+            return self._predict_with_proposals(inputs, sizes, proposals)
         if self.meta.get("batch") == "per_image":
             outputs = [self.session.run(self.output_names, {self.input_name: x[None]}) for x in inputs]
             return [self._record_in_graph(out, size) for out, size in zip(outputs, sizes, strict=True)]
@@ -305,6 +330,22 @@ class OnnxPredictor:
             out = self.session.run(self.output_names, {self.input_name: np.stack(inputs)})
             batches = [[o[i] for o in out] for i in range(len(inputs))]
         return [self._record(per_image, size) for per_image, size in zip(batches, sizes, strict=True)]
+
+    def _predict_with_proposals(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]], proposals: list[np.ndarray] | None) -> list[dict]:
+        if proposals is None or len(proposals) != len(inputs):
+            raise ValueError(f"{self.path}: {self.meta['model_name']} takes region proposals per image (selective search, params in "
+                             "meta['proposals']); fix: predict(images, proposals=[boxes [R, 4] per image]), e.g. from "
+                             "components.export.onnx_export.selective_search_proposals")
+        records = []
+        for i, (x, (h, w), boxes) in enumerate(zip(inputs, sizes, proposals, strict=True)):
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if np.size(boxes) else np.asarray([[0, 0, w, h]], np.float32)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"{self.path}: proposals of image {i} must be [R, 4] xyxy; fix: one box per row")
+            side_h, side_w = x.shape[-2:]
+            scaled = boxes * np.asarray([side_w / w, side_h / h] * 2, dtype=np.float32)
+            out = self.session.run(self.output_names, {self.input_name: x[None], "proposals": scaled})
+            records.append(self._record_in_graph(out, (h, w)))
+        return records
 
     def _name(self, label: int) -> str:
         return self.categories[label - 1] if 0 < label <= len(self.categories) else str(label)
