@@ -136,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> Any:
 
     result = predict_files(
         args.model, args.images, out=Path(args.out) if args.out else None, coco=Path(args.coco) if args.coco else None,
-        draw=Path(args.draw) if args.draw else None, batch_size=args.batch_size, device=args.device,
+        draw=Path(args.draw) if args.draw else None, batch_size=args.batch_size, device=args.device, threads=args.threads or None,
     )
     if args.out:  # the predictions are in the file; stdout gets the summary
         result.pop("predictions")
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", help="write images with predictions drawn into this folder")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: the stages' evaluation batch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (checkpoints)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the stages' train.threads, so scores match "
+                                                          "the stage's to the bit; 0: torch's default)")
 
     p = add("run", cmd_run, "bring every stage of dvc.yaml up to date (Prefect flow; --params/--set are written to params.yaml)")
     p.add_argument("--force", action="store_true", help="run every stage even when dvc status finds it up to date")

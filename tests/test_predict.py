@@ -97,7 +97,7 @@ def test_image_conversions_are_the_documented_ones(tmp_path):
     assert read_image_file(save(tmp_path / "one.png", rgb(1, 1))).array.shape == (1, 1, 3)
 
 
-def test_bad_images_are_reported_one_by_one_and_the_others_predicted(tmp_path, yolo_ckpt, capsys):
+def test_bad_images_are_reported_one_by_one_and_the_others_predicted(tmp_path, yolo_ckpt, capsys, one_torch_thread):
     folder = tmp_path / "in"
     ok = {name: save(folder / name, rgb(48, 64, seed=i)) for i, name in enumerate(("a.png", "b.png"))}
     save(folder / "grey.png", rgb(48, 64, seed=5)[:, :, 0])
@@ -134,7 +134,7 @@ def test_bad_images_are_reported_one_by_one_and_the_others_predicted(tmp_path, y
     # a conversion is exactly the converted pixels: grey = its channel repeated, RGBA (opaque) = its RGB
     predictor = ImagePredictor.from_checkpoint(yolo_ckpt, device="cpu")
     grey_rgb = np.repeat(rgb(48, 64, seed=5)[:, :, :1], 3, axis=2)
-    expected = predictor.predict([grey_rgb, rgba[:, :, :3]], batch_size=1)  # batch 1 as below: same float sums
+    expected = predictor.predict([grey_rgb, rgba[:, :, :3]], batch_size=1)  # batch 1 and 1 thread as below: same float sums
     got = predict_files(str(yolo_ckpt), [folder / "grey.png", folder / "rgba.png"], batch_size=1)["predictions"]
     assert got["grey.png"]["scores"] == expected[0]["scores"] and got["rgba.png"]["boxes"] == expected[1]["boxes"]
 

@@ -37,7 +37,7 @@ def trained_yolo(tmp_path_factory, mlflow_db_template):
     ingest("shapes", data, cfg=DataConfig(shapes=ShapesConfig(image_size=80, num_train=8, num_val=4, num_test=12, min_size=14,
                                                                 max_size=36, max_objects=3)))
     section = {"backbone": {"arch": "convnet_small", "weights": None}, "image_size": 64, "S": 4,
-               "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "device": "cpu", "amp": False}}
+               "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "device": "cpu", "amp": False, "threads": 1}}
     params = validate_params({"data": {"out": str(data)}, "detect": {"out": str(work / "outputs/detect"), "architectures": ["yolo"], "yolo": section}})
     tracking = TrackingConfig(uri=f"sqlite:///{work / 'mlflow.db'}", experiment="predict", artifact_location=(work / "mlartifacts").as_uri())
     old = os.getcwd()

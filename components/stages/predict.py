@@ -73,6 +73,9 @@ ALPHA_BACKGROUND = (0, 0, 0)
 #: images per forward pass: the detect and segment stages' evaluation batch (``max(train.batch_size, 8)``
 #: with the default params), so the floating-point sums, and the scores, are the stage's own
 DEFAULT_BATCH_SIZE = 8
+#: CPU intra-op threads: every stage's ``train.threads`` in params.yaml; a convolution's sums, hence the
+#: last bits of each score, depend on the thread count, and COCO AP on the order of the scores
+DEFAULT_THREADS = 1
 
 
 # --------------------------------------------------------------------------- image decoding
@@ -725,6 +728,7 @@ def predict_files(
     draw: Path | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
+    threads: int | None = DEFAULT_THREADS,
 ) -> dict[str, Any]:
     """Run a registered model, an ONNX file or a checkpoint on image files, folders and globs.
 
@@ -746,6 +750,9 @@ def predict_files(
         draw: write each image with its predictions drawn into this folder (``<name>.png``).
         batch_size: images per forward pass (:data:`DEFAULT_BATCH_SIZE`).
         device: ``auto``, ``cpu`` or ``cuda`` (checkpoints; a registry model uses its own config).
+        threads: torch's CPU threads while predicting (:data:`DEFAULT_THREADS`, the stages' own);
+            None leaves torch's default (faster on an idle many-core machine, scores may then differ
+            from the stage's in the last bits).
 
     Returns:
         ``{model, task, images, predicted, failed: {name: error}, converted: {name: notes}, out, ...,
@@ -764,7 +771,10 @@ def predict_files(
         raise ConfigError(f"--coco applies to detectors and instance segmenters, not to a {predictor.task} model",
                           record="--coco", fix="leave out --coco")
     image_ids, category_ids = coco_ids(files, predictor.categories, Path(coco) if coco else None) if boxes else ({}, {})
-    run = predict_images(predictor, files, batch_size=batch_size)
+    from components.engine import torch_threads
+
+    with torch_threads(threads):
+        run = predict_images(predictor, files, batch_size=batch_size)
     result: dict[str, Any] = {
         "model": model, "task": predictor.task, "images": len(files), "predicted": len(run.predictions),
         "failed": run.failed, "converted": run.notes,
