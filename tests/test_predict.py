@@ -63,10 +63,11 @@ def test_collect_images_walks_folders_globs_and_keeps_names_apart(tmp_path):
     assert [f.name for f in collect_images([shots / "sub"])] == ["a.png", "deeper/c.PNG"]
     assert [f.name for f in collect_images([str(tmp_path / "**" / "a.png")])] == ["other/a.png", "shots/a.png", "shots/sub/a.png"]
     assert [f.name for f in collect_images([shots / "notes.txt"])] == ["notes.txt"]  # named explicitly: tried, then reported
+    assert [f.name for f in collect_images([str(shots / "*")])] == ["B.JPEG", "a.jpg", "a.png", "sub/a.png", "sub/deeper/c.PNG"]
 
     with pytest.raises(DataError, match="no such file or folder"):
         collect_images([tmp_path / "missing"])
-    with pytest.raises(DataError, match="glob matches no file"):
+    with pytest.raises(DataError, match="glob matches no image file"):
         collect_images([str(tmp_path / "*.webp")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):

@@ -359,8 +359,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[ImageFile]:
 
     Files named directly are always tried (a non-image among them becomes a per-image error);
     folders contribute the files whose suffix is an image extension (case-insensitive); a glob
-    (``"shots/**/*.jpg"``, recursive ``**`` allowed) contributes its matching files, and walks
-    the folders it matches. Order: the inputs' order, each input's files sorted by relative path;
+    (``"shots/**/*.jpg"``, recursive ``**`` allowed) contributes the image files it matches, and
+    walks the folders it matches. Order: the inputs' order, each input's files sorted by relative path;
     a file reached twice is kept once. Names are paths relative to the deepest folder holding
     every input, so ``a.jpg`` and ``a.png``, or ``x/a.png`` and ``y/a.png``, never share a name.
 
@@ -375,9 +375,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[ImageFile]:
         if found is not None:
             expanded = [found]
         elif _has_glob_magic(text):
-            expanded = [f for match in sorted(glob.glob(text, recursive=True)) if (f := _expand_path(Path(match))) is not None]
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            images = [m for m in matches if m.is_dir() or m.suffix.lower() in IMAGE_EXTENSIONS]
+            expanded = [f for m in images if (f := _expand_path(m)) is not None]
             if not expanded:
-                raise DataError("the glob matches no file", file=text, fix="check the pattern (quote it so that the shell leaves it alone)")
+                raise DataError("the glob matches no image file", file=text, fix="check the pattern (quote it so that the shell leaves it alone)")
         else:
             raise DataError("no such file or folder", file=text, fix="give image files, folders or glob patterns")
         for files, anchor in expanded:
