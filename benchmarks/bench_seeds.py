@@ -349,10 +349,11 @@ def run_pipeline(clone: Path, env: Mapping[str, str], overrides: Sequence[str], 
 def save_seed(clone: Path, dest: Path) -> None:
     """Copy one seed's metrics files and each model's per-epoch validation history (from its ``last.pt``) to ``dest``."""
     params = load_params(clone / "params.yaml")
-    for sub in ("detect", "segment"):
+    # only the architectures this run trained: the clone's metrics/ also holds the committed files of the others
+    for sub, archs in (("detect", params.detect.architectures), ("segment", params.segment.architectures)):
         (dest / sub).mkdir(parents=True, exist_ok=True)
-        for path in (clone / "metrics" / sub).glob("*.json"):
-            shutil.copy2(path, dest / sub / path.name)
+        for arch in archs:
+            shutil.copy2(clone / "metrics" / sub / f"{arch}.json", dest / sub / f"{arch}.json")
     shutil.copy2(clone / "metrics" / "finetune.json", dest / "finetune.json")
     folders = {
         "detectors": {a: clone / params.detect.out / a for a in params.detect.architectures},
@@ -382,6 +383,9 @@ def _bars(ax: Any, table: Mapping[str, Any], family: str, metric: str, models: S
     for x, m in zip(xs, models, strict=True):
         values = family_table[m][metric]["values"]
         ax.scatter([x] * len(values), values, color="black", s=12, zorder=3, label="seeds" if x == 0 else None)
+        std = family_table[m][metric]["std"]
+        text = f"{means[x]:.2f}" + ("" if std is None else f"\n±{std:.2f}")
+        ax.annotate(text, (x, min(0.97, means[x] + (std or 0.0) + 0.02)), ha="center", va="bottom", fontsize=7)
         target = target_of(table, family, m, metric)
         if target is not None:
             ax.hlines(target, x - 0.4, x + 0.4, colors="#c44e52", linestyles="--", label=None if labelled else "issue 16 target")
@@ -407,10 +411,11 @@ def plot_family(table: Mapping[str, Any], family: str, metrics: Sequence[tuple[s
     fig, axes = plt.subplots(1, len(panels), figsize=(5 + 0.55 * max(len(p[2]) for p in panels) * len(panels), 4.2), squeeze=False)
     for ax, (metric, label, models) in zip(axes[0], panels, strict=True):
         _bars(ax, table, family, metric, models, label)
-    axes[0][0].legend(loc="upper left", fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     n = max(s[metric]["n"] for s in family_table.values() for metric in s)
-    fig.suptitle(f"{title} (mean +- sample std over {n} seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{title} (mean ± sample std over {n} seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -423,6 +428,7 @@ def plot_curves(histories: Mapping[int, Mapping[str, Mapping[str, list[dict[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels: list[tuple[str, str, list[list[float]]]] = []
     for family, metric in CURVE_METRIC.items():
@@ -448,11 +454,12 @@ def plot_curves(histories: Mapping[int, Mapping[str, Mapping[str, list[dict[str,
             ax.axhline(target, color="#c44e52", linestyle="--", linewidth=1)
         ax.set_title(f"{model}: val {metric} ({len(curves)} seeds)", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Validation metric per epoch: mean +- sample std over seeds (dashed: issue 16 target)", fontsize=10)
+    fig.suptitle("Validation metric per epoch: mean ± sample std over seeds (dashed: issue 16 target)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
