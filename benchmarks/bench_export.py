@@ -18,7 +18,7 @@ Every path starts from the same PNG bytes (320x240 shapes-like images) and retur
 * **pyfunc**: the model logged as the register stage does (``tracking.log_pyfunc_model``) in a
   temporary sqlite store, loaded with ``mlflow.pyfunc.load_model``, ``predict(DataFrame({"image": png bytes}))``.
 
-Reported: median ms per image over ``--repeats`` calls after one warm-up, the export time of each, and
+Reported: median ms per image over ``--repeats`` calls after two warm-ups, the export time of each, and
 ``export_seconds_every_model``: ``export_onnx`` of every exportable model of ``params.yaml``'s
 default architectures (untrained), i.e. what ONNX export adds to the register stage.
 Writes ``benchmarks/results/export.json`` with the machine's load average before and after.
@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +40,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_inference import IMAGENET_MEAN, IMAGENET_STD, median_ms_per_image  # noqa: E402  (this script's folder is on sys.path)
 from PIL import Image  # noqa: E402
 
 from components.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "export.json"
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINTS = {
     "classifier": "outputs/finetune/fine_tuning/best.pt",
     "yolo": "outputs/detect/yolo/best.pt",
@@ -74,17 +70,6 @@ def png_images(n: int, size: tuple[int, int] = (320, 240)) -> list[bytes]:
         Image.fromarray(img).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-def median_ms_per_image(call: Callable[[], object], batch: int, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times) / batch
 
 
 def build_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -228,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {**vars(args), "out": str(args.out)},
         "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "load_average_1min_before": round(load_before[0], 2), "load_average_1min_after": round(os.getloadavg()[0], 2)},
-        "note": "CPU shared with other jobs while measured (see the load averages); medians of repeated calls after one warm-up",
+        "note": "CPU shared with other jobs while measured (see the load averages); medians of repeated calls after two warm-ups",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out)

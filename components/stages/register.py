@@ -18,7 +18,8 @@ segmenter), found where the params of this run put it (``<section>.out``, metric
    from the champion version's checkpoint artifact), writes a *portable* checkpoint (weights,
    build arguments without file paths, categories and preprocessing) and logs it as a pyfunc
    model, in a run tagged with the model's lineage (git commit of its training run, DVC hash of
-   the data, params hash, Prefect flow run);
+   the data, params hash, Prefect flow run), with its ONNX export in the same run (``onnx/``,
+   ``register.onnx``; :mod:`components.export.onnx_export`);
 6. registers a new version of ``<prefix>-backbone``, ``<prefix>-classifier``,
    ``<prefix>-detector-<arch>`` or ``<prefix>-segmenter-<arch>`` with a model card and the
    ``candidate`` alias, and moves ``champion`` only when the candidate beats the champion's number
@@ -782,7 +783,9 @@ def run_register(params: Params, context: Any = None) -> dict:
         ``decision`` (``promoted``/``kept``), ``reason``, ``metric``, ``candidate_value``,
         ``champion_version_before``, ``champion_value`` (measured on the candidate's test data;
         None when incomparable), ``comparison`` (``evaluated``, ``recorded``, ``incomparable``,
-        ``none``), ``test_data_hash``, ``categories_changed``, ``checkpoint_sha256``.
+        ``none``), ``test_data_hash``, ``categories_changed``, ``checkpoint_sha256``, ``onnx``
+        (the ONNX artifact's URI, also the version's ``visionflow.onnx_artifact`` tag, or None with
+        ``onnx_note``) and ``onnx_seconds``; ``onnx_seconds`` at the top is their sum.
 
     Raises:
         TrackingError: the tracking store or registry is unusable.
