@@ -297,6 +297,15 @@ def make_clone(workdir: Path, *, reuse: bool, commit: str = "HEAD") -> Path:
     return clone
 
 
+def committed_params(clone: Path, overrides: list[str]) -> dict[str, Any]:
+    """The clone's committed ``params.yaml`` (not the working copy, which holds the last seed's) with ``overrides``, validated."""
+    text = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    committed = clone / ".visionflow" / "params.committed.yaml"
+    committed.parent.mkdir(parents=True, exist_ok=True)
+    committed.write_text(text)
+    return load_params(committed, overrides).model_dump(mode="json")
+
+
 def check_code_path(clone: Path, env: Mapping[str, str]) -> str:
     """Where ``components`` is imported from in the runs' environment; raises unless it is the clone's."""
     proc = subprocess.run(
@@ -490,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = tool_env(clone, workdir)
     code_at = check_code_path(clone, env)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
-    defaults = load_params(clone / "params.yaml", list(args.set)).model_dump(mode="json")
+    defaults = committed_params(clone, list(args.set))
     if any(k.startswith(("detect.", "segment.", "finetune.")) and ".train.seed=" in k for k in args.set):
         raise SystemExit("bench_seeds: --set must not set a train.seed: the seeds come from --seeds")
     print(f"bench_seeds: clone {clone} at {commit[:12]}; the runs import components from {code_at}", flush=True)
