@@ -235,7 +235,7 @@ def test_cli_export_of_a_registered_version_attaches_onnx_when_missing(registry_
     from components import tracking
     from flows.cli import main
 
-    cfg, uri, _work, _report = registry_store
+    cfg, uri, work, _report = registry_store
     tracking.connect(cfg)
     name = "visionflow-detector-yolo"
     version = tracking.resolve_version(name, "champion").version
@@ -249,3 +249,7 @@ def test_cli_export_of_a_registered_version_attaches_onnx_when_missing(registry_
     assert attached.endswith(f"onnx/{exported.name}")
     assert tracking.download_version_onnx(name, version, tmp_path / "back").read_bytes() == exported.read_bytes()
     assert main([*argv[:-6], "--model", "models:/visionflow-detector-yolo", "--out", str(tmp_path)]) == 2
+    # a checkpoint file exports without any registry
+    checkpoint = work / "outputs/segment/fcn/best.pt"
+    assert main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "ckpt")]) == 0
+    assert OnnxPredictor(tmp_path / "ckpt" / "fcn.onnx").task == "segmentation"
