@@ -22,9 +22,14 @@ fcn, unet               dynamic N    ``logits [N, K+1, S, S]``; resize to the in
 yolo, sliding_window,   dynamic N    ``boxes [N, M, 4]`` decoded candidates (network pixels) and
 overfeat                             ``scores [N, M, K]``; threshold (+ OverFeat's greedy merge) and
                                      per-class NMS in numpy (``onnx_runtime.select_detections``)
-faster_rcnn, retinanet, 1 image      torchvision's whole post-processing in the graph: ``boxes``,
-ssd, mask_rcnn          per run      ``labels``, ``scores`` (+ ``masks [M, 1, S, S]``); the
-                                     consumer runs the graph once per image
+ssd, retinanet          dynamic N    ``boxes [N, A, 4]`` decoded against the anchors (constants of
+                                     the S x S graph), ``scores [N, A, K(+1)]``; torchvision's
+                                     threshold / top-k / NMS in numpy (``select_topk_per_class``,
+                                     ``select_topk_per_level``)
+faster_rcnn, mask_rcnn  1 image      torchvision's whole post-processing in the graph: ``boxes``,
+                        per run      ``labels``, ``scores`` (+ ``masks [M, 1, S, S]``); the
+                                     consumer runs the graph once per image (GeneralizedRCNN loops
+                                     over the images in Python: tracing fixes that loop's length)
 rcnn, fast_rcnn         1 image      a second input ``proposals [R, 4]``: selective search
                         per run      (``components/ops/selective_search.py``: scikit-image + numpy
                                      region grouping, not a graph) runs beside the graph
@@ -65,8 +70,8 @@ POSTPROCESS: dict[str, str] = {
     "sliding_window": "window classification in the graph; threshold + per-class NMS in numpy",
     "overfeat": "box regression decoding in the graph; threshold + greedy merge + per-class NMS in numpy",
     "faster_rcnn": "everything in the graph (torchvision: RPN, RoIAlign, decoding, NMS)",
-    "retinanet": "everything in the graph (torchvision: decoding, top-k, NMS)",
-    "ssd": "everything in the graph (torchvision: decoding, top-k, NMS)",
+    "retinanet": "decoding against the anchors in the graph; per-level threshold + top-k + per-class NMS in numpy",
+    "ssd": "decoding against the default boxes in the graph; per-class threshold + top-k + NMS in numpy",
     "mask_rcnn": "everything in the graph (torchvision: decoding, NMS, mask pasting); mask threshold + RLE in numpy",
 }
 #: detectors whose region proposals are a second graph input: selective search (scikit-image's
@@ -210,6 +215,79 @@ class OverFeatGraph(YoloGraph):
         return _clamp_xyxy(boxes, float(x.shape[-2]), float(x.shape[-1])), probs[..., 1:]
 
 
+def _anchors(model: nn.Module, batch: Tensor, features: list[Tensor], side: int) -> Tensor:
+    """The anchors of one ``S x S`` image in its (padded) batch, the same for every image: Tensor[A, 4] xyxy."""
+    from torchvision.models.detection.image_list import ImageList
+
+    with torch.no_grad():
+        return model.anchor_generator(ImageList(batch, [(side, side)] * len(batch)), features)[0]
+
+
+class SSDGraph(nn.Module):
+    """SSD's dense part: ``boxes [N, A, 4]`` (decoded, clipped) and ``scores [N, A, K]`` (softmax, background dropped).
+
+    The anchors of the ``S x S`` input are constants of the graph; the per-class threshold, top-k
+    and NMS of ``SSD.postprocess_detections`` run in numpy (``onnx_runtime.select_topk_per_class``).
+    """
+
+    def __init__(self, model: nn.Module, normalize: _Normalize, side: int):
+        super().__init__()
+        self.model, self.normalize, self.transform_normalize = model, normalize, _transform_normalize(model)
+        example = self._pad(self.transform_normalize(torch.zeros(1, 3, side, side)))
+        self.register_buffer("anchors", _anchors(model, example, self._features(example), side))
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return x  # SSD's transform resizes to S x S exactly (size_divisible 1)
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        feats = self.model.backbone(x)
+        return list(feats.values()) if isinstance(feats, dict) else [feats]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        m = self.model
+        x = self.transform_normalize(self.normalize(images))
+        head = m.head(self._features(x))
+        n, count = head["bbox_regression"].shape[0], self.anchors.shape[0]
+        anchors = self.anchors.unsqueeze(0).expand(n, count, 4).reshape(-1, 4)
+        boxes = m.box_coder.decode_single(head["bbox_regression"].reshape(-1, 4), anchors).reshape(n, count, 4)
+        boxes = _clamp_xyxy(boxes, float(x.shape[-2]), float(x.shape[-1]))
+        return boxes, torch.softmax(head["cls_logits"], dim=-1)[..., 1:]
+
+
+class RetinaNetGraph(SSDGraph):
+    """RetinaNet's dense part: ``boxes [N, A, 4]`` (decoded, clipped) and ``scores [N, A, K + 1]`` (sigmoid).
+
+    The input is padded to the transform's ``size_divisible`` as torchvision does; the per-level
+    threshold and top-k, and the NMS of ``RetinaNet.postprocess_detections`` run in numpy
+    (``onnx_runtime.select_topk_per_level``, the level sizes in the metadata).
+    """
+
+    def __init__(self, model: nn.Module, normalize: _Normalize, side: int):
+        self.divisible = int(model.transform.size_divisible)
+        super().__init__(model, normalize, side)
+        feats = self._features(self._pad(torch.zeros(1, 3, side, side)))
+        per_location = self.anchors.shape[0] // sum(f.shape[-2] * f.shape[-1] for f in feats)
+        self.level_sizes = [int(f.shape[-2] * f.shape[-1] * per_location) for f in feats]
+
+    def _pad(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-int(h)) % self.divisible, (-int(w)) % self.divisible
+        return torch.nn.functional.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        return list(self.model.backbone(self._pad(x)).values())  # padding twice is a no-op
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        m = self.model
+        x = self.transform_normalize(self.normalize(images))
+        head = m.head(self._features(x))
+        n, count = head["bbox_regression"].shape[0], self.anchors.shape[0]
+        anchors = self.anchors.unsqueeze(0).expand(n, count, 4).reshape(-1, 4)
+        boxes = m.box_coder.decode_single(head["bbox_regression"].reshape(-1, 4), anchors).reshape(n, count, 4)
+        boxes = _clamp_xyxy(boxes, float(x.shape[-2]), float(x.shape[-1]))
+        return boxes, torch.sigmoid(head["cls_logits"])
+
+
 class TorchvisionGraph(nn.Module):
     """A torchvision-style detector with its post-processing: ``images [1, 3, S, S]`` -> ``boxes, labels, scores[, masks]``."""
 
@@ -311,6 +389,17 @@ def _graph_for(model: nn.Module, ckpt: dict[str, Any]) -> tuple[nn.Module, dict[
     if isinstance(model, OverFeat):
         merge = {"merge_iou": float(model.merge_iou), "pre_merge_top_n": int(model.pre_merge_top_n)}
         return OverFeatGraph(model, normalize), {"postprocess": "nms", "batch": "dynamic", **nms, **merge}, ["boxes", "scores"]
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    side = int(ckpt.get("image_size") or 0)
+    if isinstance(model, (SSD, RetinaNet)) and side:
+        tv = {"score_threshold": float(model.score_thresh), "nms_iou": float(model.nms_thresh),
+              "max_detections": int(model.detections_per_img), "topk_candidates": int(model.topk_candidates)}
+        if isinstance(model, SSD):
+            return SSDGraph(model, normalize, side), {"postprocess": "topk_per_class", "batch": "dynamic", **tv}, ["boxes", "scores"]
+        graph = RetinaNetGraph(model, normalize, side)
+        return graph, {"postprocess": "topk_per_level", "batch": "dynamic", "level_sizes": graph.level_sizes, **tv}, ["boxes", "scores"]
     if hasattr(model, "transform") and hasattr(model, "backbone"):
         masks = task == "segmentation"
         outputs = ["boxes", "labels", "scores", *(["masks"] if masks else [])]

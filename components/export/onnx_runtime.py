@@ -20,7 +20,10 @@ only those. :class:`OnnxPredictor` reproduces :class:`components.stages.predict.
     ``[N, M, 4]`` (xyxy pixels of the network input) and per-class scores ``[N, M, K]``; the
     threshold, the optional greedy merge (OverFeat) and the per-class NMS run here
     (:func:`select_detections`, :func:`batched_nms`);
-  - ``in_graph`` (Faster R-CNN, RetinaNet, SSD, Mask R-CNN): the graph holds torchvision's whole
+  - ``topk_per_class`` (SSD) / ``topk_per_level`` (RetinaNet): the same outputs for every anchor;
+    torchvision's threshold, top-k and NMS run here (:func:`select_topk_per_class`,
+    :func:`select_topk_per_level`);
+  - ``in_graph`` (Faster R-CNN, Mask R-CNN): the graph holds torchvision's whole
     post-processing and takes one image ``[1, 3, S, S]``; :meth:`OnnxPredictor.predict` runs it
     once per image. R-CNN and Fast R-CNN too, with a second input ``proposals [R, 4]``: their
     selective search is not a graph, so ``predict(images, proposals=...)`` takes each image's boxes.
@@ -216,6 +219,53 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray, meta: dict[str, Any
     return b[kept], s[kept], lab[kept]
 
 
+def select_topk_per_class(boxes: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SSD's post-processing of one image (``torchvision SSD.postprocess_detections``).
+
+    Per class: scores above ``score_threshold``, the ``topk_candidates`` best; then per-class NMS
+    over all classes and the ``max_detections`` best.
+
+    Args:
+        boxes: ``[A, 4]`` decoded, clipped boxes; scores: ``[A, K]`` softmax scores of classes 1..K.
+    """
+    out_b, out_s, out_l = [], [], []
+    for k in range(scores.shape[1]):
+        keep = np.flatnonzero(scores[:, k] > meta["score_threshold"])
+        top = keep[np.argsort(-scores[keep, k], kind="stable")[: int(meta["topk_candidates"])]]
+        out_b.append(boxes[top])
+        out_s.append(scores[top, k])
+        out_l.append(np.full(len(top), k + 1, dtype=np.int64))
+    return _nms_top(np.concatenate(out_b), np.concatenate(out_s), np.concatenate(out_l), meta)
+
+
+def select_topk_per_level(boxes: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RetinaNet's post-processing of one image (``torchvision RetinaNet.postprocess_detections``).
+
+    Per pyramid level (``meta["level_sizes"]`` anchors each): the (anchor, class) pairs scoring
+    above ``score_threshold``, the ``topk_candidates`` best; label = class column; then per-class
+    NMS over all levels and the ``max_detections`` best.
+
+    Args:
+        boxes: ``[A, 4]`` decoded, clipped boxes; scores: ``[A, C]`` sigmoid scores (column = label).
+    """
+    classes = scores.shape[1]
+    out_b, out_s, out_l, start = [], [], [], 0
+    for size in meta["level_sizes"]:
+        flat = scores[start : start + size].reshape(-1)
+        keep = np.flatnonzero(flat > meta["score_threshold"])
+        top = keep[np.argsort(-flat[keep], kind="stable")[: int(meta["topk_candidates"])]]
+        out_b.append(boxes[start + top // classes])
+        out_s.append(flat[top])
+        out_l.append(top % classes)
+        start += size
+    return _nms_top(np.concatenate(out_b), np.concatenate(out_s), np.concatenate(out_l).astype(np.int64), meta)
+
+
+def _nms_top(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kept = batched_nms(boxes, scores, labels, float(meta["nms_iou"]))[: int(meta["max_detections"])]
+    return boxes[kept], scores[kept], labels[kept]
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -374,8 +424,9 @@ class OnnxPredictor:
         if self.postprocess == "argmax":
             logits = resize_bilinear(out[0], size, antialias=False)
             return {"mask": logits.argmax(0).astype(np.uint8).tolist()}
-        if self.postprocess == "nms":
-            boxes, scores, labels = select_detections(out[0], out[1], self.meta)
+        select = {"nms": select_detections, "topk_per_class": select_topk_per_class, "topk_per_level": select_topk_per_level}
+        if self.postprocess in select:
+            boxes, scores, labels = select[self.postprocess](out[0], out[1], self.meta)
             return self._detection_record(boxes, scores, labels, None, size)
         raise ValueError(f"{self.path}: unknown post-processing {self.postprocess!r}; fix: re-export with this visionflow")
 
