@@ -251,7 +251,10 @@ class SSDGraph(nn.Module):
         anchors = self.anchors.unsqueeze(0).expand(n, count, 4).reshape(-1, 4)
         boxes = m.box_coder.decode_single(head["bbox_regression"].reshape(-1, 4), anchors).reshape(n, count, 4)
         boxes = _clamp_xyxy(boxes, float(x.shape[-2]), float(x.shape[-1]))
-        return boxes, torch.softmax(head["cls_logits"], dim=-1)[..., 1:]
+        return boxes, self._scores(head["cls_logits"])
+
+    def _scores(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, dim=-1)[..., 1:]  # SSD: softmax over K + 1, background dropped
 
 
 class RetinaNetGraph(SSDGraph):
@@ -277,15 +280,8 @@ class RetinaNetGraph(SSDGraph):
     def _features(self, x: Tensor) -> list[Tensor]:
         return list(self.model.backbone(self._pad(x)).values())  # padding twice is a no-op
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
-        m = self.model
-        x = self.transform_normalize(self.normalize(images))
-        head = m.head(self._features(x))
-        n, count = head["bbox_regression"].shape[0], self.anchors.shape[0]
-        anchors = self.anchors.unsqueeze(0).expand(n, count, 4).reshape(-1, 4)
-        boxes = m.box_coder.decode_single(head["bbox_regression"].reshape(-1, 4), anchors).reshape(n, count, 4)
-        boxes = _clamp_xyxy(boxes, float(x.shape[-2]), float(x.shape[-1]))
-        return boxes, torch.sigmoid(head["cls_logits"])
+    def _scores(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)  # RetinaNet: one sigmoid per class column, the column is the label
 
 
 class TorchvisionGraph(nn.Module):
