@@ -378,6 +378,40 @@ def save_seed(clone: Path, dest: Path) -> None:
     write_json(history, dest / "history.json")
 
 
+def save_partial(clone: Path, dest: Path, seed: int) -> dict[str, Any]:
+    """An unfinished seed: copy what the stages that finished since it started wrote, as :func:`save_seed` does.
+
+    A stage finished in this seed's run when its metrics file is newer than the run's start (``dest/started``,
+    else the clone's checkout: a clone made for this one seed). Writes and returns ``run.json`` marked ``partial``.
+    """
+    started = float((dest / "started").read_text()) if (dest / "started").is_file() else (clone / ".git" / "HEAD").stat().st_mtime
+    params = load_params(clone / "params.yaml")
+
+    def fresh(path: Path) -> bool:
+        return path.is_file() and path.stat().st_mtime > started
+
+    history: dict[str, dict[str, list[dict[str, Any]]]] = {"detectors": {}, "segmenters": {}, "finetune": {}}
+    finished = []
+    for sub, family, out, archs in (("detect", "detectors", params.detect.out, params.detect.architectures),
+                                    ("segment", "segmenters", params.segment.out, params.segment.architectures)):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+        for arch in archs:
+            if fresh(clone / "metrics" / sub / f"{arch}.json"):
+                shutil.copy2(clone / "metrics" / sub / f"{arch}.json", dest / sub / f"{arch}.json")
+                history[family][arch] = epoch_history(load_checkpoint(clone / out / arch / LAST).get("history", []))
+                finished.append(f"{sub}@{arch}")
+    if fresh(clone / "metrics" / "finetune.json"):
+        shutil.copy2(clone / "metrics" / "finetune.json", dest / "finetune.json")
+        for strategy in params.finetune.strategies:
+            history["finetune"][strategy] = epoch_history(load_checkpoint(clone / params.finetune.out / strategy / LAST).get("history", []))
+        finished.append("finetune")
+    write_json(history, dest / "history.json")
+    run = {"seed": seed, "partial": True, "finished_stages": finished, "seconds": round(time.time() - started, 1),
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": "collected before the run ended (--no-run)"}
+    write_json(run, dest / "run.json")
+    return run
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -485,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reuse", action="store_true", help="continue in --workdir: keep its clone, skip seeds whose results are saved")
     parser.add_argument("--commit", default="HEAD", help="the commit to clone (e.g. another machine's or process's seeds of the same commit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="extra params override for every seed (e.g. a tiny smoke run)")
+    parser.add_argument("--no-run", action="store_true", help="start no pipeline: aggregate the saved seeds; a seed without results "
+                        "gets the stages its clone finished so far (marked partial), e.g. at a deadline")
     parser.add_argument("--out", type=Path, default=RESULTS / "seeds.json")
     parser.add_argument("--plots", type=Path, default=None, help="folder of the figures (default: the folder of --out)")
     args = parser.parse_args(argv)
@@ -492,10 +528,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import tempfile
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-seeds-"))).resolve()
-    if args.workdir and workdir.exists() and any(workdir.iterdir()) and not args.reuse and (workdir / "seeds").exists():
+    if args.workdir and workdir.exists() and any(workdir.iterdir()) and not (args.reuse or args.no_run) and (workdir / "seeds").exists():
         raise SystemExit(f"bench_seeds: {workdir} holds an earlier run: pass --reuse to continue it, or another --workdir")
     total_start = time.perf_counter()
-    clone = make_clone(workdir, reuse=args.reuse, commit=args.commit)
+    clone = make_clone(workdir, reuse=args.reuse or args.no_run, commit=args.commit)
     env = tool_env(clone, workdir)
     code_at = check_code_path(clone, env)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
@@ -510,8 +546,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         dest = workdir / "seeds" / str(seed)
-        if not (args.reuse and (dest / "run.json").is_file()):
+        saved = read_json(dest / "run.json") if (dest / "run.json").is_file() else None
+        if args.no_run and saved is None:
+            saved = save_partial(clone, dest, seed)
+            print(f"bench_seeds: seed {seed}: not finished; collected the stages it finished: {saved['finished_stages']}", flush=True)
+        elif args.no_run or (args.reuse and saved is not None and not saved.get("partial")):
+            print(f"bench_seeds: seed {seed}: saved results reused ({dest}{', partial' if saved.get('partial') else ''})", flush=True)
+        else:  # a partial seed re-runs: DVC skips the stages it finished
             dest.mkdir(parents=True, exist_ok=True)
+            (dest / "started").write_text(str(time.time()))
             overrides = [*args.set, *seed_overrides(defaults, seed)]
             load_before = os.getloadavg()
             print(f"bench_seeds: seed {seed}: visionflow run ({len(overrides)} overrides)", flush=True)
@@ -523,8 +566,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "stages": stages, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, dest / "run.json")
             ran = sorted(k for k, v in stages.items() if v["state"] == "ran")
             print(f"bench_seeds: seed {seed} done in {seconds:.0f} s; stages run: {ran}", flush=True)
-        else:
-            print(f"bench_seeds: seed {seed}: saved results reused ({dest})", flush=True)
         per_seed[seed] = seed_metrics(dest)
         histories[seed] = read_json(dest / "history.json")
         runs[seed] = read_json(dest / "run.json")
@@ -553,7 +594,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "segmenters": "test mIoU; Mask R-CNN also instance segm mAP (segm_map, segm_map_50)",
             "finetune": "accuracy on hymenoptera's val split",
         },
-        "runs": {str(s): {k: runs[s].get(k) for k in ("seconds", "load_average_during", "load_average_before", "finished", "stages")} for s in args.seeds},
+        "runs": {str(s): {k: runs[s].get(k) for k in ("seconds", "partial", "load_average_during", "load_average_before", "finished", "stages")} for s in args.seeds},
+        "partial_seeds": {str(s): runs[s]["finished_stages"] for s in args.seeds if runs[s].get("partial")},
         "seconds_total": round(sum(runs[s]["seconds"] for s in args.seeds), 1),
         "this_invocation_s": round(time.perf_counter() - total_start, 1),
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform, "python": sys.version.split()[0],
