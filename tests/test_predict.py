@@ -218,6 +218,29 @@ def test_onnx_file_predicts_like_its_checkpoint(tmp_path, yolo_ckpt, one_torch_t
         predict_files(str(tmp_path / "missing.onnx"), [tmp_path / "in"])
 
 
+def test_onnx_rcnn_file_runs_its_selective_search_beside_the_graph(tmp_path, one_torch_thread):
+    """`--model x.onnx` of an R-CNN graph: predict computes the proposals the graph takes, as the pyfunc does."""
+    from components.export.onnx_export import export_onnx
+
+    search = {"proposals_per_image": 40, "ss_scales": [100.0], "ss_color_spaces": ["hsv"], "ss_similarities": ["ctsf"]}
+    ckpt = write_tiny_checkpoint(tmp_path / "rcnn.pt", task="detection", model_name="rcnn", categories=CATS, image_size=64,
+                                 model_args={**search, "crop_size": 16, "score_threshold": 0.0, "num_classes": len(CATS)})
+    onnx_path = export_onnx(ckpt, tmp_path / "export").path
+    # images with objects: random weights on noise give near-tied scores that NMS orders either way
+    from test_export import _images
+
+    for i, image in enumerate(_images()[:2]):
+        save(tmp_path / "in" / f"{i}.png", image)
+    via_onnx = predict_files(str(onnx_path), [tmp_path / "in"], out=tmp_path / "onnx.json")
+    via_torch = predict_files(str(ckpt), [tmp_path / "in"], out=tmp_path / "torch.json")
+    assert via_onnx["predicted"] == 2 and not via_onnx.get("failed")
+    for name, ref in via_torch["predictions"].items():
+        got = via_onnx["predictions"][name]
+        assert got["labels"] == ref["labels"] and len(ref["labels"]) > 0
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1.0)
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4)
+
+
 # --------------------------------------------------------------------------- instance segmentation: COCO results with RLE
 
 

@@ -572,6 +572,7 @@ def selective_search_proposals(meta: dict[str, Any], images: Sequence[Any]) -> l
 
     from components.models.rcnn_lineage import SelectiveSearchProposer
     from components.ops.selective_search import SelectiveSearchParams
+    from components.stages.predict import _resize, decode_image
 
     raw = meta["proposals"]["params"]
     params = SelectiveSearchParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
@@ -579,8 +580,7 @@ def selective_search_proposals(meta: dict[str, Any], images: Sequence[Any]) -> l
     out = []
     for image in images:
         h, w = image.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).float() / 255.0
-        x = torch.nn.functional.interpolate(x[None], size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = _resize(decode_image(image), side)  # the pixels ImagePredictor gives the model, to the last bit
         boxes = proposer([x])[0].numpy()
         out.append((boxes * np.asarray([w / side, h / side] * 2, dtype=np.float32)).astype(np.float32))
     return out

@@ -525,10 +525,31 @@ def load_predictor(model: str, *, device: str = "auto") -> Predictor:
         except ImportError as err:
             raise CheckpointError(f"cannot run ONNX files here ({err})", file=model, fix="pip install onnxruntime") from None
         try:
-            return OnnxPredictor(model)
+            onnx = OnnxPredictor(model)
         except ValueError as err:  # the torch-free module reports with ValueError, its message names the file
             raise CheckpointError(str(err), fix="export it with `visionflow export`") from None
+        return ProposalOnnxPredictor(onnx) if onnx.needs_proposals else onnx
     return ImagePredictor.from_checkpoint(model, device=device)
+
+
+class ProposalOnnxPredictor:
+    """An R-CNN / Fast R-CNN ONNX graph with its selective search run beside it, as the pyfunc runs it.
+
+    The graph takes each image's proposals as a second input (selective search is not a graph);
+    :func:`components.export.onnx_export.selective_search_proposals` computes them with the
+    parameters stored in the graph's metadata. Every other attribute is the wrapped predictor's.
+    """
+
+    def __init__(self, onnx: Any) -> None:
+        self.onnx = onnx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.onnx, name)
+
+    def predict(self, images: list[Any]) -> list[dict[str, Any]]:
+        from components.export.onnx_export import selective_search_proposals
+
+        return self.onnx.predict(images, proposals=selective_search_proposals(self.onnx.meta, images))
 
 
 def _is_instance(predictor: Predictor) -> bool:
