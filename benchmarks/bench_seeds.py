@@ -382,9 +382,9 @@ def save_partial(clone: Path, dest: Path, seed: int) -> dict[str, Any]:
     """An unfinished seed: copy what the stages that finished since it started wrote, as :func:`save_seed` does.
 
     A stage finished in this seed's run when its metrics file is newer than the run's start (``dest/started``,
-    else the clone's checkout: a clone made for this one seed). Writes and returns ``run.json`` marked ``partial``.
+    else the clone's checkout (its git index): a clone made for this one seed). Writes and returns ``run.json`` marked ``partial``.
     """
-    started = float((dest / "started").read_text()) if (dest / "started").is_file() else (clone / ".git" / "HEAD").stat().st_mtime
+    started = float((dest / "started").read_text()) if (dest / "started").is_file() else (clone / ".git" / "index").stat().st_mtime
     params = load_params(clone / "params.yaml")
 
     def fresh(path: Path) -> bool:

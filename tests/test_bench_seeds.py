@@ -112,3 +112,32 @@ def test_curve_verdict_extrapolates_in_log_epochs():
     assert bench_seeds.curve_verdict(rising, 0.3)["extrapolated_epochs"] == 8  # already met at the last epoch
     flat = bench_seeds.curve_verdict([0.5, 0.5, 0.5, 0.5], 0.6)
     assert not flat["rising"] and flat["extrapolated_epochs"] is None  # a flat trend gives no budget
+
+
+def test_save_partial_takes_only_the_stages_finished_since_the_seed_started(tmp_path):
+    import os
+    import time
+
+    import torch
+    import yaml
+
+    clone, dest = tmp_path / "clone", tmp_path / "seeds" / "1"
+    (clone / "metrics" / "detect").mkdir(parents=True)
+    (clone / "metrics" / "segment").mkdir(parents=True)
+    params = {"detect": {"architectures": ["yolo", "ssd"], "out": "outputs/detect"}, "segment": {"architectures": ["fcn"], "out": "outputs/segment"},
+              "finetune": {"strategies": ["scratch"], "out": "outputs/finetune"}}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    write_seed(tmp_path / "files", yolo=0.7, unet=0.6, mask_segm=0.5, fe=0.9)
+    for arch in ("yolo", "ssd"):  # ssd: a committed file from before the seed started
+        (clone / "metrics" / "detect" / f"{arch}.json").write_text((tmp_path / "files" / "detect" / "yolo.json").read_text())
+        (clone / "outputs" / "detect" / arch).mkdir(parents=True)
+        torch.save({"state_dict": {}, "history": [{"epoch": 1, "val": {"map_50": 0.5}}]}, clone / "outputs" / "detect" / arch / "last.pt")
+    old = time.time() - 3600
+    os.utime(clone / "metrics" / "detect" / "ssd.json", (old, old))
+    dest.mkdir(parents=True)
+    (dest / "started").write_text(str(time.time() - 60))
+    run = bench_seeds.save_partial(clone, dest, 1)
+    assert run["partial"] and run["finished_stages"] == ["detect@yolo"]  # ssd is stale, fcn and finetune never finished
+    metrics = bench_seeds.seed_metrics(dest)
+    assert set(metrics["detectors"]) == {"yolo"} and not metrics["segmenters"] and not metrics["finetune"]
+    assert json.loads((dest / "history.json").read_text())["detectors"] == {"yolo": [{"epoch": 1, "val": {"map_50": 0.5}}]}
