@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_check.sh                 # from the repository root, with .venv (./bootstrap.sh) or $PYTHON
 #   OUT=/some/folder scripts/gpu_check.sh
-#   DEVICE=cpu STEPS=2 BENCH_IMAGES=256 scripts/gpu_check.sh   # a dry run of the script itself on a CPU
+#   DEVICE=cpu STEPS=2 SIZE=64 BENCH_IMAGES=256 scripts/gpu_check.sh   # a dry run of the script itself on a CPU
 #
 # What it checks on the way: CUDA is visible; mixed precision picks bfloat16 where the GPU has it (else
 # float16 with a GradScaler); convnets train channels-last; the stages run with train.device=cuda. The
@@ -19,6 +19,7 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 OUT=${OUT:-$(mktemp -d -t visionflow-gpu-XXXXXX)}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-null}            # train.max_steps_per_epoch (null: the whole epoch)
+SIZE=${SIZE:-256}              # image size of the detector and the segmenter
 BENCH_IMAGES=${BENCH_IMAGES:-16384}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
@@ -47,8 +48,8 @@ print(f"autocast dtype {dtype}, GradScaler {needs_grad_scaler(dtype)}, channels-
 PYEOF
 
 COMMON=(--params "$ROOT/params.yaml" --set data.out=data/shapes --set "tracking.uri=sqlite:///$OUT/mlflow.db" --set tracking.experiment=gpu-check)
-train() {  # train(section) -> --set overrides for one epoch on CUDA at 256 px, batch 32, 4 loader workers
-  echo --set "$1.image_size=256" --set "$1.backbone.arch=mobilenet_v2" --set "$1.backbone.weights=null" \
+train() {  # train(section) -> --set overrides for one epoch on $DEVICE at $SIZE px, batch 32, 4 loader workers
+  echo --set "$1.image_size=$SIZE" --set "$1.backbone.arch=mobilenet_v2" --set "$1.backbone.weights=null" \
        --set "$1.train.epochs=1" --set "$1.train.batch_size=32" --set "$1.train.device=$DEVICE" --set "$1.train.amp=true" \
        --set "$1.train.workers=4" --set "$1.train.threads=null" --set "$1.train.max_steps_per_epoch=$STEPS"
 }
