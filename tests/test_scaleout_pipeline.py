@@ -31,6 +31,9 @@ from pipeline_project import lock_outs, make_project, run_tool
 from test_pipeline import _metrics
 from test_tracking import mlflow_server  # noqa: F401 - the module's real loopback `mlflow server` (a fixture)
 
+# two whole pipeline runs (about 4 minutes on 2 idle cores): the scale-out suite, `./bootstrap.sh test -m scaleout`, which CI runs
+pytestmark = pytest.mark.scaleout
+
 TIMED_OUTPUTS = ("comparison.png", "lineage")  # plots of measured speed: not a function of the inputs
 
 
