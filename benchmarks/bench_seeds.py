@@ -387,11 +387,13 @@ def save_partial(clone: Path, dest: Path, seed: int) -> dict[str, Any]:
     started = float((dest / "started").read_text()) if (dest / "started").is_file() else (clone / ".git" / "index").stat().st_mtime
     params = load_params(clone / "params.yaml")
 
-    def fresh(path: Path) -> bool:
+    def fresh(path: Path) -> bool:  # written by this seed's run (a finished stage also left its last.pt)
         return path.is_file() and path.stat().st_mtime > started
 
     history: dict[str, dict[str, list[dict[str, Any]]]] = {"detectors": {}, "segmenters": {}, "finetune": {}}
     finished = []
+    for stale in [*dest.glob("detect/*.json"), *dest.glob("segment/*.json"), dest / "finetune.json"]:  # an earlier collection's
+        stale.unlink(missing_ok=True)
     for sub, family, out, archs in (("detect", "detectors", params.detect.out, params.detect.architectures),
                                     ("segment", "segmenters", params.segment.out, params.segment.architectures)):
         (dest / sub).mkdir(parents=True, exist_ok=True)
