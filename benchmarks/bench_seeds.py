@@ -1,6 +1,10 @@
 """Every learnt model of the pipeline over three training seeds: mean, sample std and the seeds' values.
 
     .venv/bin/python benchmarks/bench_seeds.py [--seeds 0 1 2] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/bench_seeds.py --workdir DIR --no-run     # aggregate what DIR holds, even unfinished
+
+``--commit REV`` pins the clone, so that the seeds of one commit can run in several workdirs at once (copy their
+``seeds/<S>`` folders into one workdir, then ``--no-run`` there).
 
 What it does, in a clean project so that nothing of the working tree leaks in:
 
