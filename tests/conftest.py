@@ -11,6 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -145,3 +146,20 @@ def stop_process_group(proc) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def object_images() -> list[np.ndarray]:
+    """Three RGB images of different sizes and aspect ratios: noise plus a bright square and a disc.
+
+    Objects, so that random-weight detectors give separated scores (on noise alone near-tied scores
+    make NMS keep either of two boxes, and two correct implementations disagree).
+    """
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in ((48, 80), (64, 64), (100, 70)):
+        img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+        img[h // 4 : h // 2, w // 5 : w // 2] = (230, 40, 40)
+        yy, xx = np.mgrid[:h, :w]
+        img[(yy - 3 * h // 4) ** 2 + (xx - 2 * w // 3) ** 2 < (min(h, w) // 6) ** 2] = (40, 60, 230)
+        out.append(img)
+    return out

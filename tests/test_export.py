@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import object_images as _images
 from PIL import Image
 
 from components.export.onnx_export import (
@@ -47,19 +48,6 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "unet": ("segmentation", "unet", {"base_channels": 8, "depth": 2}),
     "mask_rcnn": ("segmentation", "mask_rcnn", {"score_threshold": 0.0}),
 }
-
-
-def _images() -> list[np.ndarray]:
-    """Three RGB images of different sizes and aspect ratios: noise plus a bright square and a disc."""
-    rng = np.random.default_rng(0)
-    out = []
-    for h, w in ((48, 80), (64, 64), (100, 70)):
-        img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
-        img[h // 4 : h // 2, w // 5 : w // 2] = (230, 40, 40)
-        yy, xx = np.mgrid[:h, :w]
-        img[(yy - 3 * h // 4) ** 2 + (xx - 2 * w // 3) ** 2 < (min(h, w) // 6) ** 2] = (40, 60, 230)
-        out.append(img)
-    return out
 
 
 def _build(key: str) -> tuple[torch.nn.Module, dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_checkpoint
+from conftest import object_images, write_tiny_checkpoint
 from PIL import Image
 
 from components.errors import CheckpointError, DataError
@@ -226,10 +226,7 @@ def test_onnx_rcnn_file_runs_its_selective_search_beside_the_graph(tmp_path, one
     ckpt = write_tiny_checkpoint(tmp_path / "rcnn.pt", task="detection", model_name="rcnn", categories=CATS, image_size=64,
                                  model_args={**search, "crop_size": 16, "score_threshold": 0.0, "num_classes": len(CATS)})
     onnx_path = export_onnx(ckpt, tmp_path / "export").path
-    # images with objects: random weights on noise give near-tied scores that NMS orders either way
-    from test_export import _images
-
-    for i, image in enumerate(_images()[:2]):
+    for i, image in enumerate(object_images()[:2]):
         save(tmp_path / "in" / f"{i}.png", image)
     via_onnx = predict_files(str(onnx_path), [tmp_path / "in"], out=tmp_path / "onnx.json")
     via_torch = predict_files(str(ckpt), [tmp_path / "in"], out=tmp_path / "torch.json")
