@@ -27,7 +27,9 @@ What it does, in a clean project so that nothing of the working tree leaks in:
    "values"}, "map": ...}}, "segmenters": ..., "finetune": ..., "commit", "params_hash"}``; ``std`` is the sample
    standard deviation, ``ddof=1``), the issue's targets checked against the means, and four figures:
    ``seeds_detectors.png``, ``seeds_segmenters.png``, ``seeds_finetune.png`` (bars = mean, error bars = std, dots =
-   seeds, lines = targets) and ``seeds_curves.png`` (validation metric per epoch, mean +- std band over seeds).
+   seeds, lines = targets) and ``seeds_curves.png`` (validation metric per epoch, mean +- std band over seeds);
+   the figures are named after ``--out``'s stem, so a larger budget keeps its own (``--out .../budget.json --set
+   detect.ssd.train.epochs=16 ...``: ``budget.json``, ``budget_detectors.png``, ...).
 
 The metrics are the stages' own: detectors' COCO mAP@0.5 and mAP@[.5:.95] on the shapes test split, segmenters'
 test mIoU (Mask R-CNN: also its instance ``segm`` mAP), finetune strategies' accuracy on hymenoptera's ``val`` split
@@ -527,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="extra params override for every seed (e.g. a tiny smoke run)")
     parser.add_argument("--no-run", action="store_true", help="start no pipeline: aggregate the saved seeds; a seed without results "
                         "gets the stages its clone finished so far (marked partial), e.g. at a deadline")
-    parser.add_argument("--out", type=Path, default=RESULTS / "seeds.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "seeds.json", help="the results file; the figures are named after "
+                        "its stem (seeds.json: seeds_detectors.png, ...), so a larger budget (--set ...epochs=N) can keep its own")
     parser.add_argument("--plots", type=Path, default=None, help="folder of the figures (default: the folder of --out)")
     args = parser.parse_args(argv)
 
@@ -608,11 +611,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "note": "2 cores shared with other jobs: wall times are the loaded machine's (load averages per seed)"},
     }
     write_json(result, args.out)
-    plots = args.plots or args.out.parent
-    plot_family(table, "detectors", [("map_50", "test mAP@0.5"), ("map", "test mAP@[.5:.95]")], plots / "seeds_detectors.png", "Detectors on shapes")
-    plot_family(table, "segmenters", [("miou", "test mIoU"), ("segm_map", "Mask R-CNN test segm mAP")], plots / "seeds_segmenters.png", "Segmenters on shapes")
-    plot_family(table, "finetune", [("accuracy", "hymenoptera val accuracy")], plots / "seeds_finetune.png", "Transfer learning")
-    plot_curves(histories, table, plots / "seeds_curves.png")
+    plots, stem = args.plots or args.out.parent, args.out.stem  # seeds.json -> seeds_detectors.png, ...
+    plot_family(table, "detectors", [("map_50", "test mAP@0.5"), ("map", "test mAP@[.5:.95]")], plots / f"{stem}_detectors.png", "Detectors on shapes")
+    plot_family(table, "segmenters", [("miou", "test mIoU"), ("segm_map", "Mask R-CNN test segm mAP")], plots / f"{stem}_segmenters.png", "Segmenters on shapes")
+    plot_family(table, "finetune", [("accuracy", "hymenoptera val accuracy")], plots / f"{stem}_finetune.png", "Transfer learning")
+    plot_curves(histories, table, plots / f"{stem}_curves.png")
     for row in result["targets"]:
         std = "n/a" if row["std"] is None else f"{row['std']:.3f}"
         print(f"{row['family']:>10} {row['model']:<18} {row['metric']:<9} {row['mean']:.3f} +- {std} (target {row['target']}: "
