@@ -104,20 +104,25 @@ def seed_metrics(metrics_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     """The figures of one seed from its copied metrics files: ``{family: {model: {metric: value}}}``.
 
     ``metrics_dir`` holds ``detect/<arch>.json``, ``segment/<arch>.json`` and ``finetune.json`` as the stages wrote
-    them. A model whose file says ``status: skipped`` (or lacks the metric) is left out.
+    them. A model whose file says ``status: skipped`` (or lacks the metric) is left out. ``train_cpu_s`` (the
+    training's CPU seconds) comes along where the file has it: what a budget costs, beside what it gives.
     """
     out: dict[str, dict[str, dict[str, float]]] = {"detectors": {}, "segmenters": {}, "finetune": {}}
+
+    def cost(data: Mapping[str, Any], key: str) -> dict[str, float]:  # the training's CPU seconds, where the stage wrote them
+        return {"train_cpu_s": data[key]} if isinstance(data.get(key), int | float) else {}
+
     for path in sorted((metrics_dir / "detect").glob("*.json")):
         data = read_json(path)
         test = data.get("test") or {}
         if data.get("status", "finished") == "finished" and "map_50" in test:
-            out["detectors"][path.stem] = {"map_50": test["map_50"], "map": test["map"]}
+            out["detectors"][path.stem] = {"map_50": test["map_50"], "map": test["map"], **cost(data, "train_cpu_time_s")}
     for path in sorted((metrics_dir / "segment").glob("*.json")):
         data = read_json(path)
         test = data.get("test") or {}
         if data.get("status", "finished") != "finished" or "miou" not in test:
             continue
-        row = {"miou": test["miou"]}
+        row = {"miou": test["miou"], **cost(data, "train_cpu_time_s")}
         if isinstance(test.get("segm"), dict):  # Mask R-CNN: instance masks, COCO segm mAP
             row.update(segm_map=test["segm"]["map"], segm_map_50=test["segm"]["map_50"])
         out["segmenters"][path.stem] = row
@@ -125,7 +130,7 @@ def seed_metrics(metrics_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     if finetune.is_file():
         for strategy, row in (read_json(finetune).get("strategies") or {}).items():
             if isinstance(row, dict) and "accuracy" in row:
-                out["finetune"][strategy] = {"accuracy": row["accuracy"]}
+                out["finetune"][strategy] = {"accuracy": row["accuracy"], **cost(row, "train_cpu_s")}
     return out
 
 
@@ -602,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "detectors": "COCO mAP@0.5 (map_50) and mAP@[.5:.95] (map) on the shapes test split",
             "segmenters": "test mIoU; Mask R-CNN also instance segm mAP (segm_map, segm_map_50)",
             "finetune": "accuracy on hymenoptera's val split",
+            "train_cpu_s": "CPU seconds of the training (the stage's train_cpu_time_s / train_cpu_s), per model: the cost",
         },
         "runs": {str(s): {k: runs[s].get(k) for k in ("seconds", "partial", "load_average_during", "load_average_before", "finished", "stages")} for s in args.seeds},
         "partial_seeds": {str(s): runs[s]["finished_stages"] for s in args.seeds if runs[s].get("partial")},

@@ -141,3 +141,13 @@ def test_save_partial_takes_only_the_stages_finished_since_the_seed_started(tmp_
     metrics = bench_seeds.seed_metrics(dest)
     assert set(metrics["detectors"]) == {"yolo"} and not metrics["segmenters"] and not metrics["finetune"]
     assert json.loads((dest / "history.json").read_text())["detectors"] == {"yolo": [{"epoch": 1, "val": {"map_50": 0.5}}]}
+
+
+def test_training_cpu_seconds_come_along_where_the_stage_wrote_them(tmp_path):
+    folder = write_seed(tmp_path / "0", yolo=0.8, unet=0.6, mask_segm=0.5, fe=0.9)
+    data = json.loads((folder / "detect" / "yolo.json").read_text())
+    (folder / "detect" / "yolo.json").write_text(json.dumps({**data, "train_cpu_time_s": 409.5}))
+    (folder / "finetune.json").write_text(json.dumps({"strategies": {"scratch": {"accuracy": 0.5, "train_cpu_s": 86.4}}}))
+    got = bench_seeds.seed_metrics(folder)
+    assert got["detectors"]["yolo"]["train_cpu_s"] == 409.5 and got["finetune"]["scratch"]["train_cpu_s"] == 86.4
+    assert "train_cpu_s" not in got["segmenters"]["unet"]  # not written by the stage: not invented

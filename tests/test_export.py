@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import object_images as _images
+from conftest import object_images
 from PIL import Image
 
 from components.export.onnx_export import (
@@ -106,7 +106,7 @@ def test_every_registered_model_is_exported_or_refused_with_a_reason():
 def test_onnx_agrees_with_image_predictor(key, tmp_path, one_torch_thread):
     model, ckpt = _build(key)
     meta = export_model(model, ckpt, tmp_path / f"{key}.onnx")
-    images = _images()
+    images = object_images()
     ref = ImagePredictor(model, ckpt, device="cpu").predict(images)
     predictor = OnnxPredictor(tmp_path / f"{key}.onnx")
     assert predictor.task == ckpt["task"] and predictor.categories == ckpt["categories"]
@@ -129,9 +129,9 @@ def test_proposal_graphs_refuse_a_call_without_proposals_and_take_any_count(tmp_
     export_model(model, ckpt, tmp_path / "f.onnx")
     predictor = OnnxPredictor(tmp_path / "f.onnx")
     with pytest.raises(ValueError, match="proposals"):
-        predictor.predict(_images()[:1])
+        predictor.predict(object_images()[:1])
     for boxes in ([[2, 3, 30, 40]], np.zeros((0, 4)), [[0, 0, 10, 10]] * 50):  # one box, none (the whole image), many
-        (record,) = predictor.predict(_images()[:1], proposals=[np.asarray(boxes, np.float32)])
+        (record,) = predictor.predict(object_images()[:1], proposals=[np.asarray(boxes, np.float32)])
         assert set(record) == {"boxes", "labels", "scores"}
 
 
@@ -200,7 +200,7 @@ def test_registered_versions_carry_onnx_and_a_torch_free_process_predicts_like_t
     module = tmp_path / "onnx_runtime.py"
     module.write_text((REPO / "components/export/onnx_runtime.py").read_text())
     files = []
-    for i, img in enumerate(_images()):
+    for i, img in enumerate(object_images()):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(img).save(files[-1])
     for name in ("visionflow-detector-yolo", "visionflow-segmenter-fcn", "visionflow-classifier"):
