@@ -270,6 +270,7 @@ def own_data_runs(tmp_path_factory, prefect_harness, mlflow_db_template):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
     params["register"]["prefix"] = "own"
+    params["detect"]["architectures"] = ["yolo"]  # one detector is the loop under test (two run in flow_and_repro)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runs = []
     with pytest.MonkeyPatch.context() as mp:
