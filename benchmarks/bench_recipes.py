@@ -314,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cases": table,
         "seeds": sorted(args.seeds),
         "commit": commit,
-        "command": "python benchmarks/bench_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seconds": None if args.no_run else round(time.time() - started, 1),
+        "command": f"python benchmarks/bench_recipes.py --cases {' '.join(args.cases)} --seeds {' '.join(map(str, args.seeds))}",
+        "seconds": None if args.no_run else round(time.time() - started, 1),  # None: aggregated with --no-run
+        "jobs_wall_s": round(sum(j.get("wall_s", 0.0) for j in jobs.values()), 1),
         "note": "test split of each dataset; mean and sample std over the seeds; train_cpu_s is each training's CPU seconds (one torch thread)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
