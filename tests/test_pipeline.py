@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_project import lock_outs, make_project, run_tool
+from pipeline_project import BIN, lock_outs, make_project, run_tool, tool_env
 
 TIMING_WORDS = ("time", "_s", "seconds", "per_s", "run_id", "ms", "fps", "throughput", "checkpoint", "cpu")
 
@@ -35,7 +36,11 @@ def _metrics(root: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def flow_and_repro(tmp_path_factory, prefect_harness, mlflow_db_template):
-    """Workspace A: ``visionflow run``; workspace B: ``dvc repro``; both from the same sources and params."""
+    """Workspace A: ``visionflow run``; workspace B: ``dvc repro``; both from the same sources and params.
+
+    B's stages up to ``register`` run while A's flow runs (separate workspaces and processes: the same inputs give
+    the same bytes whatever the load); B's ``register`` runs after A's, so it meets the versions A registered.
+    """
     base = tmp_path_factory.mktemp("e2e")
     shutil.copy(mlflow_db_template, base / "mlflow.db")
     uri = f"sqlite:///{base / 'mlflow.db'}"
@@ -43,11 +48,20 @@ def flow_and_repro(tmp_path_factory, prefect_harness, mlflow_db_template):
     b = make_project(base / "b", base / "sources", uri)
     from flows.retrain import run_pipeline
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(a)
-        mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
-        report = run_pipeline("params.yaml", [])
-    repro = run_tool(b, "dvc", "repro")
+    upstream = [n for n in run_tool(b, "dvc", "stage", "list", "--name-only").stdout.split() if n != "register"]
+    b_upstream = subprocess.Popen([str(BIN / "dvc"), "repro", *upstream], cwd=b, env=tool_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(a)
+            mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
+            report = run_pipeline("params.yaml", [])
+        out, _ = b_upstream.communicate(timeout=900)
+    finally:
+        b_upstream.kill()
+    assert b_upstream.returncode == 0, f"dvc repro (all but register) in B exited {b_upstream.returncode}:\n{out[-3000:]}"
+    repro = run_tool(b, "dvc", "repro")  # register only: everything else is up to date
+    assert repro.stdout.count("Running stage") == 1 and "Running stage 'register'" in repro.stdout, repro.stdout
     return a, b, report, repro
 
 

@@ -33,6 +33,10 @@ import pytest
 import torch
 from PIL import Image
 
+# torchrun launches of the real stage (~80 s with their one-process reference): the scale-out suite's
+# (`./bootstrap.sh test -m scaleout`, run by CI); the fast suite keeps the engine-level DDP test (tests/test_distributed.py)
+pytestmark = pytest.mark.scaleout
+
 REPO = Path(__file__).resolve().parents[1]
 VISIONFLOW = [sys.executable, "-m", "flows.cli"]
 
@@ -143,7 +147,6 @@ def test_cli_pretrain_on_two_processes_matches_one_process_with_the_same_global_
     assert_one_run_one_set_of_files_same_weights(tmp_path / "ddp", ddp_uri, ddp, single_process)
 
 
-@pytest.mark.scaleout  # two torchrun launches (~40 s): the scale-out suite's; the 2-process test above stays in the fast one
 def test_two_nodes_on_loopback_match_one_process_with_the_same_global_batch(tmp_path, tiny_classification, mlflow_db_template, single_process):
     """Two torchrun launches of one process each, as two machines would run them: same command, same c10d endpoint, NODE_RANK 0 and 1.
 

@@ -185,20 +185,25 @@ def test_pretrain_twice_in_two_workspaces_writes_identical_files(tiny_dataset, t
 
     cfg = PretrainConfig(dataset="data/tiny", image_size=16, out="outputs/pretrain", train={**TINY, "epochs": 2, "max_steps_per_epoch": 2})
     root = Path(__file__).resolve().parents[1]
-    workspaces = []
-    for name, hash_seed in (("a", "1"), ("b", "2")):  # two processes, two clean workspaces, different str hashing
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_cfg.uri).search_experiments()  # the store's schema first: two processes must not both migrate it
+    workspaces, procs = [], []
+    for name, hash_seed in (("a", "1"), ("b", "2")):  # two processes at once, two clean workspaces, different str hashing
         work = tmp_path / name
         (work / "data").mkdir(parents=True)
         (work / "data" / "tiny").symlink_to(tiny_dataset, target_is_directory=True)
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        done = subprocess.run(
+        procs.append(subprocess.Popen(
             [sys.executable, "-c", PRETRAIN_SCRIPT, cfg.model_dump_json(), tracking_cfg.model_dump_json()],
-            cwd=work, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "\r" not in done.stderr and "pretrain epoch 2/2: loss " in done.stderr  # piped: one line per epoch
+            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
         workspaces.append(work)
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "\r" not in stderr and "pretrain epoch 2/2: loss " in stderr  # piped: one line per epoch
     files = [{p.relative_to(w / "outputs/pretrain"): p.read_bytes() for p in sorted((w / "outputs/pretrain").rglob("*")) if p.is_file()} for w in workspaces]
     assert sorted(map(str, files[0])) == ["backbone.pt", "train/best.pt", "train/last.pt", "training_curves.png"]
     assert list(files[0]) == list(files[1])
