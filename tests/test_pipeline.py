@@ -49,17 +49,18 @@ def flow_and_repro(tmp_path_factory, prefect_harness, mlflow_db_template):
     from flows.retrain import run_pipeline
 
     upstream = [n for n in run_tool(b, "dvc", "stage", "list", "--name-only").stdout.split() if n != "register"]
-    b_upstream = subprocess.Popen([str(BIN / "dvc"), "repro", *upstream], cwd=b, env=tool_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(a)
-            mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
-            report = run_pipeline("params.yaml", [])
-        out, _ = b_upstream.communicate(timeout=900)
-    finally:
-        b_upstream.kill()
-    assert b_upstream.returncode == 0, f"dvc repro (all but register) in B exited {b_upstream.returncode}:\n{out[-3000:]}"
+    log = base / "b-upstream.log"  # a file, not a pipe: nobody reads it while A's flow runs
+    with log.open("w") as handle:
+        b_upstream = subprocess.Popen([str(BIN / "dvc"), "repro", *upstream], cwd=b, env=tool_env(), stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.chdir(a)
+                mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
+                report = run_pipeline("params.yaml", [])
+            b_upstream.wait(timeout=900)
+        finally:
+            b_upstream.kill()
+    assert b_upstream.returncode == 0, f"dvc repro (all but register) in B exited {b_upstream.returncode}:\n{log.read_text()[-3000:]}"
     repro = run_tool(b, "dvc", "repro")  # register only: everything else is up to date
     assert repro.stdout.count("Running stage") == 1 and "Running stage 'register'" in repro.stdout, repro.stdout
     return a, b, report, repro
