@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import subprocess
 import sys
 import time
@@ -64,7 +63,7 @@ def case_overrides(case: str, workdir: Path) -> list[str]:
     """``--set`` overrides of one case: the recipe as is, its data read from the dataset and written under ``workdir``."""
     _, dataset = case.split(":")
     return [f"data.path={(ROOT.parent / 'shared' / 'data' / DATASETS[dataset]).resolve()}",
-            f"data.out={workdir / case.replace(':', '-') / 'data'}"]
+            f"data.out={case_folder(case, workdir) / 'data'}"]
 
 
 def job_overrides(stage: str, arch: str, seed: int) -> list[str]:
@@ -133,23 +132,12 @@ def aggregate(jobs: Mapping[tuple[str, str, int], Mapping[str, Any]]) -> dict[st
 # --------------------------------------------------------------------------- the runs
 
 
-def env() -> dict[str, str]:
-    """This venv's ``visionflow`` and this checkout's code, no network."""
-    return {
-        **os.environ,
-        "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
-
-
-def run_command(argv: Sequence[str], cwd: Path, log: Path) -> None:
-    """Run one ``visionflow`` command, its output in ``log``; raise naming the log when it fails."""
+def run_command(argv: Sequence[str], cwd: Path, log: Path, workdir: Path) -> None:
+    """Run one ``visionflow`` command (this venv, this checkout's code: :func:`bench_seeds.tool_env`), its output in ``log``."""
     cwd.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
-        code = subprocess.run(list(argv), cwd=cwd, env=env(), stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(list(argv), cwd=cwd, env=bench_seeds.tool_env(ROOT, workdir), stdout=handle,
+                              stderr=subprocess.STDOUT, check=False).returncode
     if code != 0:
         raise RuntimeError(f"{' '.join(argv)} failed (exit {code}): see {log}")
 
@@ -162,9 +150,9 @@ def run_job(case: str, arch: str, seed: int, workdir: Path) -> dict[str, Any]:
     if done.is_file():
         return read_json(done)
     sets = [*case_overrides(case, workdir), *job_overrides(stage, arch, seed)]
-    argv = ["visionflow", stage, "--params", str(ROOT / recipe), "--arch", arch, *[x for s in sets for x in ("--set", s)]]
+    argv = ["visionflow", stage, "--params", str(ROOT / recipe), "--arch", arch, *(f"--set={o}" for o in sets)]
     started = time.time()
-    run_command(argv, folder, folder / "log.txt")
+    run_command(argv, folder, folder / "log.txt", workdir)
     metrics = read_json(folder / "metrics" / stage / f"{arch}.json")
     params = load_params(ROOT / recipe, overrides=sets)
     last = folder / getattr(params, stage).out / arch / LAST
@@ -179,12 +167,11 @@ def run_job(case: str, arch: str, seed: int, workdir: Path) -> dict[str, Any]:
 def ingest(case: str, workdir: Path) -> None:
     """``visionflow ingest`` of one case's dataset with the recipe's ``data`` section (once: kept when present)."""
     recipe, _ = RECIPES[case.split(":")[0]]
-    folder = workdir / case.replace(":", "-")
+    folder = case_folder(case, workdir)
     if (folder / "data" / "dataset.json").is_file():
         return
-    sets = case_overrides(case, workdir)
-    run_command(["visionflow", "ingest", "--params", str(ROOT / recipe), *[x for s in sets for x in ("--set", s)]],
-                folder, folder / "ingest.log")
+    run_command(["visionflow", "ingest", "--params", str(ROOT / recipe), *(f"--set={o}" for o in case_overrides(case, workdir))],
+                folder, folder / "ingest.log", workdir)
 
 
 def collect(cases: Sequence[str], seeds: Sequence[int], workdir: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -207,7 +194,12 @@ def architectures(case: str) -> list[str]:
 
 def job_folder(case: str, arch: str, seed: int, workdir: Path) -> Path:
     """One job's own folder (its metrics/, outputs/ and MLflow store): no two trainings share a file."""
-    return workdir / case.replace(":", "-") / f"seed{seed}" / arch
+    return case_folder(case, workdir) / f"seed{seed}" / arch
+
+
+def case_folder(case: str, workdir: Path) -> Path:
+    """``<workdir>/<recipe>-<dataset>``: the case's ingested data (``data/``) and its jobs (``seed<S>/<arch>/``)."""
+    return workdir / case.replace(":", "-")
 
 
 def markdown(table: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:

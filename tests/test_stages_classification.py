@@ -24,9 +24,12 @@ TINY = {"batch_size": 8, "lr": 3e-3, "threads": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def tracking_store(tmp_path_factory):
-    """One sqlite MLflow store for the module: creating one costs ~10 s of migrations on a busy CPU."""
+def tracking_store(tmp_path_factory, mlflow_db_template):
+    """One sqlite MLflow store for the module, a copy of the session's migrated one (migrations cost ~10 s on a busy CPU)."""
+    import shutil
+
     root = tmp_path_factory.mktemp("mlflow")
+    shutil.copy(mlflow_db_template, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("VISIONFLOW_PARENT_RUN_ID", raising=False)
@@ -185,10 +188,7 @@ def test_pretrain_twice_in_two_workspaces_writes_identical_files(tiny_dataset, t
 
     cfg = PretrainConfig(dataset="data/tiny", image_size=16, out="outputs/pretrain", train={**TINY, "epochs": 2, "max_steps_per_epoch": 2})
     root = Path(__file__).resolve().parents[1]
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=tracking_cfg.uri).search_experiments()  # the store's schema first: two processes must not both migrate it
-    workspaces, procs = [], []
+    workspaces, procs = [], []  # the module's store is migrated already (tracking_store): the two processes only log
     for name, hash_seed in (("a", "1"), ("b", "2")):  # two processes at once, two clean workspaces, different str hashing
         work = tmp_path / name
         (work / "data").mkdir(parents=True)
