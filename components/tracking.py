@@ -208,6 +208,32 @@ def _tracking_call(method: Any) -> Any:
     return wrapper
 
 
+def _is_unique_violation(err: BaseException) -> bool:
+    """Whether a tracking error is a database unique-constraint violation (sqlite, PostgreSQL, MySQL; direct or via a server)."""
+    text = f"{err} {err.__cause__ or ''}"
+    return "IntegrityError" in text or "UNIQUE constraint failed" in text or "duplicate key" in text.lower()
+
+
+def _log_inputs_racing(client: Any, run_id: str, datasets: list[Any], attempts: int = 3) -> None:
+    """``client.log_inputs`` that survives another process logging the same dataset at the same moment.
+
+    MLflow's SQL store looks a dataset up by (experiment, name, digest) and inserts it when absent,
+    in one transaction: two stages that log the same dataset to the same experiment at once (two
+    workspaces, parallel stages of a flow) can both miss it and the second insert fails on the
+    unique constraint. The dataset then exists, so the call is repeated and links the run to it.
+    """
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == attempts - 1 or not _is_unique_violation(err):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 class RunLogger:
     """Thin handle on an active MLflow run; every stage logs through it.
 
@@ -305,7 +331,7 @@ class RunLogger:
             name=base.name, digest=base.digest, source_type=base.source_type, source=base.source, schema=base.schema,
             profile=json.dumps(dict(profile), default=str)[:5000] if profile else base.profile,
         )
-        MlflowClient().log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+        _log_inputs_racing(MlflowClient(), self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
         self.set_tags({f"{TAG_PREFIX}data_hash": digest, f"{TAG_PREFIX}data_path": str(source)})
         if profile:
             self.log_dict(dict(profile), f"datasets/{name}_profile.json")

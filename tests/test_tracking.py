@@ -121,3 +121,64 @@ def test_failed_stage_run_ends_failed(tracking_cfg):
         with start_run(tracking_cfg, run_name="diverges") as run:
             raise TrainingError("loss is nan")
     assert MlflowClient(tracking_uri=tracking_cfg.uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_same_dataset_logged_by_two_processes_at_once_links_both_runs(tracking_cfg, tmp_path):
+    """The race the concurrent pretrain test hit in CI, made deterministic.
+
+    MLflow's SQL store looks the dataset up, then inserts it. Here another writer (a second
+    sqlite connection, standing in for the second stage process) inserts the same
+    (experiment, name, digest) between that look-up and the insert of the first run: the
+    first insert fails on the unique constraint, and log_dataset must still link the run.
+    """
+    import sqlite3
+    import uuid
+
+    from mlflow import MlflowClient
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.txt").write_text("a")
+    db = tracking_cfg.uri.removeprefix("sqlite:///")
+    raced = []
+
+    def other_process_wins(session, flush_context, instances):
+        new = [obj for obj in session.new if isinstance(obj, SqlDataset)]
+        if new and not raced:
+            raced.append(new[0].digest)
+            with sqlite3.connect(db) as other:
+                other.execute(
+                    "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type, dataset_source) VALUES (?, ?, ?, ?, ?, ?)",
+                    (uuid.uuid4().hex, new[0].experiment_id, new[0].name, new[0].digest, new[0].dataset_source_type, new[0].dataset_source),
+                )
+
+    event.listen(Session, "before_flush", other_process_wins)
+    try:
+        with start_run(tracking_cfg, run_name="first") as run:
+            digest = run.log_dataset(name="shapes", source=data)
+    finally:
+        event.remove(Session, "before_flush", other_process_wins)
+    assert raced == [digest[:36]]  # the race happened
+    client = MlflowClient(tracking_uri=tracking_cfg.uri)
+    (linked,) = client.get_run(run.run_id).inputs.dataset_inputs
+    assert linked.dataset.name == "shapes" and linked.dataset.digest == digest[:36]
+
+
+def test_other_tracking_errors_are_not_retried(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+
+    calls = []
+
+    class Client:
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            raise MlflowException("RESOURCE_DOES_NOT_EXIST: run r1 not found")
+
+    with pytest.raises(MlflowException, match="not found"):
+        tracking._log_inputs_racing(Client(), "r1", [])
+    assert calls == ["r1"]
