@@ -72,3 +72,86 @@ def test_dvc_yaml_declares_every_stage_and_registered_models():
     artifacts = spec["artifacts"]
     assert {"visionflow-backbone", "visionflow-classifier"} <= set(artifacts)
     assert all(a["type"] == "model" for a in artifacts.values())
+
+
+#: the module each stage's command runs (flows/cli.py dispatches `visionflow <stage>` to it)
+STAGE_ENTRY = {
+    "ingest": "components.data.ingest",
+    "ingest_source": "components.data.ingest",
+    "augment": "components.augment",
+    "pretrain": "components.stages.pretrain",
+    "finetune": "components.stages.finetune",
+    "detect": "components.stages.detect",
+    "segment": "components.stages.segment",
+    "rcnn_lineage": "components.stages.lineage",
+    "register": "components.stages.register",
+}
+#: stages whose command runs one function of a declared module (`--compare`: reads the metrics JSON, draws the plot)
+PARTIAL_STAGES = {"detect_compare", "segment_compare"}
+#: code that cannot change a stage's outputs, so not a dependency: error messages, the params schema (the values a stage
+#: reads are its `params`), MLflow logging (register declares it: the registry is what it writes), docstring-only packages
+NOT_OUTPUT_CODE = {
+    "components/__init__.py", "components/errors.py", "components/config.py", "components/tracking.py",
+    "components/stages/__init__.py", "components/metrics/__init__.py",
+}
+
+
+def _imported_files(module: str, stop: set[str]) -> set[str]:
+    """The repository files ``module`` imports, at module or function level, transitively (not descending into ``stop``)."""
+    import ast
+
+    def path_of(name: str) -> Path | None:
+        p = REPO.joinpath(*name.split("."))
+        return p / "__init__.py" if (p / "__init__.py").is_file() else p.with_suffix(".py") if p.with_suffix(".py").is_file() else None
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = path_of(name)
+        rel = path and str(path.relative_to(REPO))
+        if rel is None or rel in seen:
+            continue
+        seen.add(rel)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages' __init__ run too
+        if rel in stop:
+            continue
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+                todo += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return {f for f in seen if f.startswith("components/")}
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to any file a stage's command imports makes `dvc status` report the stage (and `visionflow run` re-run it).
+
+    Found by this test: finetune trained with pretrain.py's fit_classifier and scored with metrics/classification.py
+    without declaring either, so a change to how a classifier trains or is scored left finetune "up to date".
+    """
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_ENTRY) | PARTIAL_STAGES
+    cli = (REPO / "flows/cli.py").read_text()
+    gaps = {}
+    for stage, module in STAGE_ENTRY.items():
+        assert module.rsplit(".", 1)[0] in cli, f"flows/cli.py no longer dispatches to {module}"
+        spec = stages[stage].get("do", stages[stage])
+        declared = [d.rstrip("/") for d in spec["deps"] if d.startswith("components")]
+        missing = sorted(
+            f for f in _imported_files(module, NOT_OUTPUT_CODE) - NOT_OUTPUT_CODE if not any(f == d or f.startswith(d + "/") for d in declared)
+        )
+        if missing:
+            gaps[stage] = missing
+    assert not gaps, f"dvc.yaml: stages run code they do not declare as deps: {gaps}"
+    for stage in PARTIAL_STAGES:
+        assert any(d.startswith("components/stages/") for d in stages[stage]["deps"])
+
+
+def test_dependency_scan_sees_function_level_imports():
+    files = _imported_files("components.stages.finetune", NOT_OUTPUT_CODE)
+    assert {"components/stages/pretrain.py", "components/metrics/classification.py", "components/training/checkpoint.py"} <= files
+    assert "components/tracking.py" in files and "components/distributed.py" not in _imported_files("components.errors", NOT_OUTPUT_CODE)
