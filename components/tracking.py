@@ -925,13 +925,12 @@ def latest_version(registered_name: str) -> VersionInfo | None:
 
 
 def alias_version_info(registered_name: str, alias: str) -> VersionInfo | None:
-    """The version holding ``alias`` (number, tags, description), or None."""
-    import mlflow
-    from mlflow import MlflowClient
-
+    """The version holding ``alias`` (number, tags, description), or None (no such model or alias)."""
+    if alias.isdigit():
+        raise ValueError(f"{alias!r} is a version number, not an alias")
     try:
-        return _version_info(MlflowClient().get_model_version_by_alias(registered_name, alias))
-    except mlflow.exceptions.MlflowException:
+        return resolve_version(registered_name, alias)
+    except TrackingError:
         return None
 
 

@@ -414,8 +414,8 @@ def export_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, op
         opset: ONNX opset (>= 16 for ``RoiAlign`` with ``aligned``).
 
     Raises:
-        ExportError: the family has no ONNX form (R-CNN, Fast R-CNN), the checkpoint lacks
-            ``image_size`` for a fixed-size graph, or the exporter failed.
+        ExportError: a model with no ONNX graph here, a checkpoint without ``image_size`` for a
+            fixed-size graph, or the exporter failed.
     """
     import onnx
 

@@ -730,6 +730,7 @@ def predict_images(predictor: Predictor, files: Sequence[ImageFile], *, batch_si
 
 
 def _write_png(mask: np.ndarray, path: Path) -> Path:
+    """:func:`components.data.canonical.write_png`'s encoding, written atomically (a killed predict leaves no half PNG)."""
     from components.data.canonical import PNG_OPTIONS
 
     buf = io.BytesIO()

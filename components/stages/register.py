@@ -760,7 +760,9 @@ def log_onnx(portable_path: Path, folder: Path, run: Any) -> dict[str, Any]:
 
     Returns:
         ``{"onnx": "runs:/<run>/onnx/<model>.onnx", "onnx_seconds": s}``, or ``{"onnx": None,
-        "onnx_note": why}`` for a family without an ONNX form (R-CNN, Fast R-CNN: selective search).
+        "onnx_note": why}`` when the export refuses the checkpoint (:class:`ExportError`: a model with
+        no ONNX graph, a detector checkpoint without ``image_size``, or the exporter failed). R-CNN and
+        Fast R-CNN do export: their graph takes the selective-search proposals as a second input.
     """
     from components import tracking
     from components.export.onnx_export import ExportError, export_onnx
