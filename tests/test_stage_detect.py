@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -100,7 +101,26 @@ def test_run_detect_writes_every_output_and_one_mlflow_run(tiny_shapes, tmp_path
     assert again["run_id"] != metrics["run_id"]
     second = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert list(first) == list(second)
-    assert [name for name in first if first[name] != second[name]] == []
+    assert [name for name in first if first[name] != second[name] and name.name != "last.pt"] == []
+    # last.pt also records Python's global `random` state for an exact resume. In this process the session's
+    # Prefect harness runs client threads that draw from that generator (measured: within a second), so only
+    # here, beside them, it may differ; a stage in the pipeline is its own process (test_pipeline compares
+    # the flow's and dvc repro's out hashes, last.pt included). Everything else in last.pt must be equal.
+    last = [torch.load(io.BytesIO(files[Path("last.pt")]), map_location="cpu", weights_only=True) for files in (first, second)]
+    for ckpt in last:
+        ckpt["rng"].pop("python")
+    assert _same(*last)
+
+
+def _same(a, b) -> bool:
+    """Deep equality of checkpoint contents (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def test_a_dataset_without_boxes_skips_the_stage_and_the_comparison_lists_it(tmp_path, tracking_cfg, monkeypatch):
