@@ -236,6 +236,10 @@ class FinetuneConfig(Section):
     unfreeze_last_k: NonNegativeInt | None = 1  # fine-tune the last k backbone stages (None = all)
     backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     frozen_bn: bool = True  # fine-tuning keeps the backbone's BatchNorm statistics (eval mode); weights still train
+    # validation (and every server of the checkpoint): shorter side to round(image_size / eval_crop), then the centre
+    # image_size square (torchvision's ImageNet preset, 256 -> 224); None: squash the whole photo to a square.
+    # Below 0.875 the side exceeds the decoded copy (kept at 8/7 x image_size, pretrain.CACHE_SCALE): it is enlarged
+    eval_crop: Annotated[float, Field(gt=0.0, le=1.0)] | None = 0.875
     out: str = "outputs/finetune"
     train: TrainConfig = TrainConfig(epochs=3, batch_size=16, lr=1e-3, threads=1)
 

@@ -9,7 +9,8 @@ cannot export their data-dependent NMS and mask pasting). The graph's ``metadata
 reads: task, categories, the input resize, the post-processing and its thresholds.
 
 Every graph takes ``images: float32[N, 3, S, S]`` in [0, 1], RGB, already resized to the
-checkpoint's ``image_size`` S (antialiased bilinear, what ``ImagePredictor`` does); the
+checkpoint's ``image_size`` S (antialiased bilinear, what ``ImagePredictor`` does; a classifier
+with ``eval_crop``: shorter side then the centre square, recorded in the metadata); the
 normalisation (the checkpoint's mean/std and the detector's own ``image_mean``/``image_std``) is
 inside the graph. Per family (:data:`POSTPROCESS` is the table the README shows):
 
@@ -443,8 +444,10 @@ def export_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, op
         "model_name": str(ckpt["model_name"]),
         "categories": [str(c) for c in ckpt.get("categories") or []],
         "image_size": int(size) if size else None,
+        "eval_crop": float(ckpt["eval_crop"]) if ckpt.get("eval_crop") is not None else None,
         "input": "images: float32 [N, 3, S, S], RGB in [0, 1], resized with torch's antialiased bilinear interpolate "
-                 "(align_corners=False); normalisation is in the graph",
+                 "(align_corners=False; with eval_crop: shorter side to round(S / eval_crop), then the centre S x S); "
+                 "normalisation is in the graph",
         "normalization": {"mean": ckpt.get("mean"), "std": ckpt.get("std")},
         "record_score_threshold": float(ckpt.get("score_threshold", 0.0) or 0.0),
         "mask_threshold": float(ckpt.get("mask_threshold", 0.5) or 0.5),

@@ -9,7 +9,10 @@ only those. :class:`OnnxPredictor` reproduces :class:`components.stages.predict.
   ``H x W x 3`` uint8 RGB image becomes float32 in [0, 1] and is resized to
   ``image_size x image_size`` with the antialiased bilinear filter of
   ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``
-  (:func:`resize_bilinear`, the same weights); the normalisation (mean/std) is inside the graph;
+  (:func:`resize_bilinear`, the same weights); a classifier whose metadata has ``eval_crop`` is
+  resized on its shorter side to ``round(image_size / eval_crop)`` and centre-cropped to
+  ``image_size`` (:func:`resize_center_crop`, torchvision's ``Resize(int)`` + ``CenterCrop``
+  arithmetic); the normalisation (mean/std) is inside the graph;
 * post-processing, per ``postprocess`` in the metadata:
 
   - ``softmax`` (classification): the graph returns probabilities ``[N, K]``; label = argmax;
@@ -122,6 +125,22 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int], *, antialias: bool
     yi, yw = _taps(image.shape[-2], h, antialias)
     cols = np.einsum("chwt,wt->chw", image[:, :, xi], xw)  # [C, H, w]
     return np.einsum("cytw,yt->cyw", cols[:, yi, :], yw)  # [C, h, w]
+
+
+def resize_center_crop(image: np.ndarray, image_size: int, eval_crop: float) -> np.ndarray:
+    """``v2.CenterCrop(S)(v2.Resize(round(S / eval_crop))(image))`` for channels-first float32 ``[C, H, W]``.
+
+    The shorter side becomes ``round(S / eval_crop)`` and the longer ``int(side * long / short)``
+    (torchvision's rounding), then the centre ``S x S`` square, offsets ``int(round((H' - S) / 2))``.
+    """
+    h, w = image.shape[-2:]
+    side = round(image_size / eval_crop)
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(side * long / short)
+    out_h, out_w = (new_long, side) if w <= h else (side, new_long)
+    resized = resize_bilinear(image, (out_h, out_w), antialias=True)
+    top, left = int(round((out_h - image_size) / 2.0)), int(round((out_w - image_size) / 2.0))
+    return np.ascontiguousarray(resized[:, top : top + image_size, left : left + image_size])
 
 
 # --------------------------------------------------------------------------- boxes
@@ -334,6 +353,7 @@ class OnnxPredictor:
             raise ValueError(f"{path}: unknown task {self.task!r} in its metadata; fix: one of {TASKS}")
         self.categories: list[str] = [str(c) for c in self.meta.get("categories") or []]
         self.image_size: int | None = self.meta.get("image_size")
+        self.eval_crop: float | None = self.meta.get("eval_crop") if self.task == "classification" else None
         self.postprocess: str = str(self.meta["postprocess"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -354,7 +374,9 @@ class OnnxPredictor:
             raise ValueError(f"{record}: expected an H x W x 3 uint8 RGB array, got {arr.dtype} {arr.shape}; "
                              "fix: np.asarray(PIL.Image.open(path).convert('RGB'))")
         x = np.ascontiguousarray(arr[:, :, :3].transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-        if self.image_size is not None:
+        if self.image_size is not None and self.eval_crop is not None:
+            x = resize_center_crop(x, int(self.image_size), float(self.eval_crop))
+        elif self.image_size is not None:
             x = resize_bilinear(x, (int(self.image_size), int(self.image_size)), antialias=True)
         return x
 

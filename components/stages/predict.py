@@ -13,7 +13,9 @@ and turns a batch of images into plain, JSON-ready predictions per task:
 
 Pre-processing is the stages' evaluation transform, operation for operation: uint8 pixels to float
 with ``transforms.v2.functional.to_dtype(scale=True)`` (``components.data.datasets.read_image``),
-then the antialiased bilinear resize to the checkpoint's ``image_size`` (``v2.Resize``); the
+then the antialiased bilinear resize to the checkpoint's ``image_size`` (``v2.Resize``; a classifier
+whose checkpoint records ``eval_crop`` is resized on its shorter side and centre-cropped instead,
+:func:`components.stages.finetune.classification_eval_transform`, as the finetune stage validated it); the
 detector's own score threshold and detection cap apply inside the model, nothing is filtered after
 it. So ``visionflow predict`` on a test split, scored by ``visionflow evaluate``, gives the detect
 stage's test numbers (``tests/test_predict.py`` checks it to 1e-6).
@@ -200,7 +202,8 @@ class ImagePredictor:
     """A model rebuilt from its checkpoint, with the pre- and post-processing of its task.
 
     Preprocessing is what the checkpoint says: images are resized to ``image_size`` (square, the
-    training size) when the checkpoint records one, and normalised with ``mean``/``std`` when it
+    training size) when the checkpoint records one (a classifier with ``eval_crop``: the shorter side
+    resized, then the centre square, :func:`components.stages.finetune.classification_eval_transform`), and normalised with ``mean``/``std`` when it
     records them; detection boxes and segmentation masks are mapped back to each input's own size.
 
     Args:
@@ -220,6 +223,8 @@ class ImagePredictor:
         self.categories: list[str] = [str(c) for c in (ckpt.get("categories") or [])]
         size = ckpt.get("image_size") or (ckpt.get("model_args") or {}).get("image_size")
         self.image_size: int | None = int(size) if size else None
+        crop = ckpt.get("eval_crop")
+        self.eval_crop: float | None = float(crop) if crop is not None and self.task == "classification" else None
         self.mean = ckpt.get("mean")
         self.std = ckpt.get("std")
         self.score_threshold = float(ckpt.get("score_threshold", 0.0) or 0.0)
@@ -245,7 +250,12 @@ class ImagePredictor:
         return self.categories[index - 1] if 0 < index <= len(self.categories) else str(index)
 
     def _prepare(self, image: Tensor) -> Tensor:
-        x = _resize(image, self.image_size)
+        if self.eval_crop is not None and self.image_size is not None:
+            from components.stages.finetune import classification_eval_transform
+
+            x = classification_eval_transform(self.image_size, self.eval_crop)(image)
+        else:
+            x = _resize(image, self.image_size)
         if self.mean is not None and self.std is not None:
             mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
             std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)

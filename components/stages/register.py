@@ -362,7 +362,7 @@ def write_portable_checkpoint(src: Path, dst: Path, *, as_backbone: bool = False
 
     ckpt = load_checkpoint(src)
     args = {k: (None if k in WEIGHT_ARGS else v) for k, v in dict(ckpt.get("model_args") or {}).items()}
-    keep = ("task", "model_name", "categories", "image_size", "mean", "std", "score_threshold", "mask_threshold", "num_classes")
+    keep = ("task", "model_name", "categories", "image_size", "eval_crop", "mean", "std", "score_threshold", "mask_threshold", "num_classes")
     portable = {k: ckpt[k] for k in keep if k in ckpt}
     portable.update(model_args=args, state_dict=ckpt["state_dict"], source_checkpoint=str(src))
     if as_backbone and ckpt.get("task") != "backbone":
@@ -473,7 +473,8 @@ def evaluate_on_test_data(model: Any, ckpt: Mapping[str, Any], candidate: Candid
     Detectors: ``detect.evaluate_detector`` on the test split; segmenters: ``segment.evaluate_semantic``
     (and ``evaluate_instances`` for Mask R-CNN when the gate metric is a COCO one) on the test
     split; classifiers: ``evaluate_classification`` on the split finetune validates on (``val``,
-    else ``test``). Images are resized to the model's own ``image_size`` (its input contract).
+    else ``test``). Images are resized to the model's own ``image_size`` (its input contract; a
+    classifier's recorded ``eval_crop``: shorter side, then the centre square).
 
     Raises:
         DataError: the dataset lacks the split or view. ValueError: not a family with an evaluator here.
@@ -529,15 +530,15 @@ def evaluate_on_test_data(model: Any, ckpt: Mapping[str, Any], candidate: Candid
                 result.update(evaluate_instances(model, coco, device, categories=cats, mask_threshold=instance["mask_threshold"]))
             return {"test": result}
         if candidate.kind == "classifier":
-            from components.augment import build_transforms
             from components.data.datasets import ClassificationDataset, load_manifest
             from components.metrics.classification import evaluate_classification
+            from components.stages.finetune import classification_eval_transform
             from components.stages.pretrain import DecodedImages
 
             splits = load_manifest(root)["splits"]
             split = next((s for s in ("val", "test") if s in splits), "test")  # the split finetune validates on
             decoded = DecodedImages(ClassificationDataset(root, split), image_size=size)
-            data = decoded.with_transform(build_transforms("classification", augment, train=False, image_size=size))
+            data = decoded.with_transform(classification_eval_transform(size, ckpt.get("eval_crop")))  # as finetune validated it
             loader = build_loader(data, train, train=False, batch_size=max(train.batch_size, 64))
             return {"test": evaluate_classification(model, loader, device, class_names=cats)}
     raise ValueError(f"no evaluator for a {candidate.kind}")
