@@ -95,7 +95,8 @@ def registry_store(tmp_path_factory, mlflow_db_template):
             (work / folder).mkdir(parents=True)
             Image.new("RGB", (64, 48), (90, 140, 200)).save(work / folder / "0.png")
         write_tiny_checkpoint(work / "outputs/finetune/fine_tuning/best.pt", task="classification", model_name="classifier",
-                              model_args={"num_classes": 2, "backbone": "convnet_small", "weights": None}, categories=["ants", "bees"], image_size=32)
+                              model_args={"num_classes": 2, "backbone": "convnet_small", "weights": None}, categories=["ants", "bees"], image_size=32,
+                              eval_crop=0.875)  # as the finetune stage writes it: served shorter side, then the centre crop
         write_tiny_checkpoint(work / "outputs/detect/yolo/best.pt", task="detection", model_name="yolo",
                               model_args={"num_classes": 2, "image_size": 64, "S": 4, "hidden": 32}, categories=cats, image_size=64)
         write_tiny_checkpoint(work / "outputs/segment/fcn/best.pt", task="segmentation", model_name="fcn",

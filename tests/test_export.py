@@ -24,7 +24,7 @@ from components.export.onnx_export import (
     export_reference,
     selective_search_proposals,
 )
-from components.export.onnx_runtime import OnnxPredictor, encode_rle, resize_bilinear
+from components.export.onnx_runtime import OnnxPredictor, encode_rle, resize_bilinear, resize_center_crop
 from components.models import get_model, list_models
 from components.stages.predict import ImagePredictor
 
@@ -34,6 +34,7 @@ SEARCH = {"proposals_per_image": 40, "ss_scales": [100.0], "ss_color_spaces": ["
 # (task, builder, tiny arguments); detectors at 64 px with a low threshold so that random weights give detections
 CASES: dict[str, tuple[str, str, dict]] = {
     "classifier": ("classification", "classifier", {"num_classes": 2, "backbone": "convnet_small", "weights": None}),
+    "classifier_crop": ("classification", "classifier", {"num_classes": 2, "backbone": "convnet_small", "weights": None}),
     "convnet": ("classification", "convnet", {"num_classes": 2}),
     "backbone": ("backbone", "convnet_small", {}),
     "sliding_window": ("detection", "sliding_window", {"window_sizes": [24], "crop_size": 16, "score_threshold": 0.3}),
@@ -60,8 +61,10 @@ def _build(key: str) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = get_model(task, name, **args).eval()
     ckpt = {"task": task, "model_name": name, "model_args": args, "categories": [] if task == "backbone" else CATS, "image_size": 64}
-    if key == "classifier":
+    if key.startswith("classifier"):
         ckpt.update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], image_size=32)
+    if key == "classifier_crop":  # the finetune stage's checkpoints: shorter side to 37, centre 32 x 32
+        ckpt["eval_crop"] = 0.875
     return model, ckpt
 
 
@@ -154,6 +157,18 @@ def test_resize_matches_torch_interpolate(size, out):
         np.testing.assert_allclose(resize_bilinear(x.numpy(), out, antialias=antialias), want.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize(("size", "side", "crop"), [((48, 80), 32, 0.875), ((100, 70), 32, 0.875), ((64, 64), 32, 0.875),
+                                                   ((375, 500), 224, 0.875), ((31, 45), 32, 1.0), ((7, 300), 16, 0.5)])
+def test_resize_center_crop_matches_the_torch_evaluation_transform(size, side, crop):
+    from components.stages.finetune import classification_eval_transform
+
+    x = torch.rand(3, *size, generator=torch.Generator().manual_seed(2))
+    want = classification_eval_transform(side, crop)(x)
+    got = resize_center_crop(x.numpy(), side, crop)
+    assert got.shape == (3, side, side)
+    np.testing.assert_allclose(got, want.numpy(), atol=3e-5)  # float32 sums in another order (375 x 500: 1.1e-5)
+
+
 def test_rle_equals_pycocotools():
     from components.data.canonical import encode_rle as coco_rle
 
@@ -215,6 +230,9 @@ def test_registered_versions_carry_onnx_and_a_torch_free_process_predicts_like_t
 
         frame = pyfunc.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
         assert_records_agree(frame.to_dict(orient="records"), answer["records"])
+        if name == "visionflow-classifier":  # the finetune checkpoint's input contract reached both servers
+            assert pyfunc.unwrap_python_model().predictor.eval_crop == 0.875
+            assert OnnxPredictor(onnx_file).meta["eval_crop"] == 0.875
 
 
 def test_cli_export_of_a_registered_version_attaches_onnx_when_missing(registry_store, tmp_path):

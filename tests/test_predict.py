@@ -263,3 +263,24 @@ def test_instance_segmenter_writes_coco_results_with_rle_that_evaluate_takes(tmp
         assert r["segmentation"]["size"] == [h, w] and len(r["bbox"]) == 4
     assert main(["evaluate", "--gt", str(gt), "--pred", str(out), "--iou-type", "segm", "--out", str(tmp_path / "m.json")]) == 0
     assert "map" in json.loads((tmp_path / "m.json").read_text())["segm"]
+
+
+def test_classifier_input_is_torchvisions_imagenet_preset_when_the_checkpoint_crops():
+    """A finetune checkpoint (``eval_crop`` 0.875, ImageNet mean/std) is fed exactly what the weights' own transforms give."""
+    import torch
+    from torchvision.models import MobileNet_V2_Weights
+
+    from components.stages.predict import ImagePredictor
+
+    preset = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()  # Resize(256) + CenterCrop(224) + normalise; no download
+    ckpt = {"task": "classification", "model_name": "classifier", "categories": ["a", "b"], "image_size": 224, "eval_crop": 0.875,
+            "mean": list(preset.mean), "std": list(preset.std)}
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((375, 500), (500, 333), (240, 240)):
+        x = torch.rand(3, h, w, generator=g)
+        want = preset(x)
+        torch.testing.assert_close(ImagePredictor(torch.nn.Identity(), ckpt, device="cpu")._prepare(x), want, atol=1e-5, rtol=0)
+        squash = ImagePredictor(torch.nn.Identity(), {**ckpt, "eval_crop": None}, device="cpu")._prepare(x)
+        assert squash.shape == want.shape and (h == w or not torch.allclose(squash, want, atol=1e-3))  # the test can fail
+    detector = ImagePredictor(torch.nn.Identity(), {**ckpt, "task": "detection"}, device="cpu")
+    assert detector.eval_crop is None  # boxes map back through the square resize: only classifiers crop
