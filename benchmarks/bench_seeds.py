@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "seeds.json", help="the results file; the figures are named after "
                         "its stem (seeds.json: seeds_detectors.png, ...), so a larger budget (--set ...epochs=N) can keep its own")
     parser.add_argument("--plots", type=Path, default=None, help="folder of the figures (default: the folder of --out)")
+    parser.add_argument("--note", default=None, help="a sentence kept in the results file (e.g. which seeds' files came from another run)")
     args = parser.parse_args(argv)
 
     import tempfile
@@ -603,6 +604,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "varied": "detect.<arch>.train.seed, segment.<arch>.train.seed, finetune.train.seed (data.seed, augment and pretrain fixed: cached)",
         "extra_overrides": list(args.set),
+        **({"note": args.note} if args.note else {}),
         "metrics": {
             "detectors": "COCO mAP@0.5 (map_50) and mAP@[.5:.95] (map) on the shapes test split",
             "segmenters": "test mIoU; Mask R-CNN also instance segm mAP (segm_map, segm_map_50)",
