@@ -13,7 +13,7 @@ Outputs per architecture:
   true boxes in white and predicted boxes in their class colour), ``pr_iou50.csv`` /
   ``pr_iou75.csv`` (precision-recall curves in DVC's plots format: ``recall`` then one column
   per class) and ``pr_curves.png``;
-* ``metrics/detect_<arch>.json``: COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
+* ``metrics/detect/<arch>.json``: COCO's 12 numbers, VOC AP@0.5 (all-point), per-class AP,
   inference milliseconds per image, parameters, training time (and windows per image for the
   sliding window), the MLflow run id;
 * one MLflow run per architecture with the params, per-epoch metrics, test metrics and files;
@@ -23,7 +23,7 @@ Everything under ``outputs/detect/<arch>/`` is a function of code, data and para
 stage run again writes the same bytes (timings and run ids live in the metrics and state files).
 
 A dataset without boxes cannot feed a detector: the stage is then *skipped*, not failed. It
-writes ``metrics/detect_<arch>.json`` = ``{"arch", "status": "skipped", "reason"}`` and an out
+writes ``metrics/detect/<arch>.json`` = ``{"arch", "status": "skipped", "reason"}`` and an out
 folder holding only ``SKIPPED.txt``, and exits 0; the comparison lists it with its reason.
 """
 
@@ -291,7 +291,7 @@ def run_detect(
             run recorded by ``.visionflow/stages/detect@<arch>.json``; without it the stage starts afresh.
 
     Returns:
-        The metrics written to ``metrics/detect_<arch>.json``; ``{"arch", "status": "skipped",
+        The metrics written to ``metrics/detect/<arch>.json``; ``{"arch", "status": "skipped",
         "reason"}`` when the dataset has no boxes.
 
     Raises:
@@ -421,7 +421,7 @@ COMPARED = ("map_50", "map", "voc_map_50", "ms_per_image")
 
 
 def compare_detectors(cfg: DetectConfig) -> dict:
-    """Gather ``metrics/detect_<arch>.json`` of the listed architectures into one table and a PNG.
+    """Gather ``metrics/detect/<arch>.json`` of the listed architectures into one table and a PNG.
 
     Writes ``metrics/detect_comparison.json`` (``{"architectures": {arch: {map_50, map, voc_map_50,
     ms_per_image, parameters, train_time_s, kind}}, "skipped": {arch: reason}, "missing": [...]}``)

@@ -155,7 +155,7 @@ def discover_candidates(params: Params, *, metrics_dir: Path = Path(METRICS_DIR)
 
     pretrain: ``<pretrain.out>/backbone.pt``; finetune: ``<finetune.out>/<strategy>/best.pt`` of the
     strategy with the best gate metric; detect: ``<detect.out>/<arch>/best.pt``; segment:
-    ``<segment.out>/<arch>/best.pt``; their metrics: ``<METRICS_DIR>/{pretrain,finetune,detect_<arch>,segment_<arch>}.json``.
+    ``<segment.out>/<arch>/best.pt``; their metrics: ``<METRICS_DIR>/pretrain.json``, ``finetune.json``, ``detect/<arch>.json``, ``segment/<arch>.json``.
     """
     prefix = params.register.prefix
     out: list[Candidate] = []

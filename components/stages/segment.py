@@ -5,7 +5,7 @@
 
 * ``<segment.out>/<arch>/`` (``outputs/segment/<arch>/``): ``best.pt`` / ``last.pt`` (through the
   engine), ``overlays.png`` (true and predicted masks drawn on test images with ``draw_segmentation_masks``);
-* ``metrics/segment_<arch>.json``: per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
+* ``metrics/segment/<arch>.json``: per-class IoU, ``miou``, ``pixel_accuracy``, ``fw_iou`` on the test
   split, milliseconds per image, parameters, train time, the MLflow run id; for Mask R-CNN also the
   COCO ``segm`` and ``bbox`` metrics, its semantic numbers coming from its instance masks rendered
   as a semantic map;
@@ -14,7 +14,7 @@
 
 The out folder is a function of code, data and params (byte-identical when the stage runs again).
 A dataset without the masks an architecture needs (boxes-only VOC, or binary masks for Mask R-CNN)
-*skips* the stage: ``metrics/segment_<arch>.json`` = ``{"arch", "status": "skipped", "reason"}``,
+*skips* the stage: ``metrics/segment/<arch>.json`` = ``{"arch", "status": "skipped", "reason"}``,
 an out folder holding only ``SKIPPED.txt``, exit 0.
 
 Semantic models (FCN, UNet) minimise the pixel-wise cross-entropy over K + 1 classes, ignoring
@@ -435,7 +435,7 @@ def run_segment(
             run recorded by ``.visionflow/stages/segment@<arch>.json``; without it the stage starts afresh.
 
     Returns:
-        What is written to ``metrics/segment_<arch>.json``: ``{"arch", "status": "finished", "dataset",
+        What is written to ``metrics/segment/<arch>.json``: ``{"arch", "status": "finished", "dataset",
         "test": {miou, pixel_accuracy, mean_accuracy, fw_iou, per_class_iou, ms_per_image, num_images,
         [segm, bbox]}, "val" (best epoch), "parameters", "train_time_s", "train_cpu_time_s", "epochs",
         "best_epoch", "checkpoint", "run_id", ...}``; or ``{"arch", "status": "skipped", "reason"}``
@@ -578,7 +578,7 @@ COMPARED = ("miou", "pixel_accuracy", "ms_per_image", "parameters", "train_time_
 
 
 def compare_segmenters(cfg: SegmentConfig) -> dict:
-    """Gather ``metrics/segment_<arch>.json`` of the listed architectures into one table and a PNG.
+    """Gather ``metrics/segment/<arch>.json`` of the listed architectures into one table and a PNG.
 
     Writes ``metrics/segment_comparison.json`` (``{"architectures": {arch: {miou, pixel_accuracy,
     ms_per_image, parameters, train_time_s, per_class_iou}}, "skipped": {arch: reason}, "missing":
