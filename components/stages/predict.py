@@ -225,6 +225,11 @@ class ImagePredictor:
         self.image_size: int | None = int(size) if size else None
         crop = ckpt.get("eval_crop")
         self.eval_crop: float | None = float(crop) if crop is not None and self.task == "classification" else None
+        self._eval_transform: Any = None
+        if self.eval_crop is not None and self.image_size is not None:
+            from components.stages.finetune import classification_eval_transform
+
+            self._eval_transform = classification_eval_transform(self.image_size, self.eval_crop)
         self.mean = ckpt.get("mean")
         self.std = ckpt.get("std")
         self.score_threshold = float(ckpt.get("score_threshold", 0.0) or 0.0)
@@ -250,10 +255,8 @@ class ImagePredictor:
         return self.categories[index - 1] if 0 < index <= len(self.categories) else str(index)
 
     def _prepare(self, image: Tensor) -> Tensor:
-        if self.eval_crop is not None and self.image_size is not None:
-            from components.stages.finetune import classification_eval_transform
-
-            x = classification_eval_transform(self.image_size, self.eval_crop)(image)
+        if self._eval_transform is not None:
+            x = self._eval_transform(image)
         else:
             x = _resize(image, self.image_size)
         if self.mean is not None and self.std is not None:
