@@ -160,7 +160,7 @@ def test_resize_matches_torch_interpolate(size, out):
 @pytest.mark.parametrize(("size", "side", "crop"), [((48, 80), 32, 0.875), ((100, 70), 32, 0.875), ((64, 64), 32, 0.875),
                                                    ((375, 500), 224, 0.875), ((31, 45), 32, 1.0), ((7, 300), 16, 0.5)])
 def test_resize_center_crop_matches_the_torch_evaluation_transform(size, side, crop):
-    from components.stages.finetune import classification_eval_transform
+    from components.stages.pretrain import classification_eval_transform
 
     x = torch.rand(3, *size, generator=torch.Generator().manual_seed(2))
     want = classification_eval_transform(side, crop)(x)

@@ -132,8 +132,8 @@ def test_pretrain_then_finetune_all_strategies(tiny_dataset, tmp_path, tracking_
 @pytest.mark.parametrize("eval_crop", [0.875, None])
 def test_finetune_validates_as_its_checkpoint_is_served(tiny_dataset, tmp_path, tracking_cfg, monkeypatch, eval_crop):
     """The stage's val images reach the network as the served checkpoint's do (ImagePredictor on the files, eval_crop or squash)."""
-    from components.data.datasets import ClassificationDataset
-    from components.stages.finetune import run_finetune, strategy_data
+    from components.data.datasets import ClassificationDataset, read_image
+    from components.stages.finetune import run_finetune
     from components.stages.predict import ImagePredictor
     from components.stages.pretrain import load_classification_data
 
@@ -142,24 +142,18 @@ def test_finetune_validates_as_its_checkpoint_is_served(tiny_dataset, tmp_path, 
     assert result["eval_crop"] == eval_crop
     predictor = ImagePredictor.from_checkpoint(result["strategies"]["scratch"]["checkpoint"], device="cpu")
     assert predictor.eval_crop == eval_crop and predictor.image_size == 32
-    stage_val = strategy_data(load_classification_data(tiny_dataset, AugmentConfig(), image_size=32), 32, eval_crop).val
-    other_val = strategy_data(load_classification_data(tiny_dataset, AugmentConfig(), image_size=32), 32, 0.5 if eval_crop else 0.875).val
+    decoded = load_classification_data(tiny_dataset, AugmentConfig(), image_size=32)
+    stage_val, other_val = (decoded.at_size(32, crop).val for crop in (eval_crop, 0.5 if eval_crop else 0.875))
     files = [path for path, _ in ClassificationDataset(tiny_dataset, "val").samples]
     served = predictor.predict([Path(f).read_bytes() for f in files])
     assert len(served) == len(stage_val) == 12
     with torch.no_grad():
         for i, record in enumerate(served):
             x, _ = stage_val[i]
-            assert torch.equal(x, predictor._prepare(_as_float(files[i])))  # the 40 x 30 photos: no cache downscale, same ops
+            assert torch.equal(x, predictor._prepare(read_image(files[i])))  # the 40 x 30 photos: no cache downscale, same ops
             probs = torch.softmax(predictor.model(x[None]), 1)[0]
             torch.testing.assert_close(torch.tensor(record["probabilities"], dtype=probs.dtype), probs, atol=1e-5, rtol=0)
             assert not torch.equal(other_val[i][0], x)  # another evaluation transform gives other pixels: the check can fail
-
-
-def _as_float(path: str) -> torch.Tensor:
-    from components.data.datasets import read_image
-
-    return read_image(path)
 
 
 def test_finetune_resume_logs_into_the_same_run_and_extends(tiny_dataset, tmp_path, tracking_cfg, monkeypatch):

@@ -13,7 +13,7 @@ same classifier (``components.models.classifier.classifier``) through the one en
 * ``own_fine_tuning``: the same recipe from our own backbone (the pretrain stage's ``backbone.pt``).
 
 Validation accuracy is measured as the checkpoint is served (``finetune.eval_crop``,
-:func:`classification_eval_transform`): the photo's shorter side resized to ``image_size / eval_crop``
+:func:`components.stages.pretrain.classification_eval_transform`): the photo's shorter side resized to ``image_size / eval_crop``
 and the centre square kept, torchvision's evaluation preset for these ImageNet weights (256 -> 224);
 squashing a 4:3 photo to a square, as ``eval_crop: null`` does, shows the network proportions it never
 saw in training (``RandomResizedCrop`` keeps them within 3:4..4:3).
@@ -31,7 +31,6 @@ strategy from its ``last.pt``.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +49,6 @@ from components.models.classifier import Classifier
 from components.plots import plot_confusion_matrix, plot_strategy_comparison, plot_training_curves
 from components.stages.pretrain import (
     METRICS_DIR,
-    ClassificationData,
     fit_classifier,
     load_classification_data,
     parameter_counts,
@@ -181,7 +179,7 @@ def _train_strategy(
             "model_args": model_args,
             "categories": data.classes,
             "image_size": image_size,
-            "eval_crop": cfg.eval_crop,  # the served input contract (classification_eval_transform, as ImagePredictor applies it)
+            "eval_crop": cfg.eval_crop,  # the served input contract (pretrain.classification_eval_transform, as ImagePredictor applies it)
             "backbone_arch": init["backbone"],
             "stage": "finetune",
             "strategy": strategy,
@@ -190,7 +188,7 @@ def _train_strategy(
             "label_fraction": cfg.label_fraction,
         }
         result = fit_classifier(
-            model, strategy_data(data, image_size, cfg.eval_crop), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume,
+            model, data.at_size(image_size, cfg.eval_crop), cfg.train, out_dir=strategy_dir, meta=meta, param_groups=groups, resume=resume,
             log_metrics=logger.log_metrics, desc=f"finetune.{strategy}", state_file=run.state_file,
         )
         if worker_result() is not None:
@@ -199,36 +197,6 @@ def _train_strategy(
         logger.log_metrics({"best_accuracy": row["accuracy"], "best_macro_f1": row["macro_f1"], "train_time_s": row["train_time_s"]})
         parent.logger.log_metrics({f"{strategy}.accuracy": row["accuracy"], f"{strategy}.macro_f1": row["macro_f1"]})
     return row
-
-
-def eval_resize_side(image_size: int, eval_crop: float) -> int:
-    """The shorter side an image is resized to before the centre ``image_size`` crop: ``round(image_size / eval_crop)``."""
-    return round(image_size / eval_crop)
-
-
-def classification_eval_transform(image_size: int, eval_crop: float | None) -> Any:
-    """A classifier's evaluation transform, the one its stage validated with and every server applies.
-
-    ``eval_crop`` set: the shorter side resized to :func:`eval_resize_side` (antialiased bilinear), then the
-    centre ``image_size x image_size`` square (torchvision's ImageNet evaluation preset: 256 then 224 at
-    0.875), so a photo keeps its aspect ratio as ``RandomResizedCrop`` showed it in training. ``None``: the
-    whole image squashed to ``image_size x image_size`` (the resize of every other task).
-    """
-    from torchvision.transforms import v2
-
-    if eval_crop is None:
-        return v2.Resize((image_size, image_size), antialias=True)
-    return v2.Compose([v2.Resize(eval_resize_side(image_size, eval_crop), antialias=True), v2.CenterCrop(image_size)])
-
-
-def strategy_data(data: ClassificationData, image_size: int, eval_crop: float | None) -> ClassificationData:
-    """``data`` at ``image_size``: the augmented train view, and the val view through the checkpoint's evaluation transform.
-
-    With ``eval_crop`` the photo keeps its aspect ratio (shorter side, then the centre square), as torchvision's
-    preset for the ImageNet weights and the PyTorch transfer-learning tutorial evaluate; None squashes it.
-    """
-    sized = data.at_size(image_size)
-    return replace(sized, val=sized.val.with_transform(classification_eval_transform(image_size, eval_crop)))
 
 
 def _strategy_row(

@@ -15,7 +15,7 @@ Pre-processing is the stages' evaluation transform, operation for operation: uin
 with ``transforms.v2.functional.to_dtype(scale=True)`` (``components.data.datasets.read_image``),
 then the antialiased bilinear resize to the checkpoint's ``image_size`` (``v2.Resize``; a classifier
 whose checkpoint records ``eval_crop`` is resized on its shorter side and centre-cropped instead,
-:func:`components.stages.finetune.classification_eval_transform`, as the finetune stage validated it); the
+:func:`components.stages.pretrain.classification_eval_transform`, as the finetune stage validated it); the
 detector's own score threshold and detection cap apply inside the model, nothing is filtered after
 it. So ``visionflow predict`` on a test split, scored by ``visionflow evaluate``, gives the detect
 stage's test numbers (``tests/test_predict.py`` checks it to 1e-6).
@@ -203,7 +203,7 @@ class ImagePredictor:
 
     Preprocessing is what the checkpoint says: images are resized to ``image_size`` (square, the
     training size) when the checkpoint records one (a classifier with ``eval_crop``: the shorter side
-    resized, then the centre square, :func:`components.stages.finetune.classification_eval_transform`), and normalised with ``mean``/``std`` when it
+    resized, then the centre square, :func:`components.stages.pretrain.classification_eval_transform`), and normalised with ``mean``/``std`` when it
     records them; detection boxes and segmentation masks are mapped back to each input's own size.
 
     Args:
@@ -227,7 +227,7 @@ class ImagePredictor:
         self.eval_crop: float | None = float(crop) if crop is not None and self.task == "classification" else None
         self._eval_transform: Any = None
         if self.eval_crop is not None and self.image_size is not None:
-            from components.stages.finetune import classification_eval_transform
+            from components.stages.pretrain import classification_eval_transform
 
             self._eval_transform = classification_eval_transform(self.image_size, self.eval_crop)
         self.mean = ckpt.get("mean")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from components.config import AugmentConfig, PretrainConfig, TrackingConfig, TrainConfig
@@ -151,19 +152,36 @@ class ClassificationData:
     image_size: int
     augment: AugmentConfig
 
-    def at_size(self, image_size: int) -> ClassificationData:
-        """The same decoded images with the train/eval transforms of another resolution (no re-decoding)."""
+    def at_size(self, image_size: int, eval_crop: float | None = None) -> ClassificationData:
+        """The same decoded images with the train/eval transforms of another resolution (no re-decoding).
+
+        ``eval_crop``: the val view's :func:`classification_eval_transform` (None: the square squash).
+        """
         from components.augment import build_transforms
 
         return ClassificationData(
             root=self.root,
             classes=self.classes,
             train=self.train.with_transform(build_transforms("classification", self.augment, train=True, image_size=image_size)),
-            val=self.val.with_transform(build_transforms("classification", self.augment, train=False, image_size=image_size)),
+            val=self.val.with_transform(classification_eval_transform(image_size, eval_crop)),
             val_split=self.val_split,
             image_size=image_size,
             augment=self.augment,
         )
+
+
+def classification_eval_transform(image_size: int, eval_crop: float | None) -> Any:
+    """A classifier's evaluation transform: the one its stage validates with and every server of its checkpoint applies.
+
+    ``eval_crop`` set: the shorter side resized to ``round(image_size / eval_crop)`` (antialiased bilinear),
+    then the centre ``image_size x image_size`` square (torchvision's ImageNet evaluation preset: 256 then
+    224 at 0.875), so a photo keeps its aspect ratio as ``RandomResizedCrop`` showed it in training.
+    ``None``: the whole image squashed to ``image_size x image_size`` (``augment.build_transforms``'
+    evaluation resize, which pretrain's square CIFAR images and every other task use).
+    """
+    if eval_crop is None:
+        return v2.Resize((image_size, image_size), antialias=True)
+    return v2.Compose([v2.Resize(round(image_size / eval_crop), antialias=True), v2.CenterCrop(image_size)])
 
 
 def load_classification_data(

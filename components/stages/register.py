@@ -532,8 +532,7 @@ def evaluate_on_test_data(model: Any, ckpt: Mapping[str, Any], candidate: Candid
         if candidate.kind == "classifier":
             from components.data.datasets import ClassificationDataset, load_manifest
             from components.metrics.classification import evaluate_classification
-            from components.stages.finetune import classification_eval_transform
-            from components.stages.pretrain import DecodedImages
+            from components.stages.pretrain import DecodedImages, classification_eval_transform
 
             splits = load_manifest(root)["splits"]
             split = next((s for s in ("val", "test") if s in splits), "test")  # the split finetune validates on
