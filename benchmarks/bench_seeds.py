@@ -232,6 +232,19 @@ def curve_band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[flo
     return means, stds
 
 
+def val_curves(histories: Mapping[int, Mapping[str, Mapping[str, list[dict[str, Any]]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every model's validation metric per epoch over the seeds: ``{family: {model: {metric, mean, std, n}}}`` (:func:`curve_band`)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for family, metric in CURVE_METRIC.items():
+        for model in sorted({m for h in histories.values() for m in h.get(family, {})}):
+            curves = [[e["val"][metric] for e in h[family][model] if metric in e.get("val", {})] for h in histories.values() if model in h.get(family, {})]
+            curves = [c for c in curves if c]
+            if curves:
+                means, stds = curve_band(curves)
+                out.setdefault(family, {})[model] = {"metric": metric, "mean": means, "std": stds, "n": len(curves)}
+    return out
+
+
 def curve_verdict(means: Sequence[float], target: float | None) -> dict[str, Any]:
     """What a mean validation curve says about a target: still rising at the end, and an *extrapolated* budget.
 
@@ -478,37 +491,29 @@ def plot_family(table: Mapping[str, Any], family: str, metrics: Sequence[tuple[s
     return path
 
 
-def plot_curves(histories: Mapping[int, Mapping[str, Mapping[str, list[dict[str, Any]]]]], table: Mapping[str, Any], path: Path) -> Path | None:
-    """Validation metric per epoch of every model, mean +- std band over the seeds; a dashed line at the target."""
+def plot_curves(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], table: Mapping[str, Any], path: Path) -> Path | None:
+    """Validation metric per epoch of every model (:func:`val_curves`), mean +- std band over the seeds; a dashed line at the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels: list[tuple[str, str, list[list[float]]]] = []
-    for family, metric in CURVE_METRIC.items():
-        models = sorted({m for h in histories.values() for m in h.get(family, {})})
-        for model in models:
-            curves = [[e["val"][metric] for e in h[family][model] if metric in e.get("val", {})] for h in histories.values() if model in h.get(family, {})]
-            curves = [c for c in curves if c]
-            if curves:
-                panels.append((family, model, curves))
+    panels = [(family, model, curve) for family, models in curves.items() for model, curve in models.items()]
     if not panels:
         return None
     cols = 4
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
-    for ax, (family, model, curves) in zip(axes.flat, panels, strict=False):
-        metric = CURVE_METRIC[family]
-        means, stds = curve_band(curves)
+    for ax, (family, model, curve) in zip(axes.flat, panels, strict=False):
+        metric, means, stds = curve["metric"], curve["mean"], curve["std"]
         epochs = list(range(1, len(means) + 1))
         ax.plot(epochs, means, color="#4c72b0", marker="o", markersize=3)
         ax.fill_between(epochs, [m - s for m, s in zip(means, stds, strict=True)], [m + s for m, s in zip(means, stds, strict=True)], alpha=0.25, color="#4c72b0")
         target = target_of(table, family, model, metric)
         if target is not None:
             ax.axhline(target, color="#c44e52", linestyle="--", linewidth=1)
-        ax.set_title(f"{model}: val {metric} ({len(curves)} seeds)", fontsize=9)
+        ax.set_title(f"{model}: val {metric} ({curve['n']} seeds)", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
@@ -587,17 +592,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     table = aggregate(per_seed)
     targets = check_targets(table)
+    curves = val_curves(histories)
     for row in targets:  # the validation curve behind each target: still rising? what budget, extrapolated?
-        curves = [h[row["family"]][row["model"]] for h in histories.values() if row["model"] in h.get(row["family"], {})]
-        metric = CURVE_METRIC[row["family"]]
-        curves = [[e["val"][metric] for e in c if metric in e.get("val", {})] for c in curves]
-        curves = [c for c in curves if c]
-        if curves:
-            row["val_curve"] = curve_verdict(curve_band(curves)[0], row["target"] if row["metric"] == metric else None)
+        curve = curves.get(row["family"], {}).get(row["model"])
+        if curve is not None:
+            row["val_curve"] = curve_verdict(curve["mean"], row["target"] if row["metric"] == curve["metric"] else None)
     result = {
         **table,
         "targets": targets,
-        "curves": "val_curve: mean validation metric over seeds per epoch; extrapolated_epochs = EXTRAPOLATION (a line in log(epoch)), not measured",
+        "curves": "val_curve: mean validation metric over seeds per epoch; extrapolated_epochs = EXTRAPOLATION (a line in log(epoch)), not measured; "
+                  "val_curves: every model's validation metric per epoch, mean and sample std over the seeds (what *_curves.png draws)",
+        "val_curves": {f: {m: {**c, "mean": [_round(x) for x in c["mean"]], "std": [_round(x) for x in c["std"]]} for m, c in ms.items()}
+                       for f, ms in curves.items()},
         "std": "sample standard deviation over seeds (ddof=1)",
         "commit": commit,
         "params_hash": params_hash(defaults),
@@ -623,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_family(table, "detectors", [("map_50", "test mAP@0.5"), ("map", "test mAP@[.5:.95]")], plots / f"{stem}_detectors.png", "Detectors on shapes")
     plot_family(table, "segmenters", [("miou", "test mIoU"), ("segm_map", "Mask R-CNN test segm mAP")], plots / f"{stem}_segmenters.png", "Segmenters on shapes")
     plot_family(table, "finetune", [("accuracy", "hymenoptera val accuracy")], plots / f"{stem}_finetune.png", "Transfer learning")
-    plot_curves(histories, table, plots / f"{stem}_curves.png")
+    plot_curves(curves, table, plots / f"{stem}_curves.png")
     for row in result["targets"]:
         std = "n/a" if row["std"] is None else f"{row['std']:.3f}"
         print(f"{row['family']:>10} {row['model']:<18} {row['metric']:<9} {row['mean']:.3f} +- {std} (target {row['target']}: "

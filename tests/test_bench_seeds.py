@@ -93,6 +93,9 @@ def test_curve_band_and_history_scalars():
     assert rows[0] == {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "val": {"map_50": 0.2}}
     means, stds = bench_seeds.curve_band([[0.2, 0.4, 0.5], [0.4, 0.6]])  # cut to the shorter curve
     assert means == pytest.approx([0.3, 0.5]) and stds == pytest.approx([statistics.stdev([0.2, 0.4])] * 2)
+    histories = {0: {"detectors": {"yolo": rows}}, 1: {"detectors": {"yolo": [{"epoch": 1, "val": {"map_50": 0.4}}]}, "segmenters": {}}}
+    curve = bench_seeds.val_curves(histories)["detectors"]["yolo"]  # the seeds' curves of one model, cut to the shortest
+    assert curve["metric"] == "map_50" and curve["n"] == 2 and curve["mean"] == pytest.approx([0.3])
 
 
 def test_target_of_a_bar_marks_only_the_best_strategy(tmp_path):
